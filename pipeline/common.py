@@ -1,0 +1,121 @@
+"""What every stage shares: atomic writes, seeding, device choice and the stage entry point."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.params import ParamsError
+
+# Every path the stages read or write, named once; dvc.yaml declares the same paths.
+PREPARED_DIR = Path("data/prepared")
+FEATURES_DIR = Path("data/features")
+BACKBONE_FILE = Path("models/backbone.pt")
+HEAD_FILE = Path("models/head.pt")
+FINETUNED_FILE = Path("models/finetuned.pt")
+METRICS_DIR = Path("metrics")
+PLOTS_DIR = Path("reports/plots")
+FIGURES_DIR = Path("reports/figures")
+REPORT_FILE = Path("reports/report.md")
+
+
+class StageError(RuntimeError):
+    """A stage cannot go on; the message says why and what to do."""
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; move it into place only if the block succeeds.
+
+    Works for files and directories: a reader never sees a half-written output, and a failed
+    run leaves the previous output as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staged = tmp / target.name
+    try:
+        yield staged
+        if staged.is_dir() and target.is_dir():
+            old = tmp / (target.name + ".old")
+            target.rename(old)
+            staged.rename(target)
+        else:
+            os.replace(staged, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: Path | str, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path: Path | str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_torch(path: Path | str, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_torch(path: Path | str) -> Any:
+    """Load a file this pipeline wrote (tensors, plain containers) without unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: not found; run the stage that writes it first (dvc repro)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_json(path: Path | str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: not found; run the stage that writes it first (dvc repro)")
+    return json.loads(path.read_text())
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch, and ask torch for deterministic kernels."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("device: 'cuda' asked for, but torch sees no CUDA GPU; use 'auto' or 'cpu'")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ParamsError("device: 'mps' asked for, but torch sees no Apple GPU; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's ``main``; print a bad-params or missing-input error as one line, exit 2."""
+    try:
+        main()
+    except (ParamsError, StageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,110 @@
+"""Datasets: loading the configured source, stratified splits, and image tensors for the models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from pipeline.common import StageError, atomic_path, read_json, write_json
+
+SPLITS = ("train", "val", "test")
+
+
+def load_digits_dataset() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """scikit-learn's bundled 8x8 handwritten digits as uint8 images (ink bright), labels, names."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images / 16.0 * 255.0).astype(np.uint8)
+    return images, digits.target.astype(np.int64), [str(name) for name in digits.target_names]
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
+    """Indices of a deterministic train/val/test split that keeps the class proportions."""
+    indices = np.arange(len(labels))
+    rest, test = train_test_split(
+        indices, test_size=test_fraction, stratify=labels, random_state=seed
+    )
+    val_of_rest = val_fraction / (1.0 - test_fraction)
+    train, val = train_test_split(
+        rest, test_size=val_of_rest, stratify=labels[rest], random_state=seed
+    )
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def cap_per_class(indices: np.ndarray, labels: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """Keep at most ``cap`` indices of each class (a seeded choice); 0 keeps all."""
+    if cap == 0:
+        return indices
+    rng = np.random.default_rng(seed)
+    kept = [
+        rng.permutation(indices[labels[indices] == label])[:cap]
+        for label in np.unique(labels[indices])
+    ]
+    return np.sort(np.concatenate(kept))
+
+
+def save_prepared(
+    out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]
+) -> None:
+    """Write each split as ``<split>.npz`` (images, labels) and the class names, atomically."""
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for name, (images, labels) in splits.items():
+            np.savez_compressed(tmp / f"{name}.npz", images=images, labels=labels)
+        write_json(tmp / "classes.json", classes)
+
+
+def load_split(prepared_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    path = Path(prepared_dir) / f"{split}.npz"
+    if not path.is_file():
+        raise StageError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
+    with np.load(path) as archive:
+        return archive["images"], archive["labels"]
+
+
+def load_classes(prepared_dir: Path) -> list[str]:
+    return read_json(Path(prepared_dir) / "classes.json")
+
+
+def image_transform(
+    image_size: int, mean: list[float], std: list[float], augment: bool = False
+) -> v2.Compose:
+    """uint8 HxW or HxWxC array -> normalized float CxHxW tensor at ``image_size``.
+
+    Augmentation is a mild affine jitter (no flips: they change what a glyph or digit means).
+    """
+    steps: list[v2.Transform] = [
+        v2.ToImage(),
+        v2.RGB(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Resize((image_size, image_size), antialias=True),
+    ]
+    if augment:
+        steps.append(v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)))
+    steps.append(v2.Normalize(mean=mean, std=std))
+    return v2.Compose(steps)
+
+
+class ImageArrayDataset(Dataset):
+    """Images held in one uint8 array, transformed on access."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: v2.Compose) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.images[index]), self.labels[index]

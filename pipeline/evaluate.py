@@ -1,0 +1,86 @@
+"""Stage 6, evaluate: the linear-probe and the fine-tuned model on the test split.
+
+Reads params ``device`` and ``extract.batch_size``; reads data/prepared/,
+data/features/test.pt, models/head.pt and models/finetuned.pt; writes metrics/test.json
+(accuracy and macro-F1 of both models; declared as dvc metrics), metrics/per_class.json
+(per-class precision, recall, F1, support and the confusion matrices) and
+reports/plots/confusion_{linear_probe,finetuned}.csv (for dvc plots).
+Run: ``python -m pipeline.evaluate``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.common import (
+    FEATURES_DIR,
+    FINETUNED_FILE,
+    HEAD_FILE,
+    METRICS_DIR,
+    PLOTS_DIR,
+    PREPARED_DIR,
+    load_torch,
+    resolve_device,
+    run_stage,
+    write_json,
+    write_text,
+)
+from pipeline.data import ImageArrayDataset, image_transform, load_split
+from pipeline.metrics import per_class_metrics, summary_metrics
+from pipeline.models import load_classifier, load_head
+from pipeline.params import load_params
+from pipeline.training import make_loader, predict
+
+MODELS = ("linear_probe", "finetuned")
+
+
+@torch.inference_mode()
+def linear_probe_predictions(head_file: Path, features_file: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The probe's predictions on the cached test features (the frozen backbone's output)."""
+    head = load_head(load_torch(head_file)).eval()
+    test = load_torch(features_file)
+    return head(test["features"]).argmax(1).numpy(), test["labels"].numpy()
+
+
+def finetuned_predictions(batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    model, checkpoint = load_classifier(FINETUNED_FILE)
+    transform = image_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
+    test = ImageArrayDataset(*load_split(PREPARED_DIR, "test"), transform)
+    return predict(model, make_loader(test, batch_size, device), device)
+
+
+def confusion_csv(actual: np.ndarray, predicted: np.ndarray, classes: list[str]) -> str:
+    """One row per test image, the format of dvc's confusion-matrix template."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["actual", "predicted"])
+    writer.writerows((classes[a], classes[p]) for a, p in zip(actual, predicted, strict=True))
+    return buffer.getvalue()
+
+
+def main() -> None:
+    params = load_params()
+    device = resolve_device(params["device"])
+    classes = load_torch(HEAD_FILE)["classes"]
+    predictions = {
+        "linear_probe": linear_probe_predictions(HEAD_FILE, FEATURES_DIR / "test.pt"),
+        "finetuned": finetuned_predictions(params["extract"]["batch_size"], device),
+    }
+    summary, details = {}, {"classes": classes}
+    for name, (predicted, actual) in predictions.items():
+        summary[name] = summary_metrics(actual, predicted)
+        details[name] = per_class_metrics(actual, predicted, classes)
+        write_text(PLOTS_DIR / f"confusion_{name}.csv", confusion_csv(actual, predicted, classes))
+    write_json(METRICS_DIR / "test.json", summary)
+    write_json(METRICS_DIR / "per_class.json", details)
+    for name in MODELS:
+        print(f"evaluate: {name}: test accuracy {summary[name]['accuracy']:.4f}, macro-F1 {summary[name]['macro_f1']:.4f}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,49 @@
+"""Stage 3, extract: one pass of the frozen backbone over every split, cached to disk.
+
+Reads params ``device`` and ``extract.batch_size``; reads data/prepared/ and
+models/backbone.pt; writes data/features/{train,val,test}.pt (pooled float32 features,
+labels, class names). Run: ``python -m pipeline.extract``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.common import (
+    BACKBONE_FILE,
+    FEATURES_DIR,
+    PREPARED_DIR,
+    atomic_path,
+    load_torch,
+    resolve_device,
+    run_stage,
+)
+from pipeline.data import SPLITS, ImageArrayDataset, image_transform, load_classes, load_split
+from pipeline.models import load_backbone
+from pipeline.params import load_params
+from pipeline.training import extract_features, make_loader
+
+
+def main() -> None:
+    params = load_params()
+    device = resolve_device(params["device"])
+    checkpoint = load_torch(BACKBONE_FILE)
+    backbone = load_backbone(checkpoint)
+    transform = image_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
+    classes = load_classes(PREPARED_DIR)
+    with atomic_path(FEATURES_DIR) as tmp:
+        tmp.mkdir()
+        for split in SPLITS:
+            images, labels = load_split(PREPARED_DIR, split)
+            loader = make_loader(
+                ImageArrayDataset(images, labels, transform), params["extract"]["batch_size"], device
+            )
+            features, targets = extract_features(backbone, loader, device, desc=split)
+            torch.save(
+                {"features": features, "labels": targets, "classes": classes}, tmp / f"{split}.pt"
+            )
+            print(f"extract: {split}: {tuple(features.shape)} features")
+
+
+if __name__ == "__main__":
+    run_stage(main)

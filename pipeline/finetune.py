@@ -1,0 +1,111 @@
+"""Stage 5, finetune: unfreeze the backbone and train it with the linear-probe head.
+
+Starts from the trained head (linear probe, then fine-tune), not a fresh one. Reads params
+``seed``, ``lr`` (the head's learning rate; ``dvc exp run -S lr=1e-4``), ``device`` and
+``finetune.*``; reads data/prepared/, models/backbone.pt and models/head.pt; writes
+models/finetuned.pt (best on val), metrics/finetune.json and reports/plots/finetune.csv.
+Run: ``python -m pipeline.finetune``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.common import (
+    BACKBONE_FILE,
+    FINETUNED_FILE,
+    HEAD_FILE,
+    METRICS_DIR,
+    PLOTS_DIR,
+    PREPARED_DIR,
+    load_torch,
+    resolve_device,
+    run_stage,
+    save_torch,
+    seed_everything,
+    write_json,
+)
+from pipeline.data import ImageArrayDataset, image_transform, load_split
+from pipeline.models import Classifier, load_backbone, load_head, unfreeze_last_blocks
+from pipeline.params import load_params
+from pipeline.training import epoch_record, make_loader, run_epoch, warmup_cosine, write_history
+
+
+def finetune(
+    model: Classifier,
+    train_loader: torch.utils.data.DataLoader,
+    val_loader: torch.utils.data.DataLoader,
+    lr: float,
+    config: dict[str, Any],
+    device: torch.device,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+    """Train the unfrozen part of the model; returns the best-on-val weights and the history.
+
+    The head learns at ``lr`` and the backbone at ``lr * backbone_lr_ratio``, with linear
+    warmup then cosine decay per batch. Best means highest val accuracy, then lowest val loss.
+    """
+    frozen = unfreeze_last_blocks(model.backbone, config["unfreeze"])
+    model.to(device, memory_format=torch.channels_last)
+    backbone_lr = lr * config["backbone_lr_ratio"]
+    groups = [
+        {"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": backbone_lr},
+        {"params": list(model.head.parameters()), "lr": lr},
+    ]
+    optimizer = torch.optim.AdamW(groups, weight_decay=config["weight_decay"])
+    steps = config["epochs"] * len(train_loader)
+    scheduler = warmup_cosine(optimizer, config["warmup_epochs"] * len(train_loader), steps)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
+    best_key, best_state, history = None, None, []
+    for epoch in range(1, config["epochs"] + 1):
+        train_loss, train_acc = run_epoch(
+            model, train_loader, loss_fn, device, optimizer, scheduler, config["amp"], frozen
+        )
+        val_loss, val_acc = run_epoch(model, val_loader, loss_fn, device, amp=config["amp"])
+        history.append(epoch_record(epoch, train_loss, train_acc, val_loss, val_acc, lr))
+        print(f"finetune epoch {epoch}: train loss {train_loss:.4f}, val accuracy {val_acc:.4f}")
+        if best_key is None or (val_acc, -val_loss) > best_key:
+            best_key = (val_acc, -val_loss)
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return best_state, history
+
+
+def main() -> None:
+    params = load_params()
+    config, lr, seed = params["finetune"], params["lr"], params["seed"]
+    seed_everything(seed)
+    device = resolve_device(params["device"])
+    backbone_checkpoint, head_checkpoint = load_torch(BACKBONE_FILE), load_torch(HEAD_FILE)
+    model = Classifier(load_backbone(backbone_checkpoint), load_head(head_checkpoint))
+    size, mean, std = (backbone_checkpoint[k] for k in ("image_size", "mean", "std"))
+    train = ImageArrayDataset(
+        *load_split(PREPARED_DIR, "train"), image_transform(size, mean, std, config["augment"])
+    )
+    val = ImageArrayDataset(*load_split(PREPARED_DIR, "val"), image_transform(size, mean, std))
+    train_loader = make_loader(train, config["batch_size"], device, shuffle=True, seed=seed)
+    val_loader = make_loader(val, config["batch_size"], device)
+    best_state, history = finetune(model, train_loader, val_loader, lr, config, device)
+    best = max(history, key=lambda record: (record["val_accuracy"], -record["val_loss"]))
+    head_config = {k: v for k, v in head_checkpoint.items() if k != "state_dict"}
+    save_torch(
+        FINETUNED_FILE,
+        {
+            **{k: backbone_checkpoint[k] for k in ("arch", "weights", "image_size", "mean", "std")},
+            "classes": head_checkpoint["classes"],
+            "head": head_config,
+            "params": {"lr": lr, "seed": seed, **config},
+            "state_dict": best_state,
+        },
+    )
+    write_history(PLOTS_DIR / "finetune.csv", history)
+    write_json(
+        METRICS_DIR / "finetune.json",
+        {"val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"], "best_epoch": best["epoch"]},
+    )
+    print(f"finetune: best val accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,211 @@
+"""Building backbones, heads and the classifier that joins them, for any torchvision model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision import models as tv_models
+
+from pipeline.common import StageError, load_torch
+
+# Preprocessing for backbones without torchvision weights (pretrain, none): images in [0, 1].
+PLAIN_MEAN = [0.5, 0.5, 0.5]
+PLAIN_STD = [0.5, 0.5, 0.5]
+
+
+def strip_classifier(model: nn.Module) -> int:
+    """Replace the model's last ``nn.Linear`` (its classifier) with ``Identity``.
+
+    The model then returns the pooled features that fed the classifier; returns their size.
+    This works for every torchvision classification family (``fc``, ``classifier``,
+    ``heads.head``, ``head``), whatever the name.
+    """
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise StageError(f"{type(model).__name__} has no linear classifier to replace")
+    name, linear = linears[-1]
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, nn.Identity())
+    return linear.in_features
+
+
+def build_backbone(arch: str, weights: str | None = None) -> tuple[nn.Module, int]:
+    """A torchvision model without its classifier, and its feature size.
+
+    ``weights`` is a torchvision weights name for ``arch`` (downloaded to torchvision's cache,
+    TORCH_HOME) or None for random init.
+    """
+    model = tv_models.get_model(arch, weights=weights)
+    return model, strip_classifier(model)
+
+
+def torchvision_weights(arch: str, name: str) -> Any:
+    """The weights enum member ``name`` of ``arch``; names the valid ones when it is wrong."""
+    enum = tv_models.get_model_weights(arch)
+    try:
+        return enum[name]
+    except KeyError:
+        valid = ", ".join(["DEFAULT", *enum.__members__])
+        raise StageError(
+            f"backbone.weights: {name!r} is not a torchvision weights name of {arch}; "
+            f"choose one of: {valid}, or 'pretrain', 'none', or a checkpoint path"
+        ) from None
+
+
+def build_head(
+    kind: str, in_features: int, num_classes: int, hidden_units: int, dropout: float
+) -> nn.Module:
+    """A linear head, or a one-hidden-layer MLP."""
+    if kind == "linear":
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
+    return nn.Sequential(
+        nn.Linear(in_features, hidden_units),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden_units, num_classes),
+    )
+
+
+class Classifier(nn.Module):
+    """A backbone that returns pooled features, and a head that classifies them."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+def load_backbone(checkpoint: dict[str, Any]) -> nn.Module:
+    """Rebuild the backbone a backbone or fine-tuned checkpoint describes."""
+    model, _ = build_backbone(checkpoint["arch"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model
+
+
+def load_head(checkpoint: dict[str, Any]) -> nn.Module:
+    head = build_head(
+        checkpoint["type"],
+        checkpoint["in_features"],
+        len(checkpoint["classes"]),
+        checkpoint["hidden_units"],
+        checkpoint["dropout"],
+    )
+    head.load_state_dict(checkpoint["state_dict"])
+    return head
+
+
+def load_classifier(path: str) -> tuple[Classifier, dict[str, Any]]:
+    """The fine-tuned classifier saved at ``path`` and its checkpoint's metadata."""
+    checkpoint = load_torch(path)
+    backbone, _ = build_backbone(checkpoint["arch"])
+    head = build_head(
+        checkpoint["head"]["type"],
+        checkpoint["head"]["in_features"],
+        len(checkpoint["classes"]),
+        checkpoint["head"]["hidden_units"],
+        checkpoint["head"]["dropout"],
+    )
+    model = Classifier(backbone, head)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model, checkpoint
+
+
+def feature_blocks(model: nn.Module) -> list[nn.Module]:
+    """The backbone's stages in order, for unfreezing the last N.
+
+    torchvision keeps them under ``features`` (MobileNet, EfficientNet, ConvNeXt, DenseNet,
+    Swin), ``trunk_output`` (RegNet), ``blocks`` (MaxViT) or ``encoder.layers`` (ViT); ResNets
+    keep them as top-level children.
+    """
+    for path in ("features", "trunk_output", "blocks", "encoder.layers"):
+        try:
+            container = model.get_submodule(path)
+        except AttributeError:
+            continue
+        return [block for block in container.children() if any(True for _ in block.parameters())]
+    return [child for child in model.children() if any(True for _ in child.parameters())]
+
+
+def unfreeze_last_blocks(model: nn.Module, blocks: str | int) -> list[nn.Module]:
+    """Make trainable the last ``blocks`` stages and all that follows them; freeze the rest.
+
+    Returns the frozen modules (their BatchNorm statistics should stay fixed in training).
+    """
+    stages = feature_blocks(model)
+    if blocks == "all" or blocks >= len(stages):
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return []
+    first_trainable = next(stages[-blocks].parameters())
+    trainable = False
+    for parameter in model.parameters():
+        trainable = trainable or parameter is first_trainable
+        parameter.requires_grad_(trainable)
+    return [
+        module
+        for module in model.modules()
+        if any(True for _ in module.parameters(recurse=False))
+        and not any(p.requires_grad for p in module.parameters(recurse=False))
+    ]
+
+
+def classifier_name(arch: str) -> str:
+    """Dotted name of ``arch``'s classifier layer, e.g. ``fc`` or ``classifier.1``."""
+    model = tv_models.get_model(arch, weights=None)
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)][-1]
+
+
+def checkpoint_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from a local checkpoint: plain, or under 'state_dict' or 'model'.
+
+    Loaded with ``weights_only=True`` (no code runs); a DataParallel 'module.' prefix is stripped.
+    """
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise StageError(f"backbone.weights: cannot load {path} as a torch checkpoint: {error}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise StageError(
+            f"backbone.weights: {path} holds no state dict (a mapping of names to tensors, "
+            "plain or under 'state_dict' or 'model')"
+        )
+    return {key.removeprefix("module."): value for key, value in loaded.items()}
+
+
+def load_checkpoint_backbone(arch: str, path: str) -> tuple[nn.Module, int]:
+    """``arch`` with a local checkpoint's weights; its classifier's keys are ignored, others must match."""
+    head_prefix = classifier_name(arch) + "."
+    state = {k: v for k, v in checkpoint_state_dict(path).items() if not k.startswith(head_prefix)}
+    model, features = build_backbone(arch)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise StageError(
+            f"backbone.weights: {path} does not fit {arch}: "
+            f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
+            f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]})"
+        )
+    return model, features
+
+
+def download_backbone(arch: str, name: str) -> tuple[nn.Module, int, Any]:
+    """``arch`` with torchvision weights, through torchvision's own download and cache."""
+    weights = torchvision_weights(arch, name)
+    try:
+        model, features = build_backbone(arch, weights)
+    except (OSError, RuntimeError) as error:
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise StageError(
+            f"backbone.weights: could not get {arch} {weights} from {weights.url} ({error}). "
+            f"Offline, place that file at {cache} (set TORCH_HOME to move the cache), "
+            "or use backbone.weights: pretrain"
+        ) from None
+    return model, features, weights

@@ -1,0 +1,241 @@
+"""Load and validate params.yaml, the pipeline's only configuration.
+
+Every stage calls :func:`load_params` first, so a bad file fails before any work, with a
+message that names the key and what is allowed. The schema below is the one place that
+knows every key; params.yaml holds the defaults.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+
+DATASETS = ("digits",)
+HEAD_TYPES = ("linear", "mlp")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+BUILTIN_WEIGHTS = ("pretrain", "none")
+
+
+class ParamsError(ValueError):
+    """params.yaml holds a key or value the pipeline cannot use."""
+
+
+def _number(value: Any, key: str) -> float:
+    """Read a number, also from the strings DVC writes back (``lr: 1e-05``)."""
+    if isinstance(value, bool):
+        raise ParamsError(f"{key}: expected a number, got {value!r}")
+    if isinstance(value, int | float):
+        number = float(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", value):
+        number = float(value)
+    else:
+        raise ParamsError(f"{key}: expected a number, got {value!r}")
+    if not math.isfinite(number):
+        raise ParamsError(f"{key}: expected a finite number, got {value!r}")
+    return number
+
+
+def positive_float(value: Any, key: str) -> float:
+    number = _number(value, key)
+    if number <= 0:
+        raise ParamsError(f"{key}: must be greater than 0, got {value!r}")
+    return number
+
+
+def non_negative_float(value: Any, key: str) -> float:
+    number = _number(value, key)
+    if number < 0:
+        raise ParamsError(f"{key}: must be 0 or more, got {value!r}")
+    return number
+
+
+def fraction(value: Any, key: str) -> float:
+    number = _number(value, key)
+    if not 0 < number < 1:
+        raise ParamsError(f"{key}: must be between 0 and 1 (exclusive), got {value!r}")
+    return number
+
+
+def unit_interval(value: Any, key: str) -> float:
+    number = _number(value, key)
+    if not 0 <= number <= 1:
+        raise ParamsError(f"{key}: must be between 0 and 1, got {value!r}")
+    return number
+
+
+def _integer(value: Any, key: str) -> int:
+    if isinstance(value, bool):
+        raise ParamsError(f"{key}: expected a whole number, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise ParamsError(f"{key}: expected a whole number, got {value!r}")
+
+
+def positive_int(value: Any, key: str) -> int:
+    number = _integer(value, key)
+    if number <= 0:
+        raise ParamsError(f"{key}: must be a whole number greater than 0, got {value!r}")
+    return number
+
+
+def non_negative_int(value: Any, key: str) -> int:
+    number = _integer(value, key)
+    if number < 0:
+        raise ParamsError(f"{key}: must be a whole number, 0 or more, got {value!r}")
+    return number
+
+
+def boolean(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ParamsError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def one_of(*choices: str) -> Callable[[Any, str], str]:
+    def check(value: Any, key: str) -> str:
+        if value not in choices:
+            raise ParamsError(f"{key}: unknown value {value!r}; choose one of: {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def architecture(value: Any, key: str) -> str:
+    from torchvision import models
+
+    available = models.list_models(module=models)
+    if value not in available:
+        raise ParamsError(
+            f"{key}: unknown architecture {value!r}; choose a torchvision classification "
+            f"model, one of: {', '.join(sorted(available))}"
+        )
+    return value
+
+
+def weights_source(value: Any, key: str) -> str:
+    """``pretrain``, ``none``, a torchvision weights name, or a local checkpoint path."""
+    if not isinstance(value, str) or not value:
+        raise ParamsError(f"{key}: expected a string, got {value!r}")
+    if value in BUILTIN_WEIGHTS or re.fullmatch(r"[A-Z][A-Z0-9_]*", value):
+        return value
+    if Path(value).is_file():
+        return value
+    raise ParamsError(
+        f"{key}: {value!r} is neither a torchvision weights name (e.g. IMAGENET1K_V1, DEFAULT), "
+        f"nor 'pretrain' (train on the synthetic glyph task), nor 'none' (random init), "
+        f"nor an existing checkpoint file"
+    )
+
+
+def unfreeze_spec(value: Any, key: str) -> str | int:
+    if value == "all":
+        return "all"
+    try:
+        return positive_int(value, key)
+    except ParamsError:
+        raise ParamsError(f"{key}: expected 'all' or a number of last blocks (1 or more), got {value!r}") from None
+
+
+SCHEMA: dict[str, Any] = {
+    "seed": non_negative_int,
+    "lr": positive_float,
+    "device": one_of(*DEVICES),
+    "data": {
+        "dataset": one_of(*DATASETS),
+        "val_fraction": fraction,
+        "test_fraction": fraction,
+        "max_train_per_class": non_negative_int,
+    },
+    "backbone": {
+        "arch": architecture,
+        "weights": weights_source,
+        "image_size": positive_int,
+        "pretrain_images": positive_int,
+        "pretrain_epochs": positive_int,
+        "pretrain_lr": positive_float,
+        "pretrain_batch_size": positive_int,
+    },
+    "extract": {
+        "batch_size": positive_int,
+    },
+    "head": {
+        "type": one_of(*HEAD_TYPES),
+        "hidden_units": positive_int,
+        "dropout": unit_interval,
+        "lr": positive_float,
+        "weight_decay": non_negative_float,
+        "batch_size": positive_int,
+        "max_epochs": positive_int,
+        "patience": positive_int,
+    },
+    "finetune": {
+        "epochs": positive_int,
+        "batch_size": positive_int,
+        "unfreeze": unfreeze_spec,
+        "backbone_lr_ratio": positive_float,
+        "warmup_epochs": non_negative_int,
+        "weight_decay": non_negative_float,
+        "label_smoothing": unit_interval,
+        "augment": boolean,
+        "amp": boolean,
+    },
+}
+
+
+def validate(raw: Any, schema: dict[str, Any] = SCHEMA, prefix: str = "") -> dict[str, Any]:
+    """Return the params with every value checked and converted; raise on the first problem."""
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where}: expected a mapping of keys to values, got {raw!r}")
+    unknown = sorted(set(raw) - set(schema))
+    if unknown:
+        raise ParamsError(
+            f"{prefix}{unknown[0]}: unknown key; allowed keys in {where}: {', '.join(schema)}"
+        )
+    missing = [key for key in schema if key not in raw]
+    if missing:
+        raise ParamsError(f"{prefix}{missing[0]}: missing; add it to params.yaml")
+    checked: dict[str, Any] = {}
+    for key, rule in schema.items():
+        if isinstance(rule, dict):
+            checked[key] = validate(raw[key], rule, f"{prefix}{key}.")
+        else:
+            checked[key] = rule(raw[key], f"{prefix}{key}")
+    return checked
+
+
+def cross_check(params: dict[str, Any]) -> None:
+    data = params["data"]
+    if data["val_fraction"] + data["test_fraction"] >= 0.9:
+        raise ParamsError(
+            "data.val_fraction + data.test_fraction: must leave at least 10% of the images "
+            f"for training, got {data['val_fraction']} + {data['test_fraction']}"
+        )
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
+    """Read params.yaml, validate every key and return plain, typed values."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; run the pipeline from the project's root") from None
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    try:
+        params = validate(raw)
+        cross_check(params)
+    except ParamsError as error:
+        raise ParamsError(f"{path}: {error}") from None
+    return params

@@ -1,0 +1,70 @@
+"""Stage 4, train_head: the linear probe, trained on the cached features only.
+
+Reads params ``seed`` and ``head.*``; reads data/features/; writes models/head.pt,
+metrics/head.json (val metrics at the best epoch) and reports/plots/head.csv (per epoch).
+No backbone forward pass happens here, so head experiments take seconds.
+Run: ``python -m pipeline.train_head``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from pipeline.common import (
+    FEATURES_DIR,
+    HEAD_FILE,
+    METRICS_DIR,
+    PLOTS_DIR,
+    load_torch,
+    run_stage,
+    save_torch,
+    seed_everything,
+    write_json,
+)
+from pipeline.params import load_params
+from pipeline.training import best_epoch, fit_configured_head, write_history
+
+
+def head_checkpoint(head: nn.Module, config: dict[str, Any], in_features: int, classes: list[str]) -> dict[str, Any]:
+    """What rebuilds the head: its shape, the class names and the weights."""
+    return {
+        "type": config["type"],
+        "in_features": in_features,
+        "hidden_units": config["hidden_units"],
+        "dropout": config["dropout"],
+        "classes": classes,
+        "state_dict": head.state_dict(),
+    }
+
+
+def main() -> None:
+    params = load_params()
+    config = params["head"]
+    seed_everything(params["seed"])
+    train, val = load_torch(FEATURES_DIR / "train.pt"), load_torch(FEATURES_DIR / "val.pt")
+    head, history = fit_configured_head(
+        config,
+        (train["features"], train["labels"]),
+        (val["features"], val["labels"]),
+        len(train["classes"]),
+        params["seed"],
+    )
+    best = best_epoch(history)
+    save_torch(HEAD_FILE, head_checkpoint(head, config, train["features"].shape[1], train["classes"]))
+    write_history(PLOTS_DIR / "head.csv", history)
+    write_json(
+        METRICS_DIR / "head.json",
+        {
+            "val_accuracy": best["val_accuracy"],
+            "val_loss": best["val_loss"],
+            "best_epoch": best["epoch"],
+            "epochs": len(history),
+        },
+    )
+    print(f"train_head: val accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}/{len(history)}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+
+from pipeline.data import (
+    ImageArrayDataset,
+    cap_per_class,
+    image_transform,
+    load_classes,
+    load_digits_dataset,
+    load_split,
+    save_prepared,
+    stratified_split,
+)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_dataset()
+
+
+def test_digits_load_offline_as_uint8_images(digits):
+    images, labels, classes = digits
+    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8
+    assert images.max() == 255 and classes == [str(i) for i in range(10)]
+    assert set(labels) == set(range(10))
+
+
+def test_split_is_disjoint_deterministic_and_stratified(digits):
+    _, labels, _ = digits
+    split = stratified_split(labels, 0.15, 0.25, seed=3)
+    again = stratified_split(labels, 0.15, 0.25, seed=3)
+    other = stratified_split(labels, 0.15, 0.25, seed=4)
+    assert all(np.array_equal(split[k], again[k]) for k in split)
+    assert not np.array_equal(split["test"], other["test"])
+    joined = np.concatenate(list(split.values()))
+    assert len(joined) == len(labels) == len(set(joined))
+    assert len(split["test"]) == pytest.approx(0.25 * len(labels), abs=1)
+    assert len(split["val"]) == pytest.approx(0.15 * len(labels), abs=1)
+    overall = np.bincount(labels) / len(labels)
+    for indices in split.values():
+        assert np.abs(np.bincount(labels[indices]) / len(indices) - overall).max() < 0.02
+
+
+def test_cap_per_class_keeps_at_most_n_of_each(digits):
+    _, labels, _ = digits
+    indices = np.arange(len(labels))
+    capped = cap_per_class(indices, labels, 10, seed=0)
+    assert np.bincount(labels[capped]).tolist() == [10] * 10
+    assert np.array_equal(capped, cap_per_class(indices, labels, 10, seed=0))
+    assert np.array_equal(cap_per_class(indices, labels, 0, seed=0), indices)
+
+
+def test_prepared_round_trip(tmp_path, digits):
+    images, labels, classes = digits
+    splits = {"train": (images[:5], labels[:5]), "val": (images[5:7], labels[5:7]), "test": (images[7:9], labels[7:9])}
+    save_prepared(tmp_path / "prepared", splits, classes)
+    loaded_images, loaded_labels = load_split(tmp_path / "prepared", "val")
+    assert np.array_equal(loaded_images, images[5:7]) and np.array_equal(loaded_labels, labels[5:7])
+    assert load_classes(tmp_path / "prepared") == classes
+
+
+def test_transform_makes_normalized_rgb_at_image_size(digits):
+    images, labels, _ = digits
+    dataset = ImageArrayDataset(images, labels, image_transform(24, [0.5] * 3, [0.5] * 3))
+    image, label = dataset[0]
+    assert image.shape == (3, 24, 24) and image.dtype.is_floating_point
+    assert -1.0 <= image.min() and image.max() <= 1.0
+    assert label.item() == labels[0]
+    augmented = image_transform(24, [0.5] * 3, [0.5] * 3, augment=True)(images[0])
+    assert augmented.shape == (3, 24, 24)

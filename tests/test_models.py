@@ -1,0 +1,109 @@
+import pytest
+import torch
+from torch import nn
+
+from pipeline.common import StageError
+from pipeline.models import (
+    Classifier,
+    build_backbone,
+    build_head,
+    checkpoint_state_dict,
+    download_backbone,
+    feature_blocks,
+    load_checkpoint_backbone,
+    unfreeze_last_blocks,
+)
+
+
+@pytest.mark.parametrize(
+    ("arch", "size", "features"),
+    [("resnet18", 32, 512), ("mobilenet_v3_small", 32, 1024), ("efficientnet_b0", 32, 1280)],
+)
+def test_backbone_returns_pooled_features(arch, size, features):
+    backbone, dim = build_backbone(arch)
+    assert dim == features
+    backbone.eval()
+    with torch.inference_mode():
+        assert backbone(torch.zeros(2, 3, size, size)).shape == (2, features)
+
+
+def test_classifier_joins_backbone_and_head():
+    backbone, dim = build_backbone("resnet18")
+    model = Classifier(backbone, build_head("mlp", dim, 7, hidden_units=16, dropout=0.1)).eval()
+    assert model(torch.zeros(3, 3, 32, 32)).shape == (3, 7)
+    assert build_head("linear", dim, 7, 16, 0.0)[1].out_features == 7
+
+
+def test_unfreeze_last_blocks_freezes_everything_before_them():
+    backbone, _ = build_backbone("resnet18")
+    names = [type(b).__name__ for b in feature_blocks(backbone)]
+    assert names[-4:] == ["Sequential"] * 4  # layer1..layer4
+    frozen = unfreeze_last_blocks(backbone, 1)
+    trainable = {n.split(".")[0] for n, p in backbone.named_parameters() if p.requires_grad}
+    assert trainable == {"layer4"}
+    assert backbone.bn1 in frozen
+    assert unfreeze_last_blocks(backbone, "all") == []
+    assert all(p.requires_grad for p in backbone.parameters())
+
+
+def resnet18_state(prefix: str = "") -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    full = nn.Module.state_dict(__import__("torchvision").models.resnet18())
+    return {prefix + k: v for k, v in full.items()}
+
+
+def test_local_checkpoints_load_plain_nested_or_with_module_prefix(tmp_path):
+    reference = resnet18_state()
+    for name, content in {
+        "plain.pt": reference,
+        "nested.pt": {"state_dict": resnet18_state("module."), "epoch": 3},
+        "model.pt": {"model": reference},
+    }.items():
+        torch.save(content, tmp_path / name)
+        model, dim = load_checkpoint_backbone("resnet18", str(tmp_path / name))
+        assert dim == 512
+        assert torch.equal(model.conv1.weight, reference["conv1.weight"])
+
+
+def test_mismatched_checkpoint_reports_missing_and_unexpected_keys(tmp_path):
+    state = resnet18_state()
+    del state["layer4.1.bn2.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(StageError, match=r"1 missing keys .*layer4.1.bn2.weight.*1 unexpected keys .*extra.weight"):
+        load_checkpoint_backbone("resnet18", str(tmp_path / "bad.pt"))
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(StageError, match="holds no state dict"):
+        checkpoint_state_dict(str(tmp_path / "list.pt"))
+
+
+def test_torchvision_weights_are_found_in_torch_home_offline(tmp_path, monkeypatch):
+    """A state dict placed where torchvision's cache looks loads through torchvision's own code."""
+    from torchvision.models import ResNet18_Weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(resnet18_state(), cache / ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1])
+    model, dim, weights = download_backbone("resnet18", "IMAGENET1K_V1")
+    assert weights is ResNet18_Weights.IMAGENET1K_V1 and dim == 512
+    assert torch.equal(model.conv1.weight, resnet18_state()["conv1.weight"])
+    assert list(weights.transforms().mean) == [0.485, 0.456, 0.406]
+
+
+def test_missing_torchvision_weights_offline_say_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr("torch.hub.download_url_to_file", _no_network)
+    with pytest.raises(StageError) as error:
+        download_backbone("resnet18", "IMAGENET1K_V1")
+    expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert str(expected) in str(error.value) and "backbone.weights: pretrain" in str(error.value)
+
+
+def test_unknown_weights_name_lists_the_valid_ones():
+    with pytest.raises(StageError, match="IMAGENET1K_V1"):
+        download_backbone("resnet18", "IMAGENET1K_V9")
+
+
+def _no_network(*args, **kwargs):
+    raise OSError("network is unreachable")

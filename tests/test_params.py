@@ -1,0 +1,106 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import ParamsError, load_params, validate
+from tests.conftest import ROOT, default_params
+
+
+def write(tmp_path: Path, params: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def test_default_params_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert params["backbone"]["weights"] == "pretrain"
+    assert params["data"]["dataset"] == "digits"
+
+
+def test_lr_as_dvc_writes_it_is_read_as_a_number(tmp_path):
+    text = (ROOT / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("lr: 0.001 ", "lr: 1e-05 ", 1))
+    assert yaml.safe_load(path.read_text())["lr"] == "1e-05"  # what PyYAML alone gives
+    assert load_params(path)["lr"] == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        (None, "lr", "fast", "lr: expected a number, got 'fast'"),
+        (None, "lr", -0.1, "lr: must be greater than 0"),
+        (None, "lr", 0, "lr: must be greater than 0"),
+        (None, "lr", True, "lr: expected a number"),
+        (None, "lr", ".nan", "lr: expected a number"),
+        ("data", "dataset", "mnist", "data.dataset: unknown value 'mnist'; choose one of: digits"),
+        ("backbone", "arch", "resnet19", "backbone.arch: unknown architecture 'resnet19'"),
+        ("backbone", "weights", "imagenet", "backbone.weights: 'imagenet' is neither"),
+        ("head", "type", "svm", "head.type: unknown value 'svm'; choose one of: linear, mlp"),
+        ("head", "max_epochs", 2.5, "head.max_epochs: expected a whole number"),
+        ("finetune", "unfreeze", "some", "finetune.unfreeze: expected 'all' or a number"),
+        ("finetune", "augment", "yes", "finetune.augment: expected true or false"),
+        ("data", "val_fraction", 1.5, "data.val_fraction: must be between 0 and 1"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(tmp_path, section, key, value, message):
+    params = default_params()
+    (params[section] if section else params)[key] = value
+    with pytest.raises(ParamsError, match="params.yaml: ") as error:
+        load_params(write(tmp_path, params))
+    assert message in str(error.value)
+
+
+def test_unknown_key_is_named_with_the_allowed_ones(tmp_path):
+    params = default_params()
+    params["head"]["epochz"] = 5
+    with pytest.raises(ParamsError) as error:
+        load_params(write(tmp_path, params))
+    assert "head.epochz: unknown key; allowed keys in head: type, hidden_units" in str(error.value)
+
+
+def test_unknown_top_level_key(tmp_path):
+    params = default_params()
+    params["learning_rate"] = 0.1
+    with pytest.raises(ParamsError, match="learning_rate: unknown key; allowed keys in the top level"):
+        load_params(write(tmp_path, params))
+
+
+def test_missing_key_is_named(tmp_path):
+    params = default_params()
+    del params["finetune"]["epochs"]
+    with pytest.raises(ParamsError, match="finetune.epochs: missing"):
+        load_params(write(tmp_path, params))
+
+
+def test_fractions_must_leave_training_images(tmp_path):
+    params = default_params()
+    params["data"].update(val_fraction=0.5, test_fraction=0.45)
+    with pytest.raises(ParamsError, match="at least 10% of the images for training"):
+        load_params(write(tmp_path, params))
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("lr: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(path)
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "absent.yaml")
+
+
+def test_weights_accepts_torchvision_names_and_existing_files(tmp_path):
+    checkpoint = tmp_path / "backbone.pth"
+    checkpoint.write_bytes(b"")
+    for weights in ("IMAGENET1K_V1", "DEFAULT", "none", "pretrain", str(checkpoint)):
+        params = default_params()
+        params["backbone"]["weights"] = weights
+        assert validate(params)["backbone"]["weights"] == weights
+
+
+def test_unfreeze_takes_all_or_a_count():
+    params = default_params()
+    params["finetune"]["unfreeze"] = 2
+    assert validate(params)["finetune"]["unfreeze"] == 2
