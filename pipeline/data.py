@@ -29,13 +29,9 @@ def stratified_split(
 ) -> dict[str, np.ndarray]:
     """Indices of a deterministic train/val/test split that keeps the class proportions."""
     indices = np.arange(len(labels))
-    rest, test = train_test_split(
-        indices, test_size=test_fraction, stratify=labels, random_state=seed
-    )
+    rest, test = train_test_split(indices, test_size=test_fraction, stratify=labels, random_state=seed)
     val_of_rest = val_fraction / (1.0 - test_fraction)
-    train, val = train_test_split(
-        rest, test_size=val_of_rest, stratify=labels[rest], random_state=seed
-    )
+    train, val = train_test_split(rest, test_size=val_of_rest, stratify=labels[rest], random_state=seed)
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
@@ -44,10 +40,7 @@ def cap_per_class(indices: np.ndarray, labels: np.ndarray, cap: int, seed: int) 
     if cap == 0:
         return indices
     rng = np.random.default_rng(seed)
-    kept = [
-        rng.permutation(indices[labels[indices] == label])[:cap]
-        for label in np.unique(labels[indices])
-    ]
+    kept = [rng.permutation(indices[labels[indices] == label])[:cap] for label in np.unique(labels[indices])]
     return np.sort(np.concatenate(kept))
 
 

@@ -36,8 +36,6 @@ from pipeline.models import load_classifier, load_head
 from pipeline.params import load_params
 from pipeline.training import make_loader, predict
 
-MODELS = ("linear_probe", "finetuned")
-
 
 @torch.inference_mode()
 def linear_probe_predictions(head_file: Path, features_file: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -78,8 +76,8 @@ def main() -> None:
         write_text(PLOTS_DIR / f"confusion_{name}.csv", confusion_csv(actual, predicted, classes))
     write_json(METRICS_DIR / "test.json", summary)
     write_json(METRICS_DIR / "per_class.json", details)
-    for name in MODELS:
-        print(f"evaluate: {name}: test accuracy {summary[name]['accuracy']:.4f}, macro-F1 {summary[name]['macro_f1']:.4f}")
+    for name, scores in summary.items():
+        print(f"evaluate: {name}: test accuracy {scores['accuracy']:.4f}, macro-F1 {scores['macro_f1']:.4f}")
 
 
 if __name__ == "__main__":

@@ -39,9 +39,7 @@ def main() -> None:
                 ImageArrayDataset(images, labels, transform), params["extract"]["batch_size"], device
             )
             features, targets = extract_features(backbone, loader, device, desc=split)
-            torch.save(
-                {"features": features, "labels": targets, "classes": classes}, tmp / f"{split}.pt"
-            )
+            torch.save({"features": features, "labels": targets, "classes": classes}, tmp / f"{split}.pt")
             print(f"extract: {split}: {tuple(features.shape)} features")
 
 

@@ -66,9 +66,7 @@ def render_glyph(char: str, font: Path, image_size: int, rng: np.random.Generato
     canvas = Image.new("L", (CANVAS, CANVAS), 0)
     canvas.paste(glyph, ((CANVAS - glyph.width) // 2, (CANVAS - glyph.height) // 2))
     shift = rng.uniform(-0.08, 0.08, size=2) * CANVAS
-    canvas = canvas.rotate(
-        float(rng.uniform(-15, 15)), resample=Image.BILINEAR, translate=tuple(shift)
-    )
+    canvas = canvas.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR, translate=tuple(shift))
     low = int(rng.integers(7, max(8, image_size // 2) + 1))
     image = canvas.resize((low, low), Image.BOX).resize((image_size, image_size), Image.BILINEAR)
     array = np.asarray(image, dtype=np.float32) * rng.uniform(0.7, 1.0)
@@ -77,9 +75,7 @@ def render_glyph(char: str, font: Path, image_size: int, rng: np.random.Generato
     return np.clip(array, 0, 255).astype(np.uint8)
 
 
-def render_glyph_dataset(
-    count: int, image_size: int, seed: int
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def render_glyph_dataset(count: int, image_size: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """``count`` glyph images with balanced labels, deterministic for a seed."""
     rng = np.random.default_rng(seed)
     fonts = glyph_fonts()

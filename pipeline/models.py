@@ -55,9 +55,7 @@ def torchvision_weights(arch: str, name: str) -> Any:
         ) from None
 
 
-def build_head(
-    kind: str, in_features: int, num_classes: int, hidden_units: int, dropout: float
-) -> nn.Module:
+def build_head(kind: str, in_features: int, num_classes: int, hidden_units: int, dropout: float) -> nn.Module:
     """A linear head, or a one-hidden-layer MLP."""
     if kind == "linear":
         return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))

@@ -23,6 +23,10 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 BUILTIN_WEIGHTS = ("pretrain", "none")
 
 
+# Numbers as YAML or DVC may write them, quoted or not: 0.001, 1e-05, 3.0E+2.
+NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
+
+
 class ParamsError(ValueError):
     """params.yaml holds a key or value the pipeline cannot use."""
 
@@ -31,9 +35,7 @@ def _number(value: Any, key: str) -> float:
     """Read a number, also from the strings DVC writes back (``lr: 1e-05``)."""
     if isinstance(value, bool):
         raise ParamsError(f"{key}: expected a number, got {value!r}")
-    if isinstance(value, int | float):
-        number = float(value)
-    elif isinstance(value, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", value):
+    if isinstance(value, int | float) or (isinstance(value, str) and NUMBER.fullmatch(value)):
         number = float(value)
     else:
         raise ParamsError(f"{key}: expected a number, got {value!r}")
@@ -144,7 +146,9 @@ def unfreeze_spec(value: Any, key: str) -> str | int:
     try:
         return positive_int(value, key)
     except ParamsError:
-        raise ParamsError(f"{key}: expected 'all' or a number of last blocks (1 or more), got {value!r}") from None
+        raise ParamsError(
+            f"{key}: expected 'all' or a number of last blocks (1 or more), got {value!r}"
+        ) from None
 
 
 SCHEMA: dict[str, Any] = {
@@ -200,9 +204,7 @@ def validate(raw: Any, schema: dict[str, Any] = SCHEMA, prefix: str = "") -> dic
         raise ParamsError(f"{where}: expected a mapping of keys to values, got {raw!r}")
     unknown = sorted(set(raw) - set(schema))
     if unknown:
-        raise ParamsError(
-            f"{prefix}{unknown[0]}: unknown key; allowed keys in {where}: {', '.join(schema)}"
-        )
+        raise ParamsError(f"{prefix}{unknown[0]}: unknown key; allowed keys in {where}: {', '.join(schema)}")
     missing = [key for key in schema if key not in raw]
     if missing:
         raise ParamsError(f"{prefix}{missing[0]}: missing; add it to params.yaml")

@@ -15,11 +15,11 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import yaml
 
-from pipeline.common import (  # noqa: E402
+from pipeline.common import (
     BACKBONE_FILE,
     FIGURES_DIR,
     METRICS_DIR,
@@ -30,7 +30,7 @@ from pipeline.common import (  # noqa: E402
     run_stage,
     write_text,
 )
-from pipeline.params import load_params  # noqa: E402
+from pipeline.params import load_params
 
 LABELS = {"linear_probe": "Linear probe", "finetuned": "Fine-tuned", "random_init_probe": "Random-init probe"}
 
@@ -113,7 +113,8 @@ def summary_table(test: dict[str, Any], baseline: dict[str, Any]) -> str:
 
 def per_class_table(details: dict[str, Any]) -> str:
     rows = [
-        "| class | support | probe precision | probe recall | probe F1 | fine-tuned precision | fine-tuned recall | fine-tuned F1 |",
+        "| class | support | probe precision | probe recall | probe F1 "
+        "| fine-tuned precision | fine-tuned recall | fine-tuned F1 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in details["classes"]:
@@ -128,7 +129,11 @@ def render_report(params: dict[str, Any], backbone_hash: str) -> str:
     baseline = read_json(METRICS_DIR / "baseline.json")
     backbone = read_json(METRICS_DIR / "backbone.json")
     histories = {stage: read_history(PLOTS_DIR / f"{stage}.csv") for stage in ("head", "finetune")}
-    curves, confusion, per_class = training_curves_figure(histories), confusion_figure(details), per_class_figure(details)
+    curves, confusion, per_class = (
+        training_curves_figure(histories),
+        confusion_figure(details),
+        per_class_figure(details),
+    )
     config = params["backbone"]
     pretrain = (
         f" Source-task accuracy after pretraining: {backbone['pretrain_accuracy']:.2%}."
@@ -137,8 +142,8 @@ def render_report(params: dict[str, Any], backbone_hash: str) -> str:
     )
     return f"""# Transfer-learning report
 
-Dataset **{params['data']['dataset']}**, backbone **{config['arch']}** with weights
-**{config['weights']}** ({backbone['parameters']:,} parameters) at {config['image_size']} px.{pretrain}
+Dataset **{params["data"]["dataset"]}**, backbone **{config["arch"]}** with weights
+**{config["weights"]}** ({backbone["parameters"]:,} parameters) at {config["image_size"]} px.{pretrain}
 
 ## Test results
 

@@ -27,7 +27,9 @@ from pipeline.params import load_params
 from pipeline.training import best_epoch, fit_configured_head, write_history
 
 
-def head_checkpoint(head: nn.Module, config: dict[str, Any], in_features: int, classes: list[str]) -> dict[str, Any]:
+def head_checkpoint(
+    head: nn.Module, config: dict[str, Any], in_features: int, classes: list[str]
+) -> dict[str, Any]:
     """What rebuilds the head: its shape, the class names and the weights."""
     return {
         "type": config["type"],

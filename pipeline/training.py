@@ -18,6 +18,7 @@ from tqdm import tqdm
 from pipeline.common import StageError, write_text
 from pipeline.models import build_head
 
+
 def progress(iterable, desc: str):
     """A progress bar on a terminal; silent in logs (``dvc repro`` output, CI)."""
     return tqdm(iterable, desc=desc, unit="batch", leave=False, disable=None)
@@ -107,7 +108,9 @@ def run_epoch(
     model.train(training)
     for module in frozen:
         module.eval()
-    scaler = torch.amp.GradScaler(enabled=training and amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler(
+        enabled=training and amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    )
     total_loss, correct, seen = 0.0, 0, 0
     with torch.set_grad_enabled(training):
         for images, targets in progress(loader, "train" if training else "val"):

@@ -47,9 +47,7 @@ def subprocess_env() -> dict[str, str]:
 
 
 def run(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        args, cwd=repo, env=subprocess_env(), capture_output=True, text=True, check=False
-    )
+    result = subprocess.run(args, cwd=repo, env=subprocess_env(), capture_output=True, text=True, check=False)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"

@@ -52,7 +52,11 @@ def test_cap_per_class_keeps_at_most_n_of_each(digits):
 
 def test_prepared_round_trip(tmp_path, digits):
     images, labels, classes = digits
-    splits = {"train": (images[:5], labels[:5]), "val": (images[5:7], labels[5:7]), "test": (images[7:9], labels[7:9])}
+    splits = {
+        "train": (images[:5], labels[:5]),
+        "val": (images[5:7], labels[5:7]),
+        "test": (images[7:9], labels[7:9]),
+    }
     save_prepared(tmp_path / "prepared", splits, classes)
     loaded_images, loaded_labels = load_split(tmp_path / "prepared", "val")
     assert np.array_equal(loaded_images, images[5:7]) and np.array_equal(loaded_labels, labels[5:7])
@@ -64,7 +68,7 @@ def test_transform_makes_normalized_rgb_at_image_size(digits):
     dataset = ImageArrayDataset(images, labels, image_transform(24, [0.5] * 3, [0.5] * 3))
     image, label = dataset[0]
     assert image.shape == (3, 24, 24) and image.dtype.is_floating_point
-    assert -1.0 <= image.min() and image.max() <= 1.0
+    assert image.min() >= -1.0 and image.max() <= 1.0
     assert label.item() == labels[0]
     augmented = image_transform(24, [0.5] * 3, [0.5] * 3, augment=True)(images[0])
     assert augmented.shape == (3, 24, 24)

@@ -70,7 +70,9 @@ def test_mismatched_checkpoint_reports_missing_and_unexpected_keys(tmp_path):
     del state["layer4.1.bn2.weight"]
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "bad.pt")
-    with pytest.raises(StageError, match=r"1 missing keys .*layer4.1.bn2.weight.*1 unexpected keys .*extra.weight"):
+    with pytest.raises(
+        StageError, match=r"1 missing keys .*layer4.1.bn2.weight.*1 unexpected keys .*extra.weight"
+    ):
         load_checkpoint_backbone("resnet18", str(tmp_path / "bad.pt"))
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(StageError, match="holds no state dict"):

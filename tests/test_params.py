@@ -48,7 +48,7 @@ def test_lr_as_dvc_writes_it_is_read_as_a_number(tmp_path):
 def test_bad_values_name_the_key_and_what_is_allowed(tmp_path, section, key, value, message):
     params = default_params()
     (params[section] if section else params)[key] = value
-    with pytest.raises(ParamsError, match="params.yaml: ") as error:
+    with pytest.raises(ParamsError, match=r"params\.yaml: ") as error:
         load_params(write(tmp_path, params))
     assert message in str(error.value)
 
@@ -64,21 +64,21 @@ def test_unknown_key_is_named_with_the_allowed_ones(tmp_path):
 def test_unknown_top_level_key(tmp_path):
     params = default_params()
     params["learning_rate"] = 0.1
-    with pytest.raises(ParamsError, match="learning_rate: unknown key; allowed keys in the top level"):
+    with pytest.raises(ParamsError, match=r"learning_rate: unknown key; allowed keys in the top level"):
         load_params(write(tmp_path, params))
 
 
 def test_missing_key_is_named(tmp_path):
     params = default_params()
     del params["finetune"]["epochs"]
-    with pytest.raises(ParamsError, match="finetune.epochs: missing"):
+    with pytest.raises(ParamsError, match=r"finetune\.epochs: missing"):
         load_params(write(tmp_path, params))
 
 
 def test_fractions_must_leave_training_images(tmp_path):
     params = default_params()
     params["data"].update(val_fraction=0.5, test_fraction=0.45)
-    with pytest.raises(ParamsError, match="at least 10% of the images for training"):
+    with pytest.raises(ParamsError, match=r"at least 10% of the images for training"):
         load_params(write(tmp_path, params))
 
 

@@ -1,4 +1,5 @@
 import csv
+import itertools
 
 import pytest
 import torch
@@ -17,8 +18,15 @@ def separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_fit_head_learns_and_stops_early():
     torch.manual_seed(0)
     head, history = fit_head(
-        nn.Linear(8, 3), separable(300, 0), separable(100, 1),
-        lr=0.05, weight_decay=0.0, batch_size=32, max_epochs=200, patience=3, seed=0,
+        nn.Linear(8, 3),
+        separable(300, 0),
+        separable(100, 1),
+        lr=0.05,
+        weight_decay=0.0,
+        batch_size=32,
+        max_epochs=200,
+        patience=3,
+        seed=0,
     )
     features, labels = separable(200, 2)
     accuracy = (head(features).argmax(1) == labels).float().mean().item()
@@ -46,12 +54,21 @@ def test_warmup_then_cosine_to_zero():
         scheduler.step()
     assert rates[0] == pytest.approx(0.01)
     assert rates[10] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(rates[10:]))
     assert rates[-1] < 0.01
 
 
 def test_history_is_a_csv_dvc_plots_reads(tmp_path):
-    history = [{"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.1, "val_accuracy": 0.4, "lr": 0.1}]
+    history = [
+        {
+            "epoch": 1,
+            "train_loss": 1.0,
+            "train_accuracy": 0.5,
+            "val_loss": 1.1,
+            "val_accuracy": 0.4,
+            "lr": 0.1,
+        }
+    ]
     write_history(tmp_path / "h.csv", history)
     with open(tmp_path / "h.csv") as file:
-        assert list(csv.DictReader(file))[0]["val_accuracy"] == "0.4"
+        assert next(csv.DictReader(file))["val_accuracy"] == "0.4"
