@@ -58,7 +58,7 @@ def pretrain_on_glyphs(
     train_loader = make_loader(train, batch_size, device, shuffle=True, seed=seed)
     val_loader = make_loader(val, 512, device)
 
-    backbone, features = build_backbone(arch)
+    backbone, features = build_backbone(arch, image_size=image_size)
     model = Classifier(backbone, nn.Linear(features, len(classes)))
     model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
@@ -78,7 +78,7 @@ def materialize(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float
     """The backbone checkpoint and its metrics, for the configured weights."""
     config, seed = params["backbone"], params["seed"]
     arch, weights, size = config["arch"], config["weights"], config["image_size"]
-    mean, std, metrics = PLAIN_MEAN, PLAIN_STD, {}
+    mean, std, resize, metrics = PLAIN_MEAN, PLAIN_STD, size, {}
     if weights == "pretrain":
         model, features, accuracy = pretrain_on_glyphs(
             arch,
@@ -92,13 +92,14 @@ def materialize(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float
         )
         metrics["pretrain_accuracy"] = round(accuracy, 6)
     elif weights == "none":
-        model, features = build_backbone(arch)
+        model, features = build_backbone(arch, image_size=size)
     elif Path(weights).is_file():
-        model, features = load_checkpoint_backbone(arch, weights)
+        model, features = load_checkpoint_backbone(arch, weights, size)
     else:
-        model, features, enum = download_backbone(arch, weights)
+        model, features, enum = download_backbone(arch, weights, size)
         preprocessing = enum.transforms()
         mean, std = list(preprocessing.mean), list(preprocessing.std)
+        resize = round(size * preprocessing.resize_size[0] / preprocessing.crop_size[0])
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
     checkpoint = {
         "arch": arch,
@@ -106,6 +107,7 @@ def materialize(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float
         "state_dict": model.state_dict(),
         "feature_dim": features,
         "image_size": size,
+        "resize_size": resize,
         "mean": [float(m) for m in mean],
         "std": [float(s) for s in std],
     }

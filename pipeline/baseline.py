@@ -23,7 +23,7 @@ from pipeline.training import extract_features, fit_configured_head, make_loader
 def random_init_probe_accuracy(params: dict, device: torch.device) -> dict[str, float]:
     """Test metrics of the configured head trained on random-init features."""
     config, seed = params["head"], params["seed"]
-    backbone, _ = build_backbone(params["backbone"]["arch"])
+    backbone, _ = build_backbone(params["backbone"]["arch"], image_size=params["backbone"]["image_size"])
     transform = image_transform(params["backbone"]["image_size"], PLAIN_MEAN, PLAIN_STD)
     features = {}
     for split in SPLITS:

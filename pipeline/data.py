@@ -68,22 +68,40 @@ def load_classes(prepared_dir: Path) -> list[str]:
 
 
 def image_transform(
-    image_size: int, mean: list[float], std: list[float], augment: bool = False
+    image_size: int,
+    mean: list[float],
+    std: list[float],
+    augment: bool = False,
+    resize_size: int | None = None,
 ) -> v2.Compose:
-    """uint8 HxW or HxWxC array -> normalized float CxHxW tensor at ``image_size``.
+    """uint8 HxW or HxWxC array -> normalized float CxHxW tensor, ``image_size`` square.
 
-    Augmentation is a mild affine jitter (no flips: they change what a glyph or digit means).
+    The shorter side is resized to ``resize_size`` (default ``image_size``), then the centre
+    cropped, as torchvision's weights preprocess (e.g. 256 then 224). Augmentation is a mild
+    affine jitter (no flips: they change what a glyph or digit means).
     """
     steps: list[v2.Transform] = [
         v2.ToImage(),
         v2.RGB(),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Resize((image_size, image_size), antialias=True),
+        v2.Resize(resize_size or image_size, antialias=True),
+        v2.CenterCrop(image_size),
     ]
     if augment:
         steps.append(v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)))
     steps.append(v2.Normalize(mean=mean, std=std))
     return v2.Compose(steps)
+
+
+def checkpoint_transform(checkpoint: dict, augment: bool = False) -> v2.Compose:
+    """The preprocessing a backbone checkpoint records (size, resize, mean, std)."""
+    return image_transform(
+        checkpoint["image_size"],
+        checkpoint["mean"],
+        checkpoint["std"],
+        augment,
+        checkpoint.get("resize_size"),
+    )
 
 
 class ImageArrayDataset(Dataset):

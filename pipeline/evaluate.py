@@ -30,7 +30,7 @@ from pipeline.common import (
     write_json,
     write_text,
 )
-from pipeline.data import ImageArrayDataset, image_transform, load_split
+from pipeline.data import ImageArrayDataset, checkpoint_transform, load_split
 from pipeline.metrics import per_class_metrics, summary_metrics
 from pipeline.models import load_classifier, load_head
 from pipeline.params import load_params
@@ -47,8 +47,7 @@ def linear_probe_predictions(head_file: Path, features_file: Path) -> tuple[np.n
 
 def finetuned_predictions(batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     model, checkpoint = load_classifier(FINETUNED_FILE)
-    transform = image_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
-    test = ImageArrayDataset(*load_split(PREPARED_DIR, "test"), transform)
+    test = ImageArrayDataset(*load_split(PREPARED_DIR, "test"), checkpoint_transform(checkpoint))
     return predict(model, make_loader(test, batch_size, device), device)
 
 

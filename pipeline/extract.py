@@ -18,7 +18,7 @@ from pipeline.common import (
     resolve_device,
     run_stage,
 )
-from pipeline.data import SPLITS, ImageArrayDataset, image_transform, load_classes, load_split
+from pipeline.data import SPLITS, ImageArrayDataset, checkpoint_transform, load_classes, load_split
 from pipeline.models import load_backbone
 from pipeline.params import load_params
 from pipeline.training import extract_features, make_loader
@@ -29,7 +29,7 @@ def main() -> None:
     device = resolve_device(params["device"])
     checkpoint = load_torch(BACKBONE_FILE)
     backbone = load_backbone(checkpoint)
-    transform = image_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
+    transform = checkpoint_transform(checkpoint)
     classes = load_classes(PREPARED_DIR)
     with atomic_path(FEATURES_DIR) as tmp:
         tmp.mkdir()

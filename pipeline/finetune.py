@@ -28,7 +28,7 @@ from pipeline.common import (
     seed_everything,
     write_json,
 )
-from pipeline.data import ImageArrayDataset, image_transform, load_split
+from pipeline.data import ImageArrayDataset, checkpoint_transform, load_split
 from pipeline.models import Classifier, load_backbone, load_head, unfreeze_last_blocks
 from pipeline.params import load_params
 from pipeline.training import epoch_record, make_loader, run_epoch, warmup_cosine, write_history
@@ -79,11 +79,10 @@ def main() -> None:
     device = resolve_device(params["device"])
     backbone_checkpoint, head_checkpoint = load_torch(BACKBONE_FILE), load_torch(HEAD_FILE)
     model = Classifier(load_backbone(backbone_checkpoint), load_head(head_checkpoint))
-    size, mean, std = (backbone_checkpoint[k] for k in ("image_size", "mean", "std"))
     train = ImageArrayDataset(
-        *load_split(PREPARED_DIR, "train"), image_transform(size, mean, std, config["augment"])
+        *load_split(PREPARED_DIR, "train"), checkpoint_transform(backbone_checkpoint, config["augment"])
     )
-    val = ImageArrayDataset(*load_split(PREPARED_DIR, "val"), image_transform(size, mean, std))
+    val = ImageArrayDataset(*load_split(PREPARED_DIR, "val"), checkpoint_transform(backbone_checkpoint))
     train_loader = make_loader(train, config["batch_size"], device, shuffle=True, seed=seed)
     val_loader = make_loader(val, config["batch_size"], device)
     best_state, history = finetune(model, train_loader, val_loader, lr, config, device)
@@ -92,7 +91,10 @@ def main() -> None:
     save_torch(
         FINETUNED_FILE,
         {
-            **{k: backbone_checkpoint[k] for k in ("arch", "weights", "image_size", "mean", "std")},
+            **{
+                k: backbone_checkpoint[k]
+                for k in ("arch", "weights", "image_size", "resize_size", "mean", "std")
+            },
             "classes": head_checkpoint["classes"],
             "head": head_config,
             "params": {"lr": lr, "seed": seed, **config},

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 from torchvision import models as tv_models
+from torchvision.models.vision_transformer import interpolate_embeddings
 
 from pipeline.common import StageError, load_torch
 
@@ -32,13 +33,22 @@ def strip_classifier(model: nn.Module) -> int:
     return linear.in_features
 
 
-def build_backbone(arch: str, weights: str | None = None) -> tuple[nn.Module, int]:
+def build_backbone(arch: str, weights: Any = None, image_size: int | None = None) -> tuple[nn.Module, int]:
     """A torchvision model without its classifier, and its feature size.
 
-    ``weights`` is a torchvision weights name for ``arch`` (downloaded to torchvision's cache,
-    TORCH_HOME) or None for random init.
+    ``weights`` is a torchvision weights enum member or name for ``arch`` (downloaded to
+    torchvision's cache, TORCH_HOME) or None for random init. Vision transformers fix their
+    input size when built: ``image_size`` builds them for that size, interpolating pretrained
+    position embeddings with torchvision's own ``interpolate_embeddings``.
     """
-    model = tv_models.get_model(arch, weights=weights)
+    if arch.startswith("vit_") and image_size is not None:
+        model = tv_models.get_model(arch, weights=None, image_size=image_size)
+        if weights is not None:
+            pretrained = tv_models.get_model(arch, weights=weights)
+            state = interpolate_embeddings(image_size, model.patch_size, pretrained.state_dict())
+            model.load_state_dict(state)
+    else:
+        model = tv_models.get_model(arch, weights=weights)
     return model, strip_classifier(model)
 
 
@@ -81,7 +91,7 @@ class Classifier(nn.Module):
 
 def load_backbone(checkpoint: dict[str, Any]) -> nn.Module:
     """Rebuild the backbone a backbone or fine-tuned checkpoint describes."""
-    model, _ = build_backbone(checkpoint["arch"])
+    model, _ = build_backbone(checkpoint["arch"], image_size=checkpoint["image_size"])
     model.load_state_dict(checkpoint["state_dict"])
     return model
 
@@ -101,7 +111,7 @@ def load_head(checkpoint: dict[str, Any]) -> nn.Module:
 def load_classifier(path: str) -> tuple[Classifier, dict[str, Any]]:
     """The fine-tuned classifier saved at ``path`` and its checkpoint's metadata."""
     checkpoint = load_torch(path)
-    backbone, _ = build_backbone(checkpoint["arch"])
+    backbone, _ = build_backbone(checkpoint["arch"], image_size=checkpoint["image_size"])
     head = build_head(
         checkpoint["head"]["type"],
         checkpoint["head"]["in_features"],
@@ -179,11 +189,11 @@ def checkpoint_state_dict(path: str) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in loaded.items()}
 
 
-def load_checkpoint_backbone(arch: str, path: str) -> tuple[nn.Module, int]:
+def load_checkpoint_backbone(arch: str, path: str, image_size: int | None = None) -> tuple[nn.Module, int]:
     """``arch`` with a local checkpoint's weights; its classifier's keys are ignored, others must match."""
     head_prefix = classifier_name(arch) + "."
     state = {k: v for k, v in checkpoint_state_dict(path).items() if not k.startswith(head_prefix)}
-    model, features = build_backbone(arch)
+    model, features = build_backbone(arch, image_size=image_size)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise StageError(
@@ -194,11 +204,11 @@ def load_checkpoint_backbone(arch: str, path: str) -> tuple[nn.Module, int]:
     return model, features
 
 
-def download_backbone(arch: str, name: str) -> tuple[nn.Module, int, Any]:
+def download_backbone(arch: str, name: str, image_size: int | None = None) -> tuple[nn.Module, int, Any]:
     """``arch`` with torchvision weights, through torchvision's own download and cache."""
     weights = torchvision_weights(arch, name)
     try:
-        model, features = build_backbone(arch, weights)
+        model, features = build_backbone(arch, weights, image_size)
     except (OSError, RuntimeError) as error:
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         raise StageError(

@@ -1,0 +1,56 @@
+"""Every stage, in process, for several torchvision families and for torchvision weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from pipeline import backbone, evaluate, extract, finetune, prepare, train_head
+from tests.conftest import tiny_params
+
+STAGES = (prepare, backbone, extract, train_head, finetune, evaluate)
+
+
+def run_stages(tmp_path, monkeypatch, **backbone_params) -> dict:
+    params = tiny_params()
+    params["data"]["max_train_per_class"] = 5
+    params["backbone"].update({"image_size": 32, "weights": "none", **backbone_params})
+    params["head"].update(max_epochs=3)
+    params["finetune"].update(epochs=1, batch_size=16, unfreeze=1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    for stage in STAGES:
+        stage.main()
+    return json.loads((tmp_path / "metrics/test.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arch", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "vit_b_16"]
+)
+def test_architecture_runs_end_to_end(arch, tmp_path, monkeypatch):
+    metrics = run_stages(tmp_path, monkeypatch, arch=arch)
+    assert set(metrics) == {"linear_probe", "finetuned"}
+    assert all(0 <= m["accuracy"] <= 1 for m in metrics.values())
+    checkpoint = torch.load(tmp_path / "models/finetuned.pt", weights_only=True)
+    assert checkpoint["arch"] == arch and checkpoint["image_size"] == 32
+
+
+@pytest.mark.slow
+def test_torchvision_weights_from_torch_home_set_the_preprocessing(tmp_path, monkeypatch):
+    from torchvision.models import ResNet18_Weights, resnet18
+
+    home = tmp_path / "torch-home"
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    torch.save(resnet18().state_dict(), home / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[1])
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    run_stages(tmp_path / "run", monkeypatch, weights="IMAGENET1K_V1") if (
+        tmp_path / "run"
+    ).mkdir() is None else None
+    checkpoint = torch.load(tmp_path / "run/models/backbone.pt", weights_only=True)
+    assert checkpoint["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert checkpoint["resize_size"] == round(32 * 256 / 224)
