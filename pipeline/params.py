@@ -116,7 +116,9 @@ def one_of(*choices: str) -> Callable[[Any, str], str]:
 def architecture(value: Any, key: str) -> str:
     from torchvision import models
 
-    available = models.list_models(module=models)
+    from pipeline.models import EXTRA_ARCHS
+
+    available = [*models.list_models(module=models), *EXTRA_ARCHS]
     if value not in available:
         raise ParamsError(
             f"{key}: unknown architecture {value!r}; choose a torchvision classification "

