@@ -3,8 +3,9 @@
 Transfer is worth what the pretrained features add over an untrained network's: this stage
 extracts features with ``backbone.arch`` at random init (seeded), fits the configured head
 the way train_head does, and scores it on the test split. Reads params ``seed``, ``device``,
-``backbone.arch``, ``backbone.image_size``, ``extract.batch_size`` and ``head.*``; reads
-data/prepared/; writes metrics/baseline.json. Run: ``python -m pipeline.baseline``.
+``class_weighted_loss``, ``data.num_workers``, ``backbone.arch``, ``backbone.image_size``,
+``extract.batch_size`` and ``head.*``; reads data/prepared/ (and the image files it lists);
+writes metrics/baseline.json. Run: ``python -m pipeline.baseline``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.common import METRICS_DIR, PREPARED_DIR, resolve_device, run_stage, seed_everything, write_json
-from pipeline.data import SPLITS, ImageArrayDataset, image_transform, load_classes, load_split
+from pipeline.data import SPLITS, image_transform, load_classes, loader_workers, split_dataset
 from pipeline.metrics import summary_metrics
 from pipeline.models import PLAIN_MEAN, PLAIN_STD, build_backbone
 from pipeline.params import load_params
@@ -27,11 +28,14 @@ def random_init_probe_accuracy(params: dict, device: torch.device) -> dict[str, 
     transform = image_transform(params["backbone"]["image_size"], PLAIN_MEAN, PLAIN_STD)
     features = {}
     for split in SPLITS:
-        dataset = ImageArrayDataset(*load_split(PREPARED_DIR, split), transform)
-        loader = make_loader(dataset, params["extract"]["batch_size"], device)
+        dataset = split_dataset(PREPARED_DIR, split, transform)
+        workers = loader_workers(dataset, params["data"]["num_workers"])
+        loader = make_loader(dataset, params["extract"]["batch_size"], device, num_workers=workers)
         features[split] = extract_features(backbone, loader, device, desc=f"random-init {split}")
     classes = load_classes(PREPARED_DIR)
-    head, _ = fit_configured_head(config, features["train"], features["val"], len(classes), seed)
+    head, _ = fit_configured_head(
+        config, features["train"], features["val"], len(classes), seed, params["class_weighted_loss"]
+    )
     test_features, test_labels = features["test"]
     with torch.inference_mode():
         predicted = head.eval()(test_features).argmax(1).numpy()

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pipeline.params import ParamsError
 
@@ -110,6 +111,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ParamsError("device: 'mps' asked for, but torch sees no Apple GPU; use 'auto' or 'cpu'")
     return torch.device(name)
+
+
+def progress(iterable, desc: str):
+    """A progress bar on a terminal; silent in logs (``dvc repro`` output, CI)."""
+    return tqdm(iterable, desc=desc, unit="batch", leave=False, disable=None)
 
 
 def run_stage(main: Callable[[], None]) -> None:

@@ -24,14 +24,47 @@ def load_digits_dataset() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return images, digits.target.astype(np.int64), [str(name) for name in digits.target_names]
 
 
+def load_cifar(name: str, root: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """CIFAR-10 or CIFAR-100 through torchvision: train and test as HxWx3 uint8 arrays.
+
+    A copy under ``root`` is used as it is; otherwise torchvision downloads it there.
+    """
+    from torchvision import datasets
+
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    splits = {}
+    for split, train in (("train", True), ("test", False)):
+        try:
+            dataset = cls(root=str(root), train=train, download=True)  # skips a verified copy
+        except (OSError, RuntimeError) as error:
+            raise StageError(
+                f"data.dataset: {name}: no copy under {root} and the download failed ({error}). "
+                f"Offline, put {cls.filename} (from {cls.url}) or its extracted folder "
+                f"{cls.base_folder}/ in {root}/"
+            ) from None
+        splits[split] = (
+            np.asarray(dataset.data, dtype=np.uint8),
+            np.asarray(dataset.targets, dtype=np.int64),
+        )
+    return splits, list(dataset.classes)
+
+
 def stratified_split(
     labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
 ) -> dict[str, np.ndarray]:
-    """Indices of a deterministic train/val/test split that keeps the class proportions."""
+    """Indices of a deterministic train/val/test split that keeps the class proportions.
+
+    A fraction of 0 leaves that split empty (for datasets that bring their own).
+    """
     indices = np.arange(len(labels))
-    rest, test = train_test_split(indices, test_size=test_fraction, stratify=labels, random_state=seed)
-    val_of_rest = val_fraction / (1.0 - test_fraction)
-    train, val = train_test_split(rest, test_size=val_of_rest, stratify=labels[rest], random_state=seed)
+    empty = indices[:0]
+    rest, test = indices, empty
+    if test_fraction > 0:
+        rest, test = train_test_split(indices, test_size=test_fraction, stratify=labels, random_state=seed)
+    train, val = rest, empty
+    if val_fraction > 0:
+        val_of_rest = val_fraction / (1.0 - test_fraction)
+        train, val = train_test_split(rest, test_size=val_of_rest, stratify=labels[rest], random_state=seed)
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
@@ -45,22 +78,51 @@ def cap_per_class(indices: np.ndarray, labels: np.ndarray, cap: int, seed: int) 
 
 
 def save_prepared(
-    out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]
+    out_dir: Path,
+    splits: dict[str, tuple[np.ndarray | list[str], np.ndarray]],
+    classes: list[str],
+    skipped: list[str] = (),
 ) -> None:
-    """Write each split as ``<split>.npz`` (images, labels) and the class names, atomically."""
+    """Write each split atomically: images in memory as ``<split>.npz`` (images, labels),
+    image files as ``<split>.json`` (paths, labels); then the class names and skipped files."""
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for name, (images, labels) in splits.items():
-            np.savez_compressed(tmp / f"{name}.npz", images=images, labels=labels)
+            if isinstance(images, list):
+                write_json(tmp / f"{name}.json", {"paths": images, "labels": [int(x) for x in labels]})
+            else:
+                np.savez_compressed(tmp / f"{name}.npz", images=images, labels=labels)
         write_json(tmp / "classes.json", classes)
+        write_json(tmp / "skipped.json", list(skipped))
 
 
-def load_split(prepared_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    path = Path(prepared_dir) / f"{split}.npz"
-    if not path.is_file():
-        raise StageError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
-    with np.load(path) as archive:
-        return archive["images"], archive["labels"]
+def load_split(prepared_dir: Path, split: str) -> tuple[np.ndarray | list[str], np.ndarray]:
+    """A prepared split's images (an array, or file paths) and labels."""
+    stem = Path(prepared_dir) / split
+    if stem.with_suffix(".npz").is_file():
+        with np.load(stem.with_suffix(".npz")) as archive:
+            return archive["images"], archive["labels"]
+    if stem.with_suffix(".json").is_file():
+        manifest = read_json(stem.with_suffix(".json"))
+        return manifest["paths"], np.asarray(manifest["labels"], dtype=np.int64)
+    raise StageError(f"{stem}.npz: not found; run the prepare stage first (dvc repro prepare)")
+
+
+def split_dataset(prepared_dir: Path, split: str, transform: v2.Compose) -> Dataset:
+    """The prepared split as a dataset: in memory, or streamed from the image files."""
+    from pipeline.images import ImageFileDataset
+
+    images, labels = load_split(prepared_dir, split)
+    if isinstance(images, list):
+        return ImageFileDataset(images, labels, transform)
+    return ImageArrayDataset(images, labels, transform)
+
+
+def loader_workers(dataset: Dataset, num_workers: int) -> int:
+    """Worker processes for a dataset: decoding files needs them; arrays in memory do not."""
+    from pipeline.images import ImageFileDataset
+
+    return num_workers if isinstance(dataset, ImageFileDataset) else 0
 
 
 def load_classes(prepared_dir: Path) -> list[str]:

@@ -1,6 +1,6 @@
 """Stage 6, evaluate: the linear-probe and the fine-tuned model on the test split.
 
-Reads params ``device`` and ``extract.batch_size``; reads data/prepared/,
+Reads params ``device``, ``data.num_workers`` and ``extract.batch_size``; reads data/prepared/,
 data/features/test.pt, models/head.pt and models/finetuned.pt; writes metrics/test.json
 (accuracy and macro-F1 of both models; declared as dvc metrics), metrics/per_class.json
 (per-class precision, recall, F1, support and the confusion matrices) and
@@ -30,7 +30,7 @@ from pipeline.common import (
     write_json,
     write_text,
 )
-from pipeline.data import ImageArrayDataset, checkpoint_transform, load_split
+from pipeline.data import checkpoint_transform, loader_workers, split_dataset
 from pipeline.metrics import per_class_metrics, summary_metrics
 from pipeline.models import load_classifier, load_head
 from pipeline.params import load_params
@@ -45,10 +45,13 @@ def linear_probe_predictions(head_file: Path, features_file: Path) -> tuple[np.n
     return head(test["features"]).argmax(1).numpy(), test["labels"].numpy()
 
 
-def finetuned_predictions(batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def finetuned_predictions(
+    batch_size: int, num_workers: int, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
     model, checkpoint = load_classifier(FINETUNED_FILE)
-    test = ImageArrayDataset(*load_split(PREPARED_DIR, "test"), checkpoint_transform(checkpoint))
-    return predict(model, make_loader(test, batch_size, device), device)
+    test = split_dataset(PREPARED_DIR, "test", checkpoint_transform(checkpoint))
+    loader = make_loader(test, batch_size, device, num_workers=loader_workers(test, num_workers))
+    return predict(model, loader, device)
 
 
 def confusion_csv(actual: np.ndarray, predicted: np.ndarray, classes: list[str]) -> str:
@@ -66,7 +69,9 @@ def main() -> None:
     classes = load_torch(HEAD_FILE)["classes"]
     predictions = {
         "linear_probe": linear_probe_predictions(HEAD_FILE, FEATURES_DIR / "test.pt"),
-        "finetuned": finetuned_predictions(params["extract"]["batch_size"], device),
+        "finetuned": finetuned_predictions(
+            params["extract"]["batch_size"], params["data"]["num_workers"], device
+        ),
     }
     summary, details = {}, {"classes": classes}
     for name, (predicted, actual) in predictions.items():

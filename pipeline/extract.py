@@ -1,6 +1,7 @@
 """Stage 3, extract: one pass of the frozen backbone over every split, cached to disk.
 
-Reads params ``device`` and ``extract.batch_size``; reads data/prepared/ and
+Reads params ``device``, ``data.num_workers`` and ``extract.batch_size``; reads
+data/prepared/ (and the image files it lists, streamed by DataLoader workers) and
 models/backbone.pt; writes data/features/{train,val,test}.pt (pooled float32 features,
 labels, class names). Run: ``python -m pipeline.extract``.
 """
@@ -18,7 +19,7 @@ from pipeline.common import (
     resolve_device,
     run_stage,
 )
-from pipeline.data import SPLITS, ImageArrayDataset, checkpoint_transform, load_classes, load_split
+from pipeline.data import SPLITS, checkpoint_transform, load_classes, loader_workers, split_dataset
 from pipeline.models import load_backbone
 from pipeline.params import load_params
 from pipeline.training import extract_features, make_loader
@@ -34,10 +35,9 @@ def main() -> None:
     with atomic_path(FEATURES_DIR) as tmp:
         tmp.mkdir()
         for split in SPLITS:
-            images, labels = load_split(PREPARED_DIR, split)
-            loader = make_loader(
-                ImageArrayDataset(images, labels, transform), params["extract"]["batch_size"], device
-            )
+            dataset = split_dataset(PREPARED_DIR, split, transform)
+            workers = loader_workers(dataset, params["data"]["num_workers"])
+            loader = make_loader(dataset, params["extract"]["batch_size"], device, num_workers=workers)
             features, targets = extract_features(backbone, loader, device, desc=split)
             torch.save({"features": features, "labels": targets, "classes": classes}, tmp / f"{split}.pt")
             print(f"extract: {split}: {tuple(features.shape)} features")

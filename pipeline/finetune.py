@@ -1,8 +1,9 @@
 """Stage 5, finetune: unfreeze the backbone and train it with the linear-probe head.
 
 Starts from the trained head (linear probe, then fine-tune), not a fresh one. Reads params
-``seed``, ``lr`` (the head's learning rate; ``dvc exp run -S lr=1e-4``), ``device`` and
-``finetune.*``; reads data/prepared/, models/backbone.pt and models/head.pt; writes
+``seed``, ``lr`` (the head's learning rate; ``dvc exp run -S lr=1e-4``), ``device``,
+``class_weighted_loss``, ``data.num_workers`` and ``finetune.*``; reads data/prepared/ (and
+the image files it lists), models/backbone.pt and models/head.pt; writes
 models/finetuned.pt (best on val), metrics/finetune.json and reports/plots/finetune.csv.
 Run: ``python -m pipeline.finetune``.
 """
@@ -28,10 +29,17 @@ from pipeline.common import (
     seed_everything,
     write_json,
 )
-from pipeline.data import ImageArrayDataset, checkpoint_transform, load_split
+from pipeline.data import checkpoint_transform, loader_workers, split_dataset
 from pipeline.models import Classifier, load_backbone, load_head, unfreeze_last_blocks
 from pipeline.params import load_params
-from pipeline.training import epoch_record, make_loader, run_epoch, warmup_cosine, write_history
+from pipeline.training import (
+    balanced_class_weights,
+    epoch_record,
+    make_loader,
+    run_epoch,
+    warmup_cosine,
+    write_history,
+)
 
 
 def finetune(
@@ -41,6 +49,7 @@ def finetune(
     lr: float,
     config: dict[str, Any],
     device: torch.device,
+    class_weight: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
     """Train the unfrozen part of the model; returns the best-on-val weights and the history.
 
@@ -57,7 +66,8 @@ def finetune(
     optimizer = torch.optim.AdamW(groups, weight_decay=config["weight_decay"])
     steps = config["epochs"] * len(train_loader)
     scheduler = warmup_cosine(optimizer, config["warmup_epochs"] * len(train_loader), steps)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
+    weight = class_weight.to(device) if class_weight is not None else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config["label_smoothing"])
     best_key, best_state, history = None, None, []
     for epoch in range(1, config["epochs"] + 1):
         train_loss, train_acc = run_epoch(
@@ -79,13 +89,17 @@ def main() -> None:
     device = resolve_device(params["device"])
     backbone_checkpoint, head_checkpoint = load_torch(BACKBONE_FILE), load_torch(HEAD_FILE)
     model = Classifier(load_backbone(backbone_checkpoint), load_head(head_checkpoint))
-    train = ImageArrayDataset(
-        *load_split(PREPARED_DIR, "train"), checkpoint_transform(backbone_checkpoint, config["augment"])
+    train = split_dataset(PREPARED_DIR, "train", checkpoint_transform(backbone_checkpoint, config["augment"]))
+    val = split_dataset(PREPARED_DIR, "val", checkpoint_transform(backbone_checkpoint))
+    workers = loader_workers(train, params["data"]["num_workers"])
+    train_loader = make_loader(
+        train, config["batch_size"], device, shuffle=True, seed=seed, num_workers=workers
     )
-    val = ImageArrayDataset(*load_split(PREPARED_DIR, "val"), checkpoint_transform(backbone_checkpoint))
-    train_loader = make_loader(train, config["batch_size"], device, shuffle=True, seed=seed)
-    val_loader = make_loader(val, config["batch_size"], device)
-    best_state, history = finetune(model, train_loader, val_loader, lr, config, device)
+    val_loader = make_loader(val, config["batch_size"], device, num_workers=workers)
+    class_weight = None
+    if params["class_weighted_loss"]:
+        class_weight = balanced_class_weights(train.labels, len(head_checkpoint["classes"]))
+    best_state, history = finetune(model, train_loader, val_loader, lr, config, device, class_weight)
     best = max(history, key=lambda record: (record["val_accuracy"], -record["val_loss"]))
     head_config = {k: v for k, v in head_checkpoint.items() if k != "state_dict"}
     save_torch(

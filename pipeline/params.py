@@ -17,7 +17,8 @@ import yaml
 
 PARAMS_FILE = Path("params.yaml")
 
-DATASETS = ("digits",)
+DATASETS = ("digits", "imagefolder", "cifar10", "cifar100")
+RAW_DIR = Path("data/raw")
 HEAD_TYPES = ("linear", "mlp")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BUILTIN_WEIGHTS = ("pretrain", "none")
@@ -98,6 +99,12 @@ def non_negative_int(value: Any, key: str) -> int:
     return number
 
 
+def text(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ParamsError(f"{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
 def boolean(value: Any, key: str) -> bool:
     if not isinstance(value, bool):
         raise ParamsError(f"{key}: expected true or false, got {value!r}")
@@ -157,8 +164,12 @@ SCHEMA: dict[str, Any] = {
     "seed": non_negative_int,
     "lr": positive_float,
     "device": one_of(*DEVICES),
+    "class_weighted_loss": boolean,
     "data": {
         "dataset": one_of(*DATASETS),
+        "path": text,
+        "skip_bad_images": boolean,
+        "num_workers": non_negative_int,
         "val_fraction": fraction,
         "test_fraction": fraction,
         "max_train_per_class": non_negative_int,
@@ -221,6 +232,18 @@ def validate(raw: Any, schema: dict[str, Any] = SCHEMA, prefix: str = "") -> dic
 
 def cross_check(params: dict[str, Any]) -> None:
     data = params["data"]
+    if data["dataset"] != "digits":
+        path = Path(data["path"])
+        if RAW_DIR not in path.parents:
+            raise ParamsError(
+                f"data.path: {data['path']!r} must be a folder under {RAW_DIR}/ (the stages depend "
+                f"on {RAW_DIR}, so DVC reruns them when its images change)"
+            )
+        if data["dataset"] == "imagefolder" and not path.is_dir():
+            raise ParamsError(
+                f"data.path: {data['path']!r} is not a folder; put your class-per-folder images "
+                "there and track them with `dvc add`"
+            )
     if data["val_fraction"] + data["test_fraction"] >= 0.9:
         raise ParamsError(
             "data.val_fraction + data.test_fraction: must leave at least 10% of the images "

@@ -1,6 +1,7 @@
 """Stage 7, report: reports/report.md with figures, for reading on GitHub.
 
-Reads every params section (the report lists the params used), the metrics under metrics/,
+Reads every params section (the report lists the params used), data/prepared/skipped.json,
+the metrics under metrics/,
 the per-epoch logs under reports/plots/ and models/backbone.pt (for its hash); writes
 reports/report.md and reports/figures/*.png. Run: ``python -m pipeline.report``.
 """
@@ -24,6 +25,7 @@ from pipeline.common import (
     FIGURES_DIR,
     METRICS_DIR,
     PLOTS_DIR,
+    PREPARED_DIR,
     REPORT_FILE,
     atomic_path,
     read_json,
@@ -135,15 +137,23 @@ def render_report(params: dict[str, Any], backbone_hash: str) -> str:
         per_class_figure(details),
     )
     config = params["backbone"]
+    skipped = read_json(PREPARED_DIR / "skipped.json")
+    skipped_note = (
+        f"\n\n**{len(skipped)} unreadable image file(s) skipped** (`data.skip_bad_images: true`), "
+        f"listed in `{PREPARED_DIR}/skipped.json`."
+        if skipped
+        else ""
+    )
     pretrain = (
         f" Source-task accuracy after pretraining: {backbone['pretrain_accuracy']:.2%}."
         if "pretrain_accuracy" in backbone
         else ""
     )
+    notes = pretrain + skipped_note
     return f"""# Transfer-learning report
 
 Dataset **{params["data"]["dataset"]}**, backbone **{config["arch"]}** with weights
-**{config["weights"]}** ({backbone["parameters"]:,} parameters) at {config["image_size"]} px.{pretrain}
+**{config["weights"]}** ({backbone["parameters"]:,} parameters) at {config["image_size"]} px.{notes}
 
 ## Test results
 

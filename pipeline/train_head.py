@@ -1,6 +1,6 @@
 """Stage 4, train_head: the linear probe, trained on the cached features only.
 
-Reads params ``seed`` and ``head.*``; reads data/features/; writes models/head.pt,
+Reads params ``seed``, ``class_weighted_loss`` and ``head.*``; reads data/features/; writes models/head.pt,
 metrics/head.json (val metrics at the best epoch) and reports/plots/head.csv (per epoch).
 No backbone forward pass happens here, so head experiments take seconds.
 Run: ``python -m pipeline.train_head``.
@@ -52,6 +52,7 @@ def main() -> None:
         (val["features"], val["labels"]),
         len(train["classes"]),
         params["seed"],
+        params["class_weighted_loss"],
     )
     best = best_epoch(history)
     save_torch(HEAD_FILE, head_checkpoint(head, config, train["features"].shape[1], train["classes"]))

@@ -13,30 +13,29 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-from tqdm import tqdm
 
-from pipeline.common import StageError, write_text
+from pipeline.common import StageError, progress, write_text
 from pipeline.models import build_head
-
-
-def progress(iterable, desc: str):
-    """A progress bar on a terminal; silent in logs (``dvc repro`` output, CI)."""
-    return tqdm(iterable, desc=desc, unit="batch", leave=False, disable=None)
-
 
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, device: torch.device, shuffle: bool = False, seed: int = 0
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    shuffle: bool = False,
+    seed: int = 0,
+    num_workers: int = 0,
 ) -> DataLoader:
-    """A seeded DataLoader; pinned memory when the batches go to a GPU."""
+    """A seeded DataLoader (workers draw their seeds from it); pinned memory for a GPU."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         generator=generator,
+        num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
 
@@ -131,6 +130,12 @@ def run_epoch(
     return total_loss / seen, correct / seen
 
 
+def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Weights of 1 / (a class's share of the labels), scaled so they average 1 over samples."""
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    return len(labels) / (num_classes * counts.clamp(min=1))
+
+
 def fit_head(
     head: nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],
@@ -141,6 +146,7 @@ def fit_head(
     max_epochs: int,
     patience: int,
     seed: int,
+    class_weight: torch.Tensor | None = None,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """Train a head on cached features with AdamW; stop when val loss stops improving.
 
@@ -150,7 +156,7 @@ def fit_head(
     train_loader = make_loader(TensorDataset(*train), batch_size, device, shuffle=True, seed=seed)
     val_loader = make_loader(TensorDataset(*val), 4096, device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(weight=class_weight)
     best_loss, best_state, waited, history = math.inf, None, 0, []
     for epoch in range(1, max_epochs + 1):
         train_loss, train_acc = run_epoch(head, train_loader, loss_fn, device, optimizer)
@@ -174,6 +180,7 @@ def fit_configured_head(
     val: tuple[torch.Tensor, torch.Tensor],
     num_classes: int,
     seed: int,
+    class_weighted: bool = False,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """Build the head that params' ``head`` section describes and fit it to features."""
     head = build_head(
@@ -189,6 +196,7 @@ def fit_configured_head(
         max_epochs=config["max_epochs"],
         patience=config["patience"],
         seed=seed,
+        class_weight=balanced_class_weights(train[1], num_classes) if class_weighted else None,
     )
 
 

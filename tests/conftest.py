@@ -60,6 +60,7 @@ def make_pipeline_repo(path: Path, params: dict[str, Any]) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     shutil.copytree(ROOT / "pipeline", path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
+    shutil.copytree(ROOT / "data" / "raw", path / "data" / "raw")
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(path, "git", "init", "-q", "-b", "main")
     run(path, "dvc", "init", "-q")

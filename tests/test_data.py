@@ -72,3 +72,45 @@ def test_transform_makes_normalized_rgb_at_image_size(digits):
     assert label.item() == labels[0]
     augmented = image_transform(24, [0.5] * 3, [0.5] * 3, augment=True)(images[0])
     assert augmented.shape == (3, 24, 24)
+
+
+def fake_cifar10(root, per_batch: int = 6) -> None:
+    """CIFAR-10's python layout, with tiny random batches."""
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            "data": rng.integers(0, 255, (per_batch, 3072), dtype=np.uint8),
+            "labels": [i % 10 for i in range(per_batch)],
+        }
+        (folder / name).write_bytes(pickle.dumps(batch))
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+
+
+def test_cifar_uses_an_existing_copy(tmp_path, monkeypatch):
+    from pipeline.data import load_cifar
+
+    fake_cifar10(tmp_path)
+    # The fake batches have other checksums than the real files torchvision verifies.
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *args, **kwargs: True)
+    splits, classes = load_cifar("cifar10", tmp_path)
+    assert classes[0] == "airplane" and splits["train"][0].shape == (30, 32, 32, 3)
+    assert splits["test"][1].tolist() == list(range(6))
+
+
+def test_cifar_offline_without_a_copy_says_where_to_put_the_files(tmp_path, monkeypatch):
+    from pipeline.common import StageError
+    from pipeline.data import load_cifar
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", offline)
+    with pytest.raises(StageError) as error:
+        load_cifar("cifar100", tmp_path / "cifar100")
+    message = str(error.value)
+    assert "cifar-100-python.tar.gz" in message and str(tmp_path / "cifar100") in message

@@ -104,3 +104,18 @@ def test_unfreeze_takes_all_or_a_count():
     params = default_params()
     params["finetune"]["unfreeze"] = 2
     assert validate(params)["finetune"]["unfreeze"] == 2
+
+
+def test_image_data_must_live_under_data_raw(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = default_params()
+    params["data"].update(dataset="imagefolder", path="photos")
+    with pytest.raises(ParamsError, match=r"data.path: 'photos' must be a folder under data/raw/"):
+        load_params(write(tmp_path, params))
+    params["data"]["path"] = "data/raw/photos"
+    with pytest.raises(ParamsError, match=r"data.path: 'data/raw/photos' is not a folder"):
+        load_params(write(tmp_path, params))
+    (tmp_path / "data" / "raw" / "photos").mkdir(parents=True)
+    assert load_params(write(tmp_path, params))["data"]["dataset"] == "imagefolder"
+    params["data"].update(dataset="cifar10", path="data/raw/cifar10")  # torchvision may download it there
+    assert load_params(write(tmp_path, params))["data"]["path"] == "data/raw/cifar10"

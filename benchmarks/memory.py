@@ -1,0 +1,86 @@
+"""Benchmark: peak memory of prepare plus extract on an image folder, 1x vs 4x the images.
+
+prepare checks every file and extract runs the backbone over every split, both streaming
+the images through DataLoader workers, so memory should not grow with the dataset's size.
+Each stage runs in a fresh process; the figure is the peak resident memory of the largest
+of them (``ru_maxrss`` of the children). Run from the repository root:
+``python -m benchmarks.memory [--per-class 150] [--side 256]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_image_folder(root: Path, per_class: int, side: int, classes: int = 2) -> None:
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, (side, side, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+
+
+def peak_memory_mb(per_class: int, side: int) -> float:
+    """Peak resident memory (MiB) of prepare and extract over ``2 * per_class`` images."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        shutil.copytree(ROOT / "pipeline", work / "pipeline")
+        write_image_folder(work / "data" / "raw" / "images", per_class, side)
+        params = yaml.safe_load((ROOT / "params.yaml").read_text())
+        params["data"].update(dataset="imagefolder", path="data/raw/images", num_workers=2)
+        params["backbone"].update(weights="none", image_size=64)
+        (work / "params.yaml").write_text(yaml.safe_dump(params))
+        for stage in ("prepare", "backbone", "extract"):
+            subprocess.run(
+                [sys.executable, "-m", f"pipeline.{stage}"], cwd=work, check=True, capture_output=True
+            )
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def measure(per_class: int, side: int) -> tuple[float, float]:
+    """Peak memory at 1x and at 4x the images, each in a fresh measuring process."""
+    peaks = []
+    for count in (per_class, 4 * per_class):
+        command = [sys.executable, "-m", "benchmarks.memory", "--single", "--per-class", str(count)]
+        result = subprocess.run(
+            [*command, "--side", str(side)], cwd=ROOT, check=True, capture_output=True, text=True
+        )
+        peaks.append(float(result.stdout.strip().splitlines()[-1]))
+    return peaks[0], peaks[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-class", type=int, default=150)
+    parser.add_argument("--side", type=int, default=256)
+    parser.add_argument("--single", action="store_true", help="measure one size only and print MiB")
+    args = parser.parse_args()
+    if args.single:
+        print(peak_memory_mb(args.per_class, args.side))
+        return
+    one, four = measure(args.per_class, args.side)
+    images = 2 * args.per_class
+    print(f"{args.side}x{args.side} JPEG images, prepare + extract (resnet18 at 64 px, 2 workers)")
+    print("| images | peak memory (MiB) |")
+    print("|---:|---:|")
+    print(f"| {images} | {one:.0f} |")
+    print(f"| {4 * images} | {four:.0f} |")
+    print(f"| ratio | {four / one:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Image files: any mode or size Pillow opens, EXIF orientation, bad files, folder layouts;
+and a generated image folder through every stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline import backbone, baseline, evaluate, extract, finetune, prepare, report, train_head
+from pipeline.common import StageError
+from pipeline.images import read_rgb, scan_tree, unreadable_files
+from tests.conftest import tiny_params
+
+
+def odd_images(rng: np.random.Generator, size: tuple[int, int]) -> dict[str, Image.Image]:
+    """One image per troublesome mode, with content that depends on the class."""
+    rgb = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    paletted = rgb.convert("P")
+    paletted.info["transparency"] = 0
+    return {
+        "rgb.jpg": rgb,
+        "grey.png": rgb.convert("L"),
+        "grey_alpha.png": rgb.convert("LA"),
+        "paletted.png": paletted,
+        "rgba.png": rgb.convert("RGBA"),
+        "cmyk.jpg": rgb.convert("CMYK"),
+        "sixteen_bit.png": Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257),
+    }
+
+
+def make_tree(root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 4) -> Path:
+    rng = np.random.default_rng(0)
+    for name in classes:
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            size = (int(rng.integers(9, 90)), int(rng.integers(9, 90)))
+            for filename, image in odd_images(rng, size).items():
+                image.save(folder / f"{i}_{filename}")
+        (folder / "notes.txt").write_text("not an image")
+        (folder / ".DS_Store").write_bytes(b"\x00\x01")
+    return root
+
+
+def test_every_mode_reads_as_rgb_uint8(tmp_path):
+    for name, image in odd_images(np.random.default_rng(1), (31, 17)).items():
+        image.save(tmp_path / name)
+        array = read_rgb(tmp_path / name)
+        assert array.shape == (17, 31, 3) and array.dtype == np.uint8, name
+
+
+def test_sixteen_bit_grey_is_scaled_to_eight_bits(tmp_path):
+    Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)).save(tmp_path / "white.png")
+    assert read_rgb(tmp_path / "white.png").min() == 255
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (20, 10), (255, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    assert read_rgb(tmp_path / "rotated.jpg").shape == (20, 10, 3)
+
+
+def test_scan_ignores_non_images_and_reads_split_folders(tmp_path):
+    tree = scan_tree(make_tree(tmp_path / "flat"))
+    assert tree.classes == ["cat", "dog"] and set(tree.files) == {"all"}
+    assert len(tree.files["all"]) == 2 * 4 * 7
+    assert not any(path.suffix in (".txt", "") for path, _ in tree.files["all"])
+    make_tree(tmp_path / "split" / "train")
+    make_tree(tmp_path / "split" / "test", per_class=1)
+    assert set(scan_tree(tmp_path / "split").files) == {"train", "test"}
+
+
+def test_empty_class_folder_and_single_class_are_clear_errors(tmp_path):
+    root = make_tree(tmp_path / "images")
+    (root / "empty").mkdir()
+    with pytest.raises(StageError, match=r"class folder .*empty holds no image files"):
+        scan_tree(root)
+    one = make_tree(tmp_path / "one", classes=("cat",))
+    with pytest.raises(StageError, match="a classifier needs at least 2"):
+        scan_tree(one)
+
+
+def test_unreadable_files_are_all_listed_by_path(tmp_path):
+    root = make_tree(tmp_path / "images")
+    truncated = root / "cat" / "truncated.jpg"
+    truncated.write_bytes((root / "cat" / "0_rgb.jpg").read_bytes()[:200])
+    garbage = root / "dog" / "garbage.png"
+    garbage.write_bytes(b"not a png at all")
+    problems = unreadable_files([truncated, garbage, root / "cat" / "0_rgb.jpg"], num_workers=2)
+    assert [p.split(": ")[0] for p in problems] == [str(truncated), str(garbage)]
+
+
+def imagefolder_params(skip: bool) -> dict:
+    params = tiny_params()
+    params["data"].update(dataset="imagefolder", path="data/raw/images", skip_bad_images=skip, num_workers=2)
+    params["data"].update(val_fraction=0.25, test_fraction=0.25, max_train_per_class=0)
+    params["backbone"].update(weights="none", image_size=32)
+    params["head"].update(max_epochs=3)
+    params["finetune"].update(epochs=1, batch_size=8)
+    params["class_weighted_loss"] = True
+    return params
+
+
+def setup_run(tmp_path: Path, monkeypatch, skip: bool) -> Path:
+    root = make_tree(tmp_path / "data" / "raw" / "images", classes=("cat", "dog", "bird"))
+    (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(imagefolder_params(skip)))
+    monkeypatch.chdir(tmp_path)
+    return root
+
+
+def test_bad_images_fail_prepare_with_every_path_listed(tmp_path, monkeypatch):
+    setup_run(tmp_path, monkeypatch, skip=False)
+    with pytest.raises(StageError) as error:
+        prepare.main()
+    assert "1 unreadable image file(s)" in str(error.value)
+    assert "data/raw/images/dog/broken.jpg" in str(error.value)
+    assert "data.skip_bad_images: true" in str(error.value)
+    assert not (tmp_path / "data" / "prepared").exists()
+
+
+@pytest.mark.slow
+def test_generated_image_folder_goes_through_every_stage(tmp_path, monkeypatch):
+    setup_run(tmp_path, monkeypatch, skip=True)
+    for stage in (prepare, backbone, extract, train_head, finetune, baseline, evaluate, report):
+        stage.main()
+    assert json.loads(Path("data/prepared/skipped.json").read_text()) == ["data/raw/images/dog/broken.jpg"]
+    manifest = json.loads(Path("data/prepared/train.json").read_text())
+    assert all(path.startswith("data/raw/images/") for path in manifest["paths"])
+    test = json.loads(Path("metrics/test.json").read_text())
+    assert set(test) == {"linear_probe", "finetuned"}
+    text = Path("reports/report.md").read_text()
+    assert "1 unreadable image file(s) skipped" in text and "| bird |" in text
