@@ -128,3 +128,27 @@ def test_efficientnet_lite0_loads_its_real_imagenet_weights_offline():
     with torch.inference_mode():
         assert model(torch.rand(2, 3, 64, 64)).shape == (2, 1280)
     assert [type(b).__name__ for b in feature_blocks(model)][-1] == "MBConvBlock"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("arch", "size"),
+    [
+        ("resnext50_32x4d", 64),
+        ("wide_resnet50_2", 64),
+        ("mobilenet_v2", 64),
+        ("efficientnet_v2_s", 64),
+        ("regnet_y_400mf", 64),
+        ("densenet121", 64),
+        ("swin_t", 64),
+        ("maxvit_t", 224),
+    ],
+)
+def test_every_family_gives_pooled_features_and_blocks(arch, size):
+    backbone, dim = build_backbone(arch, image_size=size)
+    assert len(feature_blocks(backbone)) >= 3
+    with torch.inference_mode():
+        assert backbone.eval()(torch.zeros(1, 3, size, size)).shape == (1, dim)
+    unfreeze_last_blocks(backbone, 1)
+    assert any(p.requires_grad for p in backbone.parameters())
+    assert not all(p.requires_grad for p in backbone.parameters())

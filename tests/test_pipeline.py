@@ -145,3 +145,27 @@ def test_bad_params_fail_before_any_work_and_keep_the_last_good_run(tiny_repo, s
     assert message in result.stderr + result.stdout
     assert "Traceback" not in result.stderr + result.stdout
     assert snapshot(tiny_repo) == before
+
+
+def test_own_image_folder_tracked_with_dvc_add_runs_and_reruns_when_images_change(tiny_repo):
+    from tests.test_images import make_tree
+
+    make_tree(tiny_repo / "data" / "raw" / "images", classes=("cat", "dog"), per_class=3)
+    run(tiny_repo, "dvc", "add", "data/raw/images")
+    run(tiny_repo, "git", "add", "-A")
+    run(tiny_repo, "git", "commit", "-q", "-m", "images")
+    changes = [
+        "data.dataset=imagefolder",
+        "data.path=data/raw/images",
+        "data.val_fraction=0.25",
+        "data.test_fraction=0.25",
+        "backbone.weights=none",
+    ]
+    result = run(tiny_repo, "dvc", "exp", "run", *[arg for change in changes for arg in ("-S", change)])
+    assert ran_stages(result.stdout)[0] == "prepare"
+    assert json.loads((tiny_repo / "data/prepared/classes.json").read_text()) == ["cat", "dog"]
+    assert run(tiny_repo, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
+
+    (tiny_repo / "data/raw/images/cat/0_grey.png").unlink()
+    status = run(tiny_repo, "dvc", "status", "--json").stdout
+    assert "prepare" in json.loads(status)

@@ -72,3 +72,27 @@ def test_history_is_a_csv_dvc_plots_reads(tmp_path):
     write_history(tmp_path / "h.csv", history)
     with open(tmp_path / "h.csv") as file:
         assert next(csv.DictReader(file))["val_accuracy"] == "0.4"
+
+
+def test_balanced_class_weights_favour_rare_classes():
+    from pipeline.training import balanced_class_weights
+
+    weights = balanced_class_weights(torch.tensor([0, 0, 0, 1]), num_classes=3)
+    assert weights.tolist() == pytest.approx([4 / 9, 4 / 3, 4 / 3])  # an absent class counts as one
+    torch.manual_seed(0)
+    features, labels = separable(300, 0)
+    keep = (labels != 2) | (torch.arange(300) % 10 == 0)  # class 2 becomes rare
+    train = (features[keep], labels[keep])
+    head, _ = fit_head(
+        nn.Linear(8, 3),
+        train,
+        separable(60, 1),
+        0.05,
+        0.0,
+        32,
+        30,
+        30,
+        seed=0,
+        class_weight=balanced_class_weights(train[1], 3),
+    )
+    assert head(separable(200, 2)[0]).argmax(1).eq(2).any()
