@@ -38,9 +38,9 @@ from pipeline.training import make_loader, predict
 
 
 @torch.inference_mode()
-def linear_probe_predictions(head_file: Path, features_file: Path) -> tuple[np.ndarray, np.ndarray]:
+def linear_probe_predictions(head_checkpoint: dict, features_file: Path) -> tuple[np.ndarray, np.ndarray]:
     """The probe's predictions on the cached test features (the frozen backbone's output)."""
-    head = load_head(load_torch(head_file)).eval()
+    head = load_head(head_checkpoint).eval()
     test = load_torch(features_file)
     return head(test["features"]).argmax(1).numpy(), test["labels"].numpy()
 
@@ -66,9 +66,10 @@ def confusion_csv(actual: np.ndarray, predicted: np.ndarray, classes: list[str])
 def main() -> None:
     params = load_params()
     device = resolve_device(params["device"])
-    classes = load_torch(HEAD_FILE)["classes"]
+    head_checkpoint = load_torch(HEAD_FILE)
+    classes = head_checkpoint["classes"]
     predictions = {
-        "linear_probe": linear_probe_predictions(HEAD_FILE, FEATURES_DIR / "test.pt"),
+        "linear_probe": linear_probe_predictions(head_checkpoint, FEATURES_DIR / "test.pt"),
         "finetuned": finetuned_predictions(
             params["extract"]["batch_size"], params["data"]["num_workers"], device
         ),

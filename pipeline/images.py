@@ -94,18 +94,18 @@ class _CheckFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> str:
+    def __getitem__(self, index: int) -> tuple[str, str]:
         try:
             read_rgb(self.paths[index])
         except Exception as error:  # any decoding failure makes the file unusable
-            return f"{self.paths[index]}: {type(error).__name__}: {error}"
-        return ""
+            return str(self.paths[index]), f"{type(error).__name__}: {error}"
+        return str(self.paths[index]), ""
 
 
-def unreadable_files(paths: list[Path], num_workers: int) -> list[str]:
-    """Decode every file fully, in worker processes, keeping nothing but the failures."""
+def unreadable_files(paths: list[Path], num_workers: int) -> dict[str, str]:
+    """Decode every file fully, in worker processes; the failures' paths and reasons, in order."""
     loader = DataLoader(_CheckFiles(paths), batch_size=64, num_workers=num_workers, collate_fn=list)
-    return [problem for batch in progress(loader, "check images") for problem in batch if problem]
+    return {path: reason for batch in progress(loader, "check images") for path, reason in batch if reason}
 
 
 class ImageFileDataset(Dataset):

@@ -129,14 +129,15 @@ def load_backbone(checkpoint: dict[str, Any]) -> nn.Module:
     return model
 
 
-def load_head(checkpoint: dict[str, Any]) -> nn.Module:
-    head = build_head(
-        checkpoint["type"],
-        checkpoint["in_features"],
-        len(checkpoint["classes"]),
-        checkpoint["hidden_units"],
-        checkpoint["dropout"],
+def head_from_config(config: dict[str, Any], num_classes: int) -> nn.Module:
+    """An untrained head of the shape a head checkpoint records."""
+    return build_head(
+        config["type"], config["in_features"], num_classes, config["hidden_units"], config["dropout"]
     )
+
+
+def load_head(checkpoint: dict[str, Any]) -> nn.Module:
+    head = head_from_config(checkpoint, len(checkpoint["classes"]))
     head.load_state_dict(checkpoint["state_dict"])
     return head
 
@@ -145,14 +146,7 @@ def load_classifier(path: str) -> tuple[Classifier, dict[str, Any]]:
     """The fine-tuned classifier saved at ``path`` and its checkpoint's metadata."""
     checkpoint = load_torch(path)
     backbone, _ = build_backbone(checkpoint["arch"], image_size=checkpoint["image_size"])
-    head = build_head(
-        checkpoint["head"]["type"],
-        checkpoint["head"]["in_features"],
-        len(checkpoint["classes"]),
-        checkpoint["head"]["hidden_units"],
-        checkpoint["head"]["dropout"],
-    )
-    model = Classifier(backbone, head)
+    model = Classifier(backbone, head_from_config(checkpoint["head"], len(checkpoint["classes"])))
     model.load_state_dict(checkpoint["state_dict"])
     return model, checkpoint
 

@@ -60,9 +60,10 @@ def imagefolder_splits(data: dict[str, Any], seed: int) -> tuple[dict, list[str]
     if problems and not data["skip_bad_images"]:
         raise StageError(
             f"data.path: {len(problems)} unreadable image file(s); fix or remove them, or set "
-            "data.skip_bad_images: true to skip them:\n  " + "\n  ".join(problems)
+            "data.skip_bad_images: true to skip them:\n  "
+            + "\n  ".join(f"{path}: {reason}" for path, reason in problems.items())
         )
-    bad = {problem.split(": ", 1)[0] for problem in problems}
+    bad = set(problems)
     files = {
         split: (
             [str(p) for p, _ in pairs if str(p) not in bad],
