@@ -35,7 +35,7 @@ from pipeline.models import (
     load_checkpoint_backbone,
 )
 from pipeline.params import load_params
-from pipeline.training import make_loader, run_epoch, warmup_cosine
+from pipeline.training import evaluate_epoch, grad_scaler, make_loader, train_epoch, warmup_cosine
 
 
 def pretrain_on_glyphs(
@@ -65,13 +65,12 @@ def pretrain_on_glyphs(
     steps = epochs * len(train_loader)
     scheduler = warmup_cosine(optimizer, warmup_steps=max(1, steps // 10), total_steps=steps)
     loss_fn = nn.CrossEntropyLoss()
+    scaler = grad_scaler(device, amp=True)
     for epoch in range(1, epochs + 1):
-        train_loss, train_acc = run_epoch(
-            model, train_loader, loss_fn, device, optimizer, scheduler, amp=True
-        )
-        print(f"pretrain epoch {epoch}/{epochs}: loss {train_loss:.3f}, accuracy {train_acc:.3f}")
-    _, val_acc = run_epoch(model, val_loader, loss_fn, device, amp=True)
-    return model.backbone.cpu(), features, val_acc
+        train = train_epoch(model, train_loader, loss_fn, device, optimizer, scaler, scheduler, amp=True)
+        print(f"pretrain epoch {epoch}/{epochs}: loss {train['loss']:.3f}, accuracy {train['accuracy']:.3f}")
+    val = evaluate_epoch(model, val_loader, loss_fn, device, amp=True)
+    return model.backbone.cpu(), features, val["accuracy"]
 
 
 def materialize(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:

@@ -1,4 +1,8 @@
-"""What every stage shares: atomic writes, seeding, device choice and the stage entry point."""
+"""What every stage shares: paths, atomic writes, seeding, device choice and the stage entry point.
+
+torch is imported inside the functions that use it, so a stage that needs none (report)
+starts in a second rather than the several that importing torch takes.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,15 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from pipeline.params import ParamsError
+from pipeline.errors import ParamsError, StageError
+
+if TYPE_CHECKING:
+    import torch
 
 # Every path the stages read or write, named once; dvc.yaml declares the same paths.
 PREPARED_DIR = Path("data/prepared")
@@ -27,12 +33,28 @@ HEAD_FILE = Path("models/head.pt")
 FINETUNED_FILE = Path("models/finetuned.pt")
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("reports/plots")
+LIVE_DIR = Path("reports/live")  # dvclive's per-epoch logs, one folder per training stage
 FIGURES_DIR = Path("reports/figures")
 REPORT_FILE = Path("reports/report.md")
 
 
-class StageError(RuntimeError):
-    """A stage cannot go on; the message says why and what to do."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Delete what a killed run (kill -9, out of memory) left beside ``target``: temporaries
+    of processes that no longer exist. A live process's temporaries are left alone."""
+    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
+        pid = leftover.name.removeprefix(f".{target.name}.tmp-").split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -40,11 +62,13 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; move it into place only if the block succeeds.
 
     Works for files and directories: a reader never sees a half-written output, and a failed
-    run leaves the previous output as it was.
+    run leaves the previous output as it was. The temporary's name carries this process's id,
+    so the next write removes what a killed run left.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    remove_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     staged = tmp / target.name
     try:
         yield staged
@@ -69,12 +93,16 @@ def write_text(path: Path | str, text: str) -> None:
 
 
 def save_torch(path: Path | str, obj: Any) -> None:
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
 def load_torch(path: Path | str) -> Any:
     """Load a file this pipeline wrote (tensors, plain containers) without unpickling code."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise StageError(f"{path}: not found; run the stage that writes it first (dvc repro)")
@@ -90,6 +118,8 @@ def read_json(path: Path | str) -> Any:
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch, and ask torch for deterministic kernels."""
+    import torch
+
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     random.seed(seed)
     np.random.seed(seed)
@@ -100,6 +130,8 @@ def seed_everything(seed: int) -> None:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA, then Apple's MPS, then the CPU."""
+    import torch
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -111,6 +143,18 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ParamsError("device: 'mps' asked for, but torch sees no Apple GPU; use 'auto' or 'cpu'")
     return torch.device(name)
+
+
+def read_epoch_log(directory: Path, stage: str) -> dict[str, np.ndarray]:
+    """A stage's dvclive log (training.EpochLog) as arrays by metric name, plus ``epoch``."""
+    folder = Path(directory) / "plots" / "metrics" / stage
+    files = sorted(folder.glob("*.tsv"))
+    tables = {path.stem: np.loadtxt(path, delimiter="\t", skiprows=1, ndmin=2) for path in files}
+    if not tables:
+        raise StageError(f"{folder}: no per-epoch log; run the {stage} stage first (dvc repro)")
+    history = {name: table[:, -1] for name, table in tables.items()}
+    history["epoch"] = next(iter(tables.values()))[:, 0]
+    return history
 
 
 def progress(iterable, desc: str):

@@ -1,34 +1,47 @@
 """Compare this workspace's run with another git revision, as markdown for a pull request.
 
 Not a stage: run it after ``dvc repro``, locally or in CI. It writes reports/compare.md
-(params changed, test-metric deltas of the linear probe and the fine-tuned model, the
-classes whose F1 moved most) and reports/compare/*.png (confusion matrices and training
-curves of both sides). Metrics and figures are kept in git (``cache: false``), so the base
-side needs only the git history, no DVC remote.
-Run: ``python -m pipeline.compare --base main``.
+(params changed, test-metric deltas of the fine-tuned model, the linear probe and the
+random-init probe, the classes whose F1 moved most, and, given ``dvc repro``'s output, the
+stages that reran) and reports/compare/*.png (confusion matrices and training curves of
+both sides). Metrics and figures are kept in git (``cache: false``); the per-class scores
+of the base side come from the DVC cache.
+
+A fair diff compares two runs made on one machine: .ci/model-diff reproduces the base
+branch beside this one and passes its commit here. Run: ``python -m pipeline.compare --base main``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import FIGURES_DIR, METRICS_DIR, StageError, atomic_path, read_json, write_text
+from pipeline.common import FIGURES_DIR, METRICS_DIR, atomic_path, read_json, write_text
+from pipeline.errors import StageError
 
 COMPARE_FILE = Path("reports/compare.md")
 COMPARE_DIR = Path("reports/compare")
 MARKER = "<!-- dvc-transfer-learning: model diff -->"
 KEY_METRICS = {
-    "finetuned.accuracy": "fine-tuned accuracy",
-    "finetuned.macro_f1": "fine-tuned macro-F1",
-    "linear_probe.accuracy": "linear-probe accuracy",
-    "linear_probe.macro_f1": "linear-probe macro-F1",
+    (METRICS_DIR / "test.json").as_posix(): {
+        "finetuned.accuracy": "fine-tuned accuracy",
+        "finetuned.macro_f1": "fine-tuned macro-F1",
+        "linear_probe.accuracy": "linear-probe accuracy",
+        "linear_probe.macro_f1": "linear-probe macro-F1",
+    },
+    (METRICS_DIR / "baseline.json").as_posix(): {
+        "random_init_probe.accuracy": "random-init probe accuracy",
+        "random_init_probe.macro_f1": "random-init probe macro-F1",
+    },
 }
+RAN = re.compile(r"^Running stage '([^']+)'", re.MULTILINE)
+RESTORED = re.compile(r"^Stage '([^']+)' is cached - skipping run", re.MULTILINE)
 FIGURES = {"confusion_matrices.png": "Confusion matrices (test)", "training_curves.png": "Training curves"}
 
 
@@ -84,14 +97,36 @@ def params_section(changes: dict[str, Any], base: str) -> str:
 
 def metrics_rows(diff: dict[str, Any]) -> list[tuple[str, float | None, float | None, float | None]]:
     """(label, old, new, delta) of the key test metrics."""
-    test = diff.get((METRICS_DIR / "test.json").as_posix(), {})
     rows = []
-    for key, label in KEY_METRICS.items():
-        entry = test.get(key, {})
-        old, new = entry.get("old"), entry.get("new")
-        delta = new - old if old is not None and new is not None else None
-        rows.append((label, old, new, delta))
+    for file, metrics in KEY_METRICS.items():
+        for key, label in metrics.items():
+            entry = diff.get(file, {}).get(key, {})
+            old, new = entry.get("old"), entry.get("new")
+            delta = new - old if old is not None and new is not None else None
+            rows.append((label, old, new, delta))
     return rows
+
+
+def stages_section(log: str | None) -> str:
+    """Which stages ``dvc repro`` ran and which it restored from the run-cache."""
+    if log is None:
+        return "No `dvc repro` output given (`--repro-log`)."
+    ran, restored = RAN.findall(log), RESTORED.findall(log)
+    lines = [f"Reran: {', '.join(f'`{name}`' for name in ran) or 'none'}."]
+    if restored:
+        lines.append(f"Restored from the run-cache: {', '.join(f'`{name}`' for name in restored)}.")
+    lines.append("Every other stage matched the base run and was reused as it was.")
+    return " ".join(lines)
+
+
+def base_per_class(rev: str) -> dict | None:
+    """The base side's per-class scores, from the DVC cache (None where it lacks them)."""
+    import dvc.api
+
+    try:
+        return json.loads(dvc.api.read((METRICS_DIR / "per_class.json").as_posix(), rev=rev, repo="."))
+    except Exception:  # absent at that revision, or its data not in this cache
+        return None
 
 
 def metrics_section(rows: list, base: str) -> str:
@@ -121,12 +156,12 @@ def f1_movers(old: dict | None, new: dict, model: str, top: int = 5) -> str:
     return "\n".join(lines)
 
 
-def figures_section(base: str, out_dir: Path) -> str:
+def figures_section(rev: str, base: str, out_dir: Path) -> str:
     """Copy both sides' figures next to the markdown; return their side-by-side tables."""
     sections = []
     for name, title in FIGURES.items():
         cells = []
-        for side, content in (("base", git_show(base, FIGURES_DIR / name)), ("head", None)):
+        for side, content in (("base", git_show(rev, FIGURES_DIR / name)), ("head", None)):
             path = out_dir / f"{side}_{name}"
             if side == "head" and (FIGURES_DIR / name).is_file():
                 shutil.copyfile(FIGURES_DIR / name, path)
@@ -137,12 +172,13 @@ def figures_section(base: str, out_dir: Path) -> str:
     return "\n\n".join(sections)
 
 
-def render(base: str, out_dir: Path) -> str:
-    params = dvc_json("params", "diff", base)
-    rows = metrics_rows(dvc_json("metrics", "diff", base, "--all"))
-    old_details = git_show(base, METRICS_DIR / "per_class.json")
+def render(rev: str, out_dir: Path, base: str | None = None, repro_log: str | None = None) -> str:
+    """The markdown diff of the workspace against the commit ``rev``, called ``base`` in it."""
+    base = base or rev
+    params = dvc_json("params", "diff", rev)
+    rows = metrics_rows(dvc_json("metrics", "diff", rev, "--all"))
+    old_details = base_per_class(rev)
     new_details = read_json(METRICS_DIR / "per_class.json")
-    old_details = json.loads(old_details) if old_details else None
     unchanged = not any(file for file in params.values()) and all(delta == 0 for *_, delta in rows)
     headline = (
         f"**No change**: the params and the test metrics are the same as on `{base}`."
@@ -153,6 +189,10 @@ def render(base: str, out_dir: Path) -> str:
 ## Model diff
 
 {headline}
+
+### Stages
+
+{stages_section(repro_log)}
 
 ### Params
 
@@ -172,7 +212,7 @@ Linear probe:
 
 {f1_movers(old_details, new_details, "linear_probe")}
 
-{figures_section(base, out_dir)}
+{figures_section(rev, base, out_dir)}
 """
 
 
@@ -181,11 +221,20 @@ def main(argv: list[str] | None = None) -> None:
         description="Markdown diff of params, metrics and figures against a git revision."
     )
     parser.add_argument("--base", default="main", help="git revision to compare with (default: main)")
+    parser.add_argument(
+        "--base-name",
+        help="what to call the base in the markdown (default: --base), e.g. the branch "
+        "whose reproduced run --base is",
+    )
+    parser.add_argument(
+        "--repro-log", type=Path, help="the output of this side's `dvc repro`, to list the stages that reran"
+    )
     args = parser.parse_args(argv)
     check_revision(args.base)
+    log = args.repro_log.read_text() if args.repro_log else None
     with atomic_path(COMPARE_DIR) as tmp:
         tmp.mkdir()
-        markdown = render(args.base, tmp)
+        markdown = render(args.base, tmp, args.base_name, log)
     write_text(COMPARE_FILE, markdown)
     print(f"compare: {COMPARE_FILE} (against {args.base})")
 

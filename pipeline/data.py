@@ -10,7 +10,8 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from pipeline.common import StageError, atomic_path, read_json, write_json
+from pipeline.common import atomic_path, read_json, write_json
+from pipeline.errors import StageError
 
 SPLITS = ("train", "val", "test")
 

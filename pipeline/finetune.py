@@ -4,7 +4,9 @@ Starts from the trained head (linear probe, then fine-tune), not a fresh one. Re
 ``seed``, ``lr`` (the head's learning rate; ``dvc exp run -S lr=1e-4``), ``device``,
 ``class_weighted_loss``, ``data.num_workers`` and ``finetune.*``; reads data/prepared/ (and
 the image files it lists), models/backbone.pt and models/head.pt; writes
-models/finetuned.pt (best on val), metrics/finetune.json and reports/plots/finetune.csv.
+models/finetuned.pt (best on val) and, through dvclive, reports/live/finetune/ (per-epoch
+losses, accuracies and the learning rates the schedule used; metrics.json with the latest
+and the best epoch, live while the stage runs).
 Run: ``python -m pipeline.finetune``.
 """
 
@@ -19,26 +21,28 @@ from pipeline.common import (
     BACKBONE_FILE,
     FINETUNED_FILE,
     HEAD_FILE,
-    METRICS_DIR,
-    PLOTS_DIR,
+    LIVE_DIR,
     PREPARED_DIR,
     load_torch,
     resolve_device,
     run_stage,
     save_torch,
     seed_everything,
-    write_json,
 )
 from pipeline.data import checkpoint_transform, loader_workers, split_dataset
 from pipeline.models import Classifier, load_backbone, load_head, unfreeze_last_blocks
 from pipeline.params import load_params
 from pipeline.training import (
+    EpochCallback,
+    EpochLog,
     balanced_class_weights,
+    best_val_accuracy,
     epoch_record,
+    evaluate_epoch,
+    grad_scaler,
     make_loader,
-    run_epoch,
+    train_epoch,
     warmup_cosine,
-    write_history,
 )
 
 
@@ -50,11 +54,13 @@ def finetune(
     config: dict[str, Any],
     device: torch.device,
     class_weight: torch.Tensor | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
     """Train the unfrozen part of the model; returns the best-on-val weights and the history.
 
     The head learns at ``lr`` and the backbone at ``lr * backbone_lr_ratio``, with linear
-    warmup then cosine decay per batch. Best means highest val accuracy, then lowest val loss.
+    warmup then cosine decay per batch; the history records the rates the schedule gave
+    each epoch's last step. Best means highest val accuracy, then lowest val loss.
     """
     frozen = unfreeze_last_blocks(model.backbone, config["unfreeze"])
     model.to(device, memory_format=torch.channels_last)
@@ -68,16 +74,19 @@ def finetune(
     scheduler = warmup_cosine(optimizer, config["warmup_epochs"] * len(train_loader), steps)
     weight = class_weight.to(device) if class_weight is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config["label_smoothing"])
-    best_key, best_state, history = None, None, []
+    scaler = grad_scaler(device, config["amp"])
+    best_state, history = None, []
     for epoch in range(1, config["epochs"] + 1):
-        train_loss, train_acc = run_epoch(
-            model, train_loader, loss_fn, device, optimizer, scheduler, config["amp"], frozen
+        train = train_epoch(
+            model, train_loader, loss_fn, device, optimizer, scaler, scheduler, config["amp"], frozen
         )
-        val_loss, val_acc = run_epoch(model, val_loader, loss_fn, device, amp=config["amp"])
-        history.append(epoch_record(epoch, train_loss, train_acc, val_loss, val_acc, lr))
-        print(f"finetune epoch {epoch}: train loss {train_loss:.4f}, val accuracy {val_acc:.4f}")
-        if best_key is None or (val_acc, -val_loss) > best_key:
-            best_key = (val_acc, -val_loss)
+        val = evaluate_epoch(model, val_loader, loss_fn, device, amp=config["amp"])
+        rates = dict(zip(("lr_backbone", "lr_head"), train["lr"], strict=True))
+        history.append(epoch_record(epoch, train, val, rates))
+        if on_epoch is not None:
+            on_epoch(history[-1])
+        print(f"finetune epoch {epoch}: train loss {train['loss']:.4f}, val accuracy {val['accuracy']:.4f}")
+        if best_val_accuracy(history) is history[-1]:
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return best_state, history
 
@@ -99,8 +108,9 @@ def main() -> None:
     class_weight = None
     if params["class_weighted_loss"]:
         class_weight = balanced_class_weights(train.labels, len(head_checkpoint["classes"]))
-    best_state, history = finetune(model, train_loader, val_loader, lr, config, device, class_weight)
-    best = max(history, key=lambda record: (record["val_accuracy"], -record["val_loss"]))
+    log = EpochLog(LIVE_DIR / "finetune", "finetune")
+    best_state, history = finetune(model, train_loader, val_loader, lr, config, device, class_weight, log)
+    best = best_val_accuracy(history)
     head_config = {k: v for k, v in head_checkpoint.items() if k != "state_dict"}
     save_torch(
         FINETUNED_FILE,
@@ -115,11 +125,7 @@ def main() -> None:
             "state_dict": best_state,
         },
     )
-    write_history(PLOTS_DIR / "finetune.csv", history)
-    write_json(
-        METRICS_DIR / "finetune.json",
-        {"val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"], "best_epoch": best["epoch"]},
-    )
+    log.close(best)
     print(f"finetune: best val accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}")
 
 

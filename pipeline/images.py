@@ -12,7 +12,8 @@ from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from pipeline.common import StageError, progress
+from pipeline.common import progress
+from pipeline.errors import StageError
 
 IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
 SPLIT_FOLDERS = ("train", "val", "test")

@@ -10,7 +10,8 @@ from torch import nn
 from torchvision import models as tv_models
 from torchvision.models.vision_transformer import interpolate_embeddings
 
-from pipeline.common import StageError, load_torch
+from pipeline.common import load_torch
+from pipeline.errors import StageError
 
 # Preprocessing for backbones without torchvision weights (pretrain, none): images in [0, 1].
 PLAIN_MEAN = [0.5, 0.5, 0.5]
@@ -78,24 +79,24 @@ def build_backbone(arch: str, weights: Any = None, image_size: int | None = None
     return model, strip_classifier(model)
 
 
+def weights_names(arch: str) -> list[str]:
+    """The weights names ``backbone.weights`` accepts for ``arch``: DEFAULT and the enum's members."""
+    if arch in EXTRA_ARCHS:
+        return [EXTRA_WEIGHTS, "DEFAULT"]
+    return ["DEFAULT", *tv_models.get_model_weights(arch).__members__]
+
+
 def torchvision_weights(arch: str, name: str) -> Any:
     """The weights enum member ``name`` of ``arch``; names the valid ones when it is wrong."""
-    if arch in EXTRA_ARCHS:
-        if name not in (EXTRA_WEIGHTS, "DEFAULT"):
-            raise StageError(
-                f"backbone.weights: {name!r} is not a weights name of {arch}; choose "
-                f"{EXTRA_WEIGHTS} (shipped in the lite extra), 'pretrain', 'none' or a checkpoint path"
-            )
-        return EXTRA_WEIGHTS
-    enum = tv_models.get_model_weights(arch)
-    try:
-        return enum[name]
-    except KeyError:
-        valid = ", ".join(["DEFAULT", *enum.__members__])
+    valid = weights_names(arch)
+    if name not in valid:
         raise StageError(
-            f"backbone.weights: {name!r} is not a torchvision weights name of {arch}; "
-            f"choose one of: {valid}, or 'pretrain', 'none', or a checkpoint path"
-        ) from None
+            f"backbone.weights: {name!r} is not a weights name of {arch}; choose one of: "
+            f"{', '.join(valid)}, or 'pretrain', 'none', or a checkpoint path"
+        )
+    if arch in EXTRA_ARCHS:
+        return EXTRA_WEIGHTS
+    return tv_models.get_model_weights(arch)[name]
 
 
 def build_head(kind: str, in_features: int, num_classes: int, hidden_units: int, dropout: float) -> nn.Module:

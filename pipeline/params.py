@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.errors import ParamsError
+
 PARAMS_FILE = Path("params.yaml")
 
 DATASETS = ("digits", "imagefolder", "cifar10", "cifar100")
@@ -26,10 +28,6 @@ BUILTIN_WEIGHTS = ("pretrain", "none")
 
 # Numbers as YAML or DVC may write them, quoted or not: 0.001, 1e-05, 3.0E+2.
 NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
-
-
-class ParamsError(ValueError):
-    """params.yaml holds a key or value the pipeline cannot use."""
 
 
 def _number(value: Any, key: str) -> float:
@@ -175,7 +173,7 @@ SCHEMA: dict[str, Any] = {
         "max_train_per_class": non_negative_int,
     },
     "backbone": {
-        "arch": architecture,
+        "arch": text,  # checked against torchvision's registry in check_backbone_model
         "weights": weights_source,
         "image_size": positive_int,
         "pretrain_images": positive_int,
@@ -230,7 +228,31 @@ def validate(raw: Any, schema: dict[str, Any] = SCHEMA, prefix: str = "") -> dic
     return checked
 
 
+def check_weights_name(backbone: dict[str, Any]) -> None:
+    """A torchvision weights name must be one of ``backbone.arch``'s, so a typo fails before
+    prepare runs rather than after (the name alone looks valid)."""
+    from pipeline.models import weights_names
+
+    weights = backbone["weights"]
+    if weights in BUILTIN_WEIGHTS or Path(weights).is_file():
+        return
+    valid = weights_names(backbone["arch"])
+    if weights not in valid:
+        raise ParamsError(
+            f"backbone.weights: {weights!r} is not a weights name of {backbone['arch']}; "
+            f"choose one of: {', '.join(valid)}, or 'pretrain', 'none', or a checkpoint path"
+        )
+
+
+def check_backbone_model(backbone: dict[str, Any]) -> None:
+    """``backbone.arch`` is a model torchvision (or the lite extra) builds, and a weights name
+    is one of its own. This imports torchvision, the slow part of loading params."""
+    architecture(backbone["arch"], "backbone.arch")
+    check_weights_name(backbone)
+
+
 def cross_check(params: dict[str, Any]) -> None:
+    """Checks that need more than one key."""
     data = params["data"]
     if data["dataset"] != "digits":
         path = Path(data["path"])
@@ -251,8 +273,12 @@ def cross_check(params: dict[str, Any]) -> None:
         )
 
 
-def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
-    """Read params.yaml, validate every key and return plain, typed values."""
+def load_params(path: Path | str = PARAMS_FILE, check_models: bool = True) -> dict[str, Any]:
+    """Read params.yaml, validate every key and return plain, typed values.
+
+    ``check_models=False`` skips the checks that need torchvision's model registry, for a
+    stage that builds no model (report): every stage that does build one checks them.
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -262,6 +288,8 @@ def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
     try:
         params = validate(raw)
+        if check_models:
+            check_backbone_model(params["backbone"])
         cross_check(params)
     except ParamsError as error:
         raise ParamsError(f"{path}: {error}") from None

@@ -1,14 +1,13 @@
 """Stage 7, report: reports/report.md with figures, for reading on GitHub.
 
 Reads every params section (the report lists the params used), data/prepared/skipped.json,
-the metrics under metrics/,
-the per-epoch logs under reports/plots/ and models/backbone.pt (for its hash); writes
-reports/report.md and reports/figures/*.png. Run: ``python -m pipeline.report``.
+the metrics under metrics/, the per-epoch dvclive logs under reports/live/ and
+models/backbone.pt (for its hash); writes reports/report.md and reports/figures/*.png.
+Run: ``python -m pipeline.report``.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,12 @@ import yaml
 from pipeline.common import (
     BACKBONE_FILE,
     FIGURES_DIR,
+    LIVE_DIR,
     METRICS_DIR,
-    PLOTS_DIR,
     PREPARED_DIR,
     REPORT_FILE,
     atomic_path,
+    read_epoch_log,
     read_json,
     run_stage,
     write_text,
@@ -45,12 +45,6 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_history(path: Path) -> dict[str, np.ndarray]:
-    with open(path, newline="") as file:
-        rows = list(csv.DictReader(file))
-    return {key: np.array([float(row[key]) for row in rows]) for key in rows[0]}
-
-
 def save_figure(fig: plt.Figure, name: str) -> str:
     """Save atomically under reports/figures/; return the path relative to the report."""
     with atomic_path(FIGURES_DIR / name) as tmp:
@@ -60,14 +54,20 @@ def save_figure(fig: plt.Figure, name: str) -> str:
 
 
 def training_curves_figure(histories: dict[str, dict[str, np.ndarray]]) -> str:
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex="col")
+    """Loss, accuracy and the learning rates used, per epoch, for each training stage."""
+    fig, axes = plt.subplots(3, len(histories), figsize=(5 * len(histories), 9), sharex="col", squeeze=False)
     for column, (stage, history) in enumerate(histories.items()):
         for row, metric in enumerate(("loss", "accuracy")):
             ax = axes[row, column]
             for split in ("train", "val"):
                 ax.plot(history["epoch"], history[f"{split}_{metric}"], marker="o", ms=3, label=split)
             ax.set_title(f"{stage}: {metric}")
-            ax.set_xlabel("epoch")
+        ax = axes[2, column]
+        for name in sorted(key for key in history if key.startswith("lr")):
+            ax.plot(history["epoch"], history[name], marker="o", ms=3, label=name.replace("_", " "))
+        ax.set_title(f"{stage}: learning rate (last step of each epoch)")
+        ax.set_xlabel("epoch")
+        for ax in axes[:, column]:
             ax.grid(alpha=0.3)
             ax.legend()
     return save_figure(fig, "training_curves.png")
@@ -130,7 +130,7 @@ def render_report(params: dict[str, Any], backbone_hash: str) -> str:
     test, details = read_json(METRICS_DIR / "test.json"), read_json(METRICS_DIR / "per_class.json")
     baseline = read_json(METRICS_DIR / "baseline.json")
     backbone = read_json(METRICS_DIR / "backbone.json")
-    histories = {stage: read_history(PLOTS_DIR / f"{stage}.csv") for stage in ("head", "finetune")}
+    histories = {stage: read_epoch_log(LIVE_DIR / stage, stage) for stage in ("head", "finetune")}
     curves, confusion, per_class = (
         training_curves_figure(histories),
         confusion_figure(details),
@@ -189,7 +189,7 @@ Params used:
 
 
 def main() -> None:
-    params = load_params()
+    params = load_params(check_models=False)  # builds no model; the stages that do check them
     write_text(REPORT_FILE, render_report(params, sha256(BACKBONE_FILE)))
     print(f"report: {REPORT_FILE}")
 

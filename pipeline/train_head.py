@@ -1,7 +1,8 @@
 """Stage 4, train_head: the linear probe, trained on the cached features only.
 
-Reads params ``seed``, ``class_weighted_loss`` and ``head.*``; reads data/features/; writes models/head.pt,
-metrics/head.json (val metrics at the best epoch) and reports/plots/head.csv (per epoch).
+Reads params ``seed``, ``class_weighted_loss`` and ``head.*``; reads data/features/; writes
+models/head.pt and, through dvclive, reports/live/head/ (per-epoch losses, accuracies and
+learning rate; metrics.json with the latest and the best epoch).
 No backbone forward pass happens here, so head experiments take seconds.
 Run: ``python -m pipeline.train_head``.
 """
@@ -15,16 +16,14 @@ from torch import nn
 from pipeline.common import (
     FEATURES_DIR,
     HEAD_FILE,
-    METRICS_DIR,
-    PLOTS_DIR,
+    LIVE_DIR,
     load_torch,
     run_stage,
     save_torch,
     seed_everything,
-    write_json,
 )
 from pipeline.params import load_params
-from pipeline.training import best_epoch, fit_configured_head, write_history
+from pipeline.training import EpochLog, fit_configured_head, lowest_val_loss
 
 
 def head_checkpoint(
@@ -46,6 +45,7 @@ def main() -> None:
     config = params["head"]
     seed_everything(params["seed"])
     train, val = load_torch(FEATURES_DIR / "train.pt"), load_torch(FEATURES_DIR / "val.pt")
+    log = EpochLog(LIVE_DIR / "head", "head")
     head, history = fit_configured_head(
         config,
         (train["features"], train["labels"]),
@@ -53,19 +53,11 @@ def main() -> None:
         len(train["classes"]),
         params["seed"],
         params["class_weighted_loss"],
+        on_epoch=log,
     )
-    best = best_epoch(history)
+    best = lowest_val_loss(history)
     save_torch(HEAD_FILE, head_checkpoint(head, config, train["features"].shape[1], train["classes"]))
-    write_history(PLOTS_DIR / "head.csv", history)
-    write_json(
-        METRICS_DIR / "head.json",
-        {
-            "val_accuracy": best["val_accuracy"],
-            "val_loss": best["val_loss"],
-            "best_epoch": best["epoch"],
-            "epochs": len(history),
-        },
-    )
+    log.close(best)
     print(f"train_head: val accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}/{len(history)}")
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import io
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +13,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from pipeline.common import StageError, progress, write_text
+from pipeline.common import progress
+from pipeline.errors import StageError
 from pipeline.models import build_head
 
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
+EpochCallback = Callable[[dict[str, float]], None]
 
 
 def make_loader(
@@ -92,42 +92,68 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
-def run_epoch(
+def grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
+    """One loss scaler per training run: active only for float16 autocast on CUDA."""
+    enabled = amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
+def train_epoch(
     model: nn.Module,
     loader: DataLoader,
     loss_fn: nn.Module,
     device: torch.device,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     amp: bool = False,
     frozen: list[nn.Module] = (),
-) -> tuple[float, float]:
-    """Train for one epoch when given an optimizer, else evaluate; returns (loss, accuracy)."""
-    training = optimizer is not None
-    model.train(training)
+) -> dict[str, float | list[float]]:
+    """One pass of training; returns the mean loss, the accuracy, and ``lr``: each param
+    group's rate in the epoch's last optimizer step, as the scheduler set it.
+
+    The scheduler steps only after a real optimizer step: a float16 step that the scaler
+    skips (inf or NaN gradients) leaves the schedule where it was.
+    """
+    model.train()
     for module in frozen:
         module.eval()
-    scaler = torch.amp.GradScaler(
-        enabled=training and amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    )
+    total_loss, correct, seen, rates = 0.0, 0, 0, []
+    for images, targets in progress(loader, "train"):
+        images, targets = to_device(images, device), targets.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(images)
+            loss = loss_fn(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        rates = [group["lr"] for group in optimizer.param_groups]
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        if scheduler is not None and scaler.get_scale() >= scale:
+            scheduler.step()
+        total_loss += loss.item() * len(targets)
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += len(targets)
+    return {"loss": total_loss / seen, "accuracy": correct / seen, "lr": rates}
+
+
+@torch.inference_mode()
+def evaluate_epoch(
+    model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: torch.device, amp: bool = False
+) -> dict[str, float]:
+    """Mean loss and accuracy over a loader, in eval mode."""
+    model.eval()
     total_loss, correct, seen = 0.0, 0, 0
-    with torch.set_grad_enabled(training):
-        for images, targets in progress(loader, "train" if training else "val"):
-            images, targets = to_device(images, device), targets.to(device, non_blocking=True)
-            with autocast(device, amp):
-                logits = model(images)
-                loss = loss_fn(logits, targets)
-            if training:
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                if scheduler is not None:
-                    scheduler.step()
-            total_loss += loss.item() * len(targets)
-            correct += (logits.argmax(1) == targets).sum().item()
-            seen += len(targets)
-    return total_loss / seen, correct / seen
+    for images, targets in progress(loader, "val"):
+        images, targets = to_device(images, device), targets.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(images)
+            loss = loss_fn(logits, targets)
+        total_loss += loss.item() * len(targets)
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += len(targets)
+    return {"loss": total_loss / seen, "accuracy": correct / seen}
 
 
 def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -147,21 +173,27 @@ def fit_head(
     patience: int,
     seed: int,
     class_weight: torch.Tensor | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """Train a head on cached features with AdamW; stop when val loss stops improving.
 
-    Returns the head at its best val loss and the per-epoch history.
+    Returns the head at its best val loss and the per-epoch history; ``on_epoch`` gets each
+    epoch's record as it ends (the stage's dvclive log).
     """
     device = torch.device("cpu")  # features are small; the head trains in moments on a CPU
     train_loader = make_loader(TensorDataset(*train), batch_size, device, shuffle=True, seed=seed)
     val_loader = make_loader(TensorDataset(*val), 4096, device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss(weight=class_weight)
+    scaler = grad_scaler(device, amp=False)
     best_loss, best_state, waited, history = math.inf, None, 0, []
     for epoch in range(1, max_epochs + 1):
-        train_loss, train_acc = run_epoch(head, train_loader, loss_fn, device, optimizer)
-        val_loss, val_acc = run_epoch(head, val_loader, loss_fn, device)
-        history.append(epoch_record(epoch, train_loss, train_acc, val_loss, val_acc, lr))
+        train = train_epoch(head, train_loader, loss_fn, device, optimizer, scaler)
+        val = evaluate_epoch(head, val_loader, loss_fn, device)
+        history.append(epoch_record(epoch, train, val, {"lr_used": train["lr"][0]}))
+        if on_epoch is not None:
+            on_epoch(history[-1])
+        val_loss = val["loss"]
         if val_loss < best_loss - 1e-6:
             best_loss, best_state, waited = val_loss, copy.deepcopy(head.state_dict()), 0
         else:
@@ -181,6 +213,7 @@ def fit_configured_head(
     num_classes: int,
     seed: int,
     class_weighted: bool = False,
+    on_epoch: EpochCallback | None = None,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """Build the head that params' ``head`` section describes and fit it to features."""
     head = build_head(
@@ -197,31 +230,62 @@ def fit_configured_head(
         patience=config["patience"],
         seed=seed,
         class_weight=balanced_class_weights(train[1], num_classes) if class_weighted else None,
+        on_epoch=on_epoch,
     )
 
 
 def epoch_record(
-    epoch: int, train_loss: float, train_acc: float, val_loss: float, val_acc: float, lr: float
+    epoch: int, train: dict[str, float], val: dict[str, float], rates: dict[str, float]
 ) -> dict[str, float]:
+    """One row of a training log: losses and accuracies, and the learning rates used."""
     return {
         "epoch": epoch,
-        "train_loss": round(train_loss, 6),
-        "train_accuracy": round(train_acc, 6),
-        "val_loss": round(val_loss, 6),
-        "val_accuracy": round(val_acc, 6),
-        "lr": lr,
+        "train_loss": round(train["loss"], 6),
+        "train_accuracy": round(train["accuracy"], 6),
+        "val_loss": round(val["loss"], 6),
+        "val_accuracy": round(val["accuracy"], 6),
+        **rates,
     }
 
 
-def best_epoch(history: list[dict[str, float]]) -> dict[str, float]:
-    """The epoch with the lowest val loss."""
+def lowest_val_loss(history: list[dict[str, float]]) -> dict[str, float]:
+    """The epoch with the lowest val loss (the head's early-stopping rule)."""
     return min(history, key=lambda record: record["val_loss"])
 
 
-def write_history(path: Path, history: list[dict[str, float]]) -> None:
-    """The per-epoch log as CSV, the format ``dvc plots`` reads."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    write_text(path, buffer.getvalue())
+def best_val_accuracy(history: list[dict[str, float]]) -> dict[str, float]:
+    """The epoch with the highest val accuracy, ties to the lower val loss (fine-tuning's rule)."""
+    return max(history, key=lambda record: (record["val_accuracy"], -record["val_loss"]))
+
+
+class EpochLog:
+    """A stage's per-epoch log through dvclive, DVC's own logger.
+
+    Writes ``<directory>/metrics.json`` after every epoch (the latest epoch, and at the end
+    the best one: what ``dvc exp show`` and DVC Studio show while a stage runs) and one TSV
+    per metric under ``<directory>/plots/metrics/<stage>/`` (``dvc plots``). Metric names
+    start with the stage, so columns read ``finetune.val_accuracy``. dvc.yaml declares these
+    files itself (``dvcyaml=False``), and a ``dvc repro`` run is no experiment of its own
+    (``save_dvc_exp=False``).
+    """
+
+    def __init__(self, directory: Path, stage: str) -> None:
+        from dvclive import Live
+
+        self.stage = stage
+        self.live = Live(dir=str(directory), dvcyaml=False, save_dvc_exp=False, report=None)
+
+    def __call__(self, record: dict[str, float]) -> None:
+        self.live.step = int(record["epoch"])
+        for name, value in record.items():
+            if name != "epoch":
+                self.live.log_metric(f"{self.stage}/{name}", value)
+        self.live.next_step()
+
+    def close(self, best: dict[str, float]) -> None:
+        """Add the best epoch to the summary and write it."""
+        summary = self.live.summary.setdefault(self.stage, {})
+        summary["best_epoch"] = int(best["epoch"])
+        for name in ("val_loss", "val_accuracy"):
+            summary[f"best_{name}"] = best[name]
+        self.live.end()

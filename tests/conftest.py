@@ -1,11 +1,22 @@
-"""Shared fixtures: tiny params, and temporary git+dvc repositories that run the pipeline."""
+"""Shared fixtures: tiny params, and temporary git+dvc repositories that run the pipeline.
+
+The whole-pipeline tests share two runs, each made once per session: ``tiny_run`` (the tiny
+pipeline, committed and pushed to a local DVC remote) and ``lr_sweep`` (three queued
+fine-tuning rates on top of it, run by a DVC queue worker). Tests that change a repository
+work on a copy.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +25,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Small enough that a whole `dvc repro` takes well under a minute on 2 CPU cores.
+# Small enough that a whole `dvc repro` takes about a minute on 2 CPU cores.
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "data": {"max_train_per_class": 20},
     "backbone": {"image_size": 16, "pretrain_images": 400, "pretrain_epochs": 1, "pretrain_batch_size": 64},
     "head": {"max_epochs": 15, "patience": 5},
     "finetune": {"epochs": 2, "batch_size": 32},
 }
+STAGES = ["prepare", "backbone", "extract", "train_head", "finetune", "baseline", "evaluate", "report"]
+SWEEP = "lr=1e-3,1e-4,1e-5"  # as the README writes it; 1e-3 is the committed rate
 
 
 def default_params() -> dict[str, Any]:
@@ -55,13 +68,22 @@ def run(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
     return result
 
 
+def write_params(repo: Path, params: dict[str, Any]) -> None:
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def read_params(repo: Path) -> dict[str, Any]:
+    return yaml.safe_load((repo / "params.yaml").read_text())
+
+
 def make_pipeline_repo(path: Path, params: dict[str, Any]) -> Path:
-    """A git+dvc repository holding the pipeline and ``params``, committed."""
+    """A git+dvc repository holding the pipeline, its CI scripts and ``params``, committed."""
     path.mkdir(parents=True, exist_ok=True)
     shutil.copytree(ROOT / "pipeline", path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / ".ci", path / ".ci")
     shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
     shutil.copytree(ROOT / "data" / "raw", path / "data" / "raw")
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(path, params)
     run(path, "git", "init", "-q", "-b", "main")
     run(path, "dvc", "init", "-q")
     run(path, "git", "add", "-A")
@@ -69,22 +91,95 @@ def make_pipeline_repo(path: Path, params: dict[str, Any]) -> Path:
     return path
 
 
+def copy_repo(source: Path, target: Path) -> Path:
+    """A private copy of a repository: git history, DVC cache and config included."""
+    return Path(shutil.copytree(source, target, symlinks=True))
+
+
 def ran_stages(output: str) -> list[str]:
     """Stage names that `dvc repro` or `dvc exp run` ran, in order, from its output."""
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
 
 
+def restored_stages(output: str) -> list[str]:
+    """Stage names that DVC restored from the run-cache instead of running."""
+    return [line.split("'")[1] for line in output.splitlines() if "is cached - skipping run" in line]
+
+
+@dataclass(frozen=True)
+class Run:
+    """A repository and what one DVC command printed there, and how long it took."""
+
+    repo: Path
+    output: str
+    seconds: float
+
+
+def timed(repo: Path, *args: str) -> Run:
+    start = time.perf_counter()
+    result = run(repo, *args)
+    return Run(repo, result.stdout + result.stderr, time.perf_counter() - start)
+
+
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A repository where the tiny pipeline has run once and its results are committed."""
-    repo = make_pipeline_repo(tmp_path_factory.mktemp("tiny") / "repo", tiny_params())
-    run(repo, "dvc", "repro")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """The tiny pipeline run once, committed, and pushed with its run-cache to a local DVC
+    remote (a directory; the same commands work for S3, GCS, Azure or SSH)."""
+    root = tmp_path_factory.mktemp("tiny")
+    repo = make_pipeline_repo(root / "repo", tiny_params())
+    run(repo, "dvc", "remote", "add", "-d", "storage", str(root / "remote"))
+    run(repo, "git", "commit", "-q", "-am", "Add a DVC remote")
+    full = timed(repo, "dvc", "repro")
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-q", "-m", "run")
-    return repo
+    run(repo, "dvc", "push", "--run-cache")
+    return full
 
 
 @pytest.fixture
-def tiny_repo(tiny_run: Path, tmp_path: Path) -> Path:
-    """A private copy of the tiny run (git history and DVC cache included)."""
-    return Path(shutil.copytree(tiny_run, tmp_path / "repo", symlinks=True))
+def tiny_repo(tiny_run: Run, tmp_path: Path) -> Path:
+    """A private copy of the tiny run (git history, DVC cache and remote config included)."""
+    return copy_repo(tiny_run.repo, tmp_path / "repo")
+
+
+def queue_status(repo: Path) -> dict[str, str]:
+    """``dvc queue status`` as experiment name -> Queued, Running, Success or Failed."""
+    table = run(repo, "dvc", "queue", "status").stdout.split("\n\n")[0].splitlines()[1:]
+    return {row.split()[1]: row.split()[-1] for row in table if row.strip()}
+
+
+def experiments(repo: Path) -> list[dict[str, str]]:
+    """The rows of ``dvc exp show --csv``: the baseline and each experiment."""
+    return list(csv.DictReader(io.StringIO(run(repo, "dvc", "exp", "show", "--csv").stdout)))
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A queued sweep over fine-tuning rates: each experiment's ``dvc queue logs`` and fine-
+    tuning rate by name, and the rows of ``dvc exp show`` once it finished."""
+
+    repo: Path
+    logs: dict[str, str]
+    rates: dict[str, float]
+    rows: list[dict[str, str]]
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def lr_sweep(tiny_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sweep]:
+    """``dvc exp run --queue -S lr=1e-3,1e-4,1e-5`` then ``dvc queue start`` on a copy of
+    the tiny run, waited for until every experiment has finished."""
+    repo = copy_repo(tiny_run.repo, tmp_path_factory.mktemp("sweep") / "repo")
+    start = time.perf_counter()
+    run(repo, "dvc", "exp", "run", "--queue", "-S", SWEEP)
+    run(repo, "dvc", "queue", "start")
+    deadline = time.monotonic() + 600
+    while set(queue_status(repo).values()) & {"Queued", "Running"}:
+        assert time.monotonic() < deadline, run(repo, "dvc", "queue", "status").stdout
+        time.sleep(2)
+    seconds = time.perf_counter() - start
+    logs = {name: run(repo, "dvc", "queue", "logs", name).stdout for name in queue_status(repo)}
+    rows = experiments(repo)
+    rates = {row["Experiment"]: float(row["lr"]) for row in rows if row["typ"] != "baseline"}
+    yield Sweep(repo, logs, rates, rows, seconds)
+    run(repo, "dvc", "queue", "stop", check=False)  # the idle worker exits now, not in 10 s

@@ -28,13 +28,14 @@ def run_stages(tmp_path, monkeypatch, **backbone_params) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "arch", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "vit_b_16"]
-)
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"])
 def test_architecture_runs_end_to_end(arch, tmp_path, monkeypatch):
     metrics = run_stages(tmp_path, monkeypatch, arch=arch)
     assert set(metrics) == {"linear_probe", "finetuned"}
-    assert all(0 <= m["accuracy"] <= 1 for m in metrics.values())
+    for model, scores in metrics.items():  # the scores are those of the predictions written
+        rows = (tmp_path / f"reports/plots/confusion_{model}.csv").read_text().splitlines()[1:]
+        correct = sum(actual == predicted for actual, predicted in (row.split(",") for row in rows))
+        assert scores["accuracy"] == pytest.approx(correct / len(rows), abs=1e-6)
     checkpoint = torch.load(tmp_path / "models/finetuned.pt", weights_only=True)
     assert checkpoint["arch"] == arch and checkpoint["image_size"] == 32
 

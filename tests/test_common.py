@@ -23,3 +23,23 @@ def test_directory_outputs_are_replaced_whole(tmp_path):
             (tmp / f"{version}.pt").write_text(version)
     assert [p.name for p in target.iterdir()] == ["new.pt"]
     assert [p.name for p in tmp_path.iterdir()] == ["features"]
+
+
+def test_leftovers_of_a_killed_writer_are_removed_and_a_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    target = tmp_path / "finetuned.pt"
+    stale = tmp_path / f".finetuned.pt.tmp-{int(dead.stdout)}-abc"
+    live = tmp_path / f".finetuned.pt.tmp-{os.getpid()}-xyz"
+    for leftover in (stale, live):
+        (leftover / "finetuned.pt").parent.mkdir()
+        (leftover / "finetuned.pt").write_text("half")
+    write_json(target, {"new": 1})
+    assert not stale.exists()
+    assert live.exists()
+    assert json.loads(target.read_text()) == {"new": 1}

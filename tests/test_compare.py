@@ -1,7 +1,8 @@
-"""The pull-request model diff: pipeline.compare, and the workflow that posts it."""
+"""The pull-request model diff: pipeline.compare, .ci/model-diff, and the workflows."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -9,9 +10,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, run
+from tests.conftest import ROOT, STAGES, Run, ran_stages, read_params, run, timed, write_params
 
-WORKFLOW = ROOT / ".github" / "workflows" / "model-diff.yml"
+WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+UNCHANGED_ROWS = (
+    "linear-probe accuracy",
+    "linear-probe macro-F1",
+    "random-init probe accuracy",
+    "random-init probe macro-F1",
+)
 
 
 def compare(repo: Path, base: str = "main") -> str:
@@ -19,26 +26,100 @@ def compare(repo: Path, base: str = "main") -> str:
     return (repo / "reports" / "compare.md").read_text()
 
 
-@pytest.mark.slow
-def test_branch_with_another_lr_shows_the_param_and_signed_metric_deltas(tiny_repo):
-    run(tiny_repo, "git", "checkout", "-q", "-b", "lower-lr")
-    params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
-    old_lr = params["lr"]
-    params["lr"] = 0.01
-    (tiny_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(tiny_repo, "dvc", "repro")
-    run(tiny_repo, "git", "commit", "-q", "-am", "try lr 0.01")
+def metric_row(markdown: str, label: str) -> list[str]:
+    """The cells of a metric's row: label, base value, this branch's value, change."""
+    rows = [line for line in markdown.splitlines() if line.startswith(f"| {label} |")]
+    assert len(rows) == 1, (label, markdown)
+    return [cell.strip() for cell in rows[0].strip("|").split("|")]
 
-    markdown = compare(tiny_repo)
-    assert f"| `lr` | `{old_lr}` | `0.01` |" in markdown
+
+def pull_request(tiny_run: Run, path: Path, remote: bool) -> Path:
+    """A fresh clone of the tiny run (no DVC cache) on a branch that changes only
+    ``finetune.epochs``. Without ``remote``, main first drops the DVC remote; with it, the
+    branch also commits upstream metrics as its author's machine computed them (here: the
+    random-init probe's, a little off), which the diff must not take for a change."""
+    run(path.parent, "git", "clone", "-q", str(tiny_run.repo), str(path))
+    if not remote:
+        run(path, "dvc", "remote", "remove", "storage")
+        run(path, "git", "commit", "-q", "-am", "No DVC remote")
+    run(path, "git", "checkout", "-q", "-b", "more-epochs")
+    params = read_params(path)
+    params["finetune"]["epochs"] += 1
+    write_params(path, params)
+    if remote:
+        baseline = json.loads((path / "metrics/baseline.json").read_text())
+        baseline["random_init_probe"]["accuracy"] += 0.0022
+        (path / "metrics/baseline.json").write_text(json.dumps(baseline, indent=2) + "\n")
+    run(path, "git", "commit", "-q", "-am", "Fine-tune one epoch longer")
+    return path
+
+
+@pytest.fixture(scope="module")
+def diff_without_remote(tiny_run, tmp_path_factory) -> Run:
+    repo = pull_request(tiny_run, tmp_path_factory.mktemp("no-remote") / "repo", remote=False)
+    return timed(repo, ".ci/model-diff", "main")
+
+
+@pytest.fixture(scope="module")
+def diff_with_remote(tiny_run, tmp_path_factory) -> Run:
+    repo = pull_request(tiny_run, tmp_path_factory.mktemp("remote") / "repo", remote=True)
+    return timed(repo, ".ci/model-diff", "main")
+
+
+def base_and_branch_output(diff: Run) -> tuple[str, str]:
+    """What .ci/model-diff printed while reproducing the base, and then this branch."""
+    base, _, branch = diff.output.partition("model-diff: reproducing this branch")
+    return base, branch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("side", ["diff_without_remote", "diff_with_remote"])
+def test_finetune_only_change_reruns_finetune_onward_and_leaves_upstream_deltas_zero(side, request):
+    diff = request.getfixturevalue(side)
+    markdown = (diff.repo / "reports" / "compare.md").read_text()
+    base_output, branch_output = base_and_branch_output(diff)
+    if side == "diff_with_remote":
+        assert ran_stages(base_output) == []  # main's run pulled from the remote, not recomputed
+    else:  # main reproduced on this machine; baseline and report keep their outputs (in git),
+        # as their inputs came out the same
+        assert sorted(ran_stages(base_output)) == sorted(set(STAGES) - {"baseline", "report"})
+    assert ran_stages(branch_output) == ["finetune", "evaluate", "report"]
+    assert "Reran: `finetune`, `evaluate`, `report`." in markdown
+
+    for label in UNCHANGED_ROWS:
+        _, old, new, change = metric_row(markdown, label)
+        assert old == new and change in ("+0.00 pp", "+0.0000"), (label, old, new, change)
+    _, old, new, change = metric_row(markdown, "fine-tuned accuracy")
+    assert change.endswith(" pp") and change[0] in "+-"
+    assert "| `finetune.epochs` | `2` | `3` |" in markdown
     assert "No change" not in markdown
-    metrics = [line for line in markdown.splitlines() if line.startswith("| fine-tuned accuracy")]
-    assert len(metrics) == 1 and (" pp |" in metrics[0])
-    sign = metrics[0].split("|")[4].strip()[0]
-    assert sign in "+-"
-    for side in ("base", "head"):
-        assert (tiny_repo / "reports" / "compare" / f"{side}_confusion_matrices.png").is_file()
-        assert f"compare/{side}_training_curves.png" in markdown
+    for side_name in ("base", "head"):
+        assert (diff.repo / "reports" / "compare" / f"{side_name}_confusion_matrices.png").is_file()
+        assert f"compare/{side_name}_training_curves.png" in markdown
+    print(f"model diff ({side}): {diff.seconds:.0f} s")
+
+
+@pytest.mark.slow
+def test_same_params_give_identical_results_on_one_machine(diff_without_remote, diff_with_remote, tiny_run):
+    """The no-remote diff computed main from scratch in a fresh clone; the remote one pulled
+    main's committed run. Both then fine-tuned the same branch. Same machine, same params:
+    every stage's outputs are bit for bit the same."""
+    computed = yaml.safe_load((diff_without_remote.repo / "dvc.lock").read_text())["stages"]
+    pulled = yaml.safe_load((diff_with_remote.repo / "dvc.lock").read_text())["stages"]
+    committed = yaml.safe_load((tiny_run.repo / "dvc.lock").read_text())["stages"]
+    assert computed == pulled
+    for stage in ("prepare", "backbone", "extract", "train_head", "baseline"):
+        assert computed[stage] == committed[stage], stage
+
+
+@pytest.mark.slow
+def test_model_diff_refuses_uncommitted_changes(tiny_repo):
+    params = read_params(tiny_repo)
+    params["lr"] = 0.01
+    write_params(tiny_repo, params)
+    result = run(tiny_repo, ".ci/model-diff", "main", check=False)
+    assert result.returncode == 2
+    assert "uncommitted changes; commit or stash them first" in result.stderr
 
 
 @pytest.mark.slow
@@ -48,6 +129,7 @@ def test_branch_with_no_change_says_so(tiny_repo):
     assert "**No change**" in markdown
     assert "No params changed against `main`." in markdown
     assert "+0.00 pp" in markdown
+    assert "No class's F1 changed." in markdown  # the base's per-class scores, read from the DVC cache
 
 
 @pytest.mark.slow
@@ -57,27 +139,63 @@ def test_unknown_base_is_a_clear_error(tiny_repo):
     assert "--base: 'nope' is not a commit here" in result.stderr
 
 
-def test_workflow_passes_actionlint():
-    result = run(ROOT, shutil.which("actionlint") or "actionlint", str(WORKFLOW), check=False)
+def test_repro_log_names_the_stages_that_ran_and_those_restored():
+    from pipeline.compare import stages_section
+
+    log = (
+        "Stage 'prepare' didn't change, skipping\n"
+        "Stage 'finetune' is cached - skipping run, checking out outputs\n"
+        "Running stage 'evaluate':\n> python -m pipeline.evaluate\n"
+        "Running stage 'report':\n"
+    )
+    text = stages_section(log)
+    assert "Reran: `evaluate`, `report`." in text
+    assert "Restored from the run-cache: `finetune`." in text
+    assert "Reran: none." in stages_section("Stage 'prepare' didn't change, skipping\n")
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda path: path.name)
+def test_workflow_passes_actionlint(workflow):
+    result = run(ROOT, shutil.which("actionlint") or "actionlint", str(workflow), check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_actionlint_rejects_a_broken_workflow(tmp_path):
     broken = tmp_path / ".github" / "workflows" / "broken.yml"
     broken.parent.mkdir(parents=True)
-    broken.write_text(WORKFLOW.read_text().replace("runs-on: ubuntu-latest", "runs-onn: ubuntu-latest"))
+    text = (ROOT / ".github" / "workflows" / "model-diff.yml").read_text()
+    broken.write_text(text.replace("runs-on: ubuntu-latest", "runs-onn: ubuntu-latest"))
     result = run(tmp_path, shutil.which("actionlint") or "actionlint", str(broken), check=False)
     assert result.returncode != 0
 
 
-def test_workflow_has_least_privilege_and_full_history():
-    workflow = yaml.safe_load(WORKFLOW.read_text())
-    triggers = workflow[True]  # PyYAML reads the key `on` as the boolean True
-    assert set(triggers) == {"pull_request"}
+def load_workflow(name: str) -> dict:
+    return yaml.safe_load((ROOT / ".github" / "workflows" / name).read_text())
+
+
+def test_pull_request_workflow_has_least_privilege_full_history_and_a_summary_for_forks():
+    workflow = load_workflow("model-diff.yml")
+    assert set(workflow[True]) == {"pull_request"}  # PyYAML reads the key `on` as True
     assert workflow["permissions"] == {"contents": "read", "pull-requests": "write"}
-    steps = workflow["jobs"]["model-diff"]["steps"]
+    job = workflow["jobs"]["model-diff"]
+    steps = job["steps"]
     checkout = next(step for step in steps if step.get("uses", "").startswith("actions/checkout"))
     assert checkout["with"]["fetch-depth"] == 0
     commands = "\n".join(step.get("run", "") for step in steps)
-    assert "dvc repro" in commands and "python -m pipeline.compare" in commands
-    assert "cml comment update" in commands
+    assert '.ci/model-diff "origin/$BASE_REF"' in commands
+    summary = next(step for step in steps if "GITHUB_STEP_SUMMARY" in step.get("run", ""))
+    assert summary["if"] == "always()"
+    comment = next(step for step in steps if "cml comment update" in step.get("run", ""))
+    assert comment["if"] == "github.event.pull_request.head.repo.full_name == github.repository"
+    assert all("secrets." in value for value in job["env"].values())  # credentials only from secrets
+    assert "set -x" not in commands  # never trace a command that holds a secret
+
+
+def test_main_workflow_reproduces_and_pushes_outputs_and_run_cache():
+    workflow = load_workflow("publish.yml")
+    assert workflow[True] == {"push": {"branches": ["main"]}}
+    assert workflow["permissions"] == {"contents": "read"}
+    commands = "\n".join(step.get("run", "") for step in workflow["jobs"]["publish"]["steps"])
+    assert ".ci/publish" in commands
+    script = (ROOT / ".ci" / "publish").read_text()
+    assert "dvc repro" in script and "dvc push --run-cache" in script

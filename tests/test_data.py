@@ -103,8 +103,8 @@ def test_cifar_uses_an_existing_copy(tmp_path, monkeypatch):
 
 
 def test_cifar_offline_without_a_copy_says_where_to_put_the_files(tmp_path, monkeypatch):
-    from pipeline.common import StageError
     from pipeline.data import load_cifar
+    from pipeline.errors import StageError
 
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")

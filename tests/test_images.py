@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from pipeline import backbone, baseline, evaluate, extract, finetune, prepare, report, train_head
-from pipeline.common import StageError
+from pipeline.errors import StageError
 from pipeline.images import read_rgb, scan_tree, unreadable_files
 from tests.conftest import tiny_params
 

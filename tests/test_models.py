@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.common import StageError
+from pipeline.errors import StageError
 from pipeline.models import (
     Classifier,
     build_backbone,
@@ -142,6 +142,7 @@ def test_efficientnet_lite0_loads_its_real_imagenet_weights_offline():
         ("densenet121", 64),
         ("swin_t", 64),
         ("maxvit_t", 224),
+        ("vit_b_16", 32),  # built for 32 px: 4 patches, position embeddings to match
     ],
 )
 def test_every_family_gives_pooled_features_and_blocks(arch, size):

@@ -119,3 +119,20 @@ def test_image_data_must_live_under_data_raw(tmp_path, monkeypatch):
     assert load_params(write(tmp_path, params))["data"]["dataset"] == "imagefolder"
     params["data"].update(dataset="cifar10", path="data/raw/cifar10")  # torchvision may download it there
     assert load_params(write(tmp_path, params))["data"]["path"] == "data/raw/cifar10"
+
+
+@pytest.mark.parametrize(
+    ("arch", "weights", "suggested"),
+    [
+        ("resnet18", "IMAGENET1K_V3", "IMAGENET1K_V1"),
+        ("efficientnet_lite0", "IMAGENET1K_V2", "IMAGENET1K_V1"),
+    ],
+)
+def test_misspelt_weights_name_fails_the_params_check(tmp_path, arch, weights, suggested):
+    params = default_params()
+    params["backbone"].update(arch=arch, weights=weights)
+    with pytest.raises(ParamsError) as error:
+        load_params(write(tmp_path, params))
+    message = str(error.value)
+    assert f"backbone.weights: {weights!r} is not a weights name of {arch}" in message
+    assert suggested in message and "DEFAULT" in message

@@ -1,11 +1,20 @@
-import csv
 import itertools
+import json
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.training import fit_head, warmup_cosine, write_history
+from pipeline.common import read_epoch_log
+from pipeline.training import (
+    EpochLog,
+    evaluate_epoch,
+    fit_head,
+    grad_scaler,
+    train_epoch,
+    warmup_cosine,
+)
 
 
 def separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,20 +67,71 @@ def test_warmup_then_cosine_to_zero():
     assert rates[-1] < 0.01
 
 
-def test_history_is_a_csv_dvc_plots_reads(tmp_path):
-    history = [
-        {
-            "epoch": 1,
-            "train_loss": 1.0,
-            "train_accuracy": 0.5,
-            "val_loss": 1.1,
-            "val_accuracy": 0.4,
-            "lr": 0.1,
-        }
-    ]
-    write_history(tmp_path / "h.csv", history)
-    with open(tmp_path / "h.csv") as file:
-        assert next(csv.DictReader(file))["val_accuracy"] == "0.4"
+def test_epoch_log_is_dvclive_metrics_and_tsv_plots_read_back_by_the_report(tmp_path):
+    log = EpochLog(tmp_path / "live", "finetune")
+    for epoch, (val_loss, val_accuracy) in enumerate([(1.0, 0.5), (0.8, 0.7), (0.9, 0.6)], start=1):
+        log(
+            {
+                "epoch": epoch,
+                "train_loss": 1.0 / epoch,
+                "train_accuracy": 0.5,
+                "val_loss": val_loss,
+                "val_accuracy": val_accuracy,
+                "lr_head": 0.1 / epoch,
+            }
+        )
+    log.close({"epoch": 2, "val_loss": 0.8, "val_accuracy": 0.7})
+    summary = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert summary["step"] == 3
+    assert summary["finetune"]["val_accuracy"] == 0.6  # the latest epoch
+    assert summary["finetune"]["best_epoch"] == 2 and summary["finetune"]["best_val_accuracy"] == 0.7
+    history = read_epoch_log(tmp_path / "live", "finetune")
+    assert history["epoch"].tolist() == [1, 2, 3]
+    assert history["val_loss"].tolist() == [1.0, 0.8, 0.9]
+    assert history["lr_head"].tolist() == pytest.approx([0.1, 0.05, 0.1 / 3])
+    assert not (tmp_path / "dvc.yaml").exists() and not (tmp_path / "live" / "dvc.yaml").exists()
+
+
+def loader(n: int = 40, batch_size: int = 8) -> DataLoader:
+    features, labels = separable(n, 0)
+    return DataLoader(TensorDataset(features, labels), batch_size=batch_size)
+
+
+def test_train_epoch_reports_the_rate_the_scheduler_used_in_the_last_step():
+    model = nn.Linear(8, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = warmup_cosine(optimizer, warmup_steps=10, total_steps=100)
+    device = torch.device("cpu")
+    train = train_epoch(
+        model, loader(), nn.CrossEntropyLoss(), device, optimizer, grad_scaler(device, False), scheduler
+    )
+    # 5 batches: steps 0..4 of the warmup from 1% to 100% over 10 steps; the last used step 4.
+    assert train["lr"] == [pytest.approx(0.01 + 0.99 * 4 / 10)]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 + 0.99 * 5 / 10)
+
+
+def test_a_step_the_scaler_skips_leaves_the_schedule_where_it_was():
+    model = nn.Linear(8, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = warmup_cosine(optimizer, warmup_steps=10, total_steps=100)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)  # what float16 on CUDA uses
+
+    def infinite_loss(logits, targets):
+        return logits.sum() * float("inf")
+
+    before = [p.detach().clone() for p in model.parameters()]
+    train_epoch(model, loader(), infinite_loss, torch.device("cpu"), optimizer, scaler, scheduler)
+    assert scheduler.last_epoch == 0  # five skipped steps, no schedule step
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_evaluate_epoch_neither_trains_nor_keeps_gradients():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+    first = evaluate_epoch(model, loader(), nn.CrossEntropyLoss(), torch.device("cpu"))
+    second = evaluate_epoch(model, loader(), nn.CrossEntropyLoss(), torch.device("cpu"))
+    assert first == second  # eval mode: dropout off, same answer twice
+    assert all(p.grad is None for p in model.parameters())
+    assert first["loss"] > 0
 
 
 def test_balanced_class_weights_favour_rare_classes():

@@ -1,0 +1,122 @@
+"""Benchmark: DVC's run-cache and remote, restores vs recomputes, in one run.
+
+In a temporary git+dvc repository holding the pipeline and params.yaml (or the tests' tiny
+config), it times, in order:
+
+1. the full run, `dvc repro`, every stage from scratch; then commits it and pushes its
+   outputs and run-cache to a local DVC remote (`dvc push --run-cache`);
+2. a new fine-tuning rate, `dvc exp run -S lr=1e-4`: finetune onward recomputed;
+3. the revisit, back to the committed rate (`git checkout params.yaml && dvc repro`):
+   finetune and evaluate restored from the run-cache, the report re-rendered;
+4. a second clone's `dvc pull`, then its `dvc repro`, which runs nothing;
+5. a third clone's `dvc repro --pull`, restoring every stage from the remote.
+
+Run from the repository root: ``python -m benchmarks.run_cache [--tiny]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dvc_env() -> dict[str, str]:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    for key, value in (("NAME", "benchmark"), ("EMAIL", "benchmark@localhost")):
+        env.setdefault(f"GIT_AUTHOR_{key}", value)
+        env.setdefault(f"GIT_COMMITTER_{key}", value)
+    return env
+
+
+def sh(cwd: Path, *args: str) -> str:
+    result = subprocess.run(args, cwd=cwd, env=dvc_env(), capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(args)} failed in {cwd}:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+def timed(cwd: Path, *args: str) -> tuple[float, str]:
+    start = time.perf_counter()
+    output = sh(cwd, *args)
+    return time.perf_counter() - start, output
+
+
+def stages_run(output: str) -> str:
+    ran = [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+    restored = [line.split("'")[1] for line in output.splitlines() if "is cached - skipping run" in line]
+    parts = [f"ran {', '.join(ran)}" if ran else "ran nothing"]
+    if restored:
+        parts.append(f"restored {', '.join(restored)}")
+    return "; ".join(parts)
+
+
+def make_repo(path: Path, params: dict) -> None:
+    path.mkdir(parents=True)
+    shutil.copytree(ROOT / "pipeline", path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "data" / "raw", path / "data" / "raw")
+    shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(path, "git", "init", "-q", "-b", "main")
+    sh(path, "dvc", "init", "-q")
+    sh(path, "dvc", "remote", "add", "-d", "storage", str(path.parent / "remote"))
+    sh(path, "git", "add", "-A")
+    sh(path, "git", "commit", "-q", "-m", "pipeline")
+
+
+def measure(params: dict, work: Path) -> list[tuple[str, float, str]]:
+    repo = work / "repo"
+    make_repo(repo, params)
+    rows = []
+    seconds, output = timed(repo, "dvc", "repro")
+    rows.append(("full run (`dvc repro`, from scratch)", seconds, stages_run(output)))
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-q", "-m", "run")
+    seconds, _ = timed(repo, "dvc", "push", "--run-cache")
+    rows.append(("`dvc push --run-cache` to a local remote", seconds, ""))
+    seconds, output = timed(repo, "dvc", "exp", "run", "-S", "lr=1e-4")
+    rows.append(("new rate (`dvc exp run -S lr=1e-4`)", seconds, stages_run(output)))
+    sh(repo, "git", "checkout", "params.yaml")
+    seconds, output = timed(repo, "dvc", "repro")
+    rows.append(("revisit the committed rate (`dvc repro`)", seconds, stages_run(output)))
+    for name, command in (("pull", ("dvc", "pull")), ("repro-pull", ("dvc", "repro", "--pull"))):
+        clone = work / name
+        sh(work, "git", "clone", "-q", str(repo), str(clone))
+        seconds, output = timed(clone, *command)
+        rows.append((f"second clone: `{' '.join(command)}`", seconds, stages_run(output)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="the tests' tiny config instead of params.yaml")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        sys.path.insert(0, str(ROOT))
+        from tests.conftest import tiny_params
+
+        params = tiny_params()
+    else:
+        params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = measure(params, Path(tmp))
+    full, recompute, revisit = rows[0][1], rows[2][1], rows[3][1]
+    print("| step | seconds | stages |\n|---|---:|---|")
+    for name, seconds, stages in rows:
+        print(f"| {name} | {seconds:.1f} | {stages} |")
+    print(f"\nrevisit vs recomputing the new rate: {recompute / revisit:.1f}x faster")
+    print(f"second clone, `dvc repro --pull` vs the full run: {full / rows[5][1]:.1f}x faster")
+
+
+if __name__ == "__main__":
+    main()
