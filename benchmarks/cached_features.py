@@ -30,8 +30,8 @@ def datasets(image_size: int) -> dict[str, ImageArrayDataset]:
 def cached(backbone: nn.Module, data: dict, epochs: int, device: torch.device) -> tuple[float, float]:
     """Seconds for extract-once plus head training, and the seconds of the extraction alone."""
     start = time.perf_counter()
-    train = extract_features(backbone, make_loader(data["train"], 256, device), device)
-    val = extract_features(backbone, make_loader(data["val"], 256, device), device)
+    train = extract_features(backbone, make_loader(data["train"], 256, device), device, "off")
+    val = extract_features(backbone, make_loader(data["val"], 256, device), device, "off")
     extracted = time.perf_counter() - start
     fit_head(nn.Linear(train[0].shape[1], 10), train, val, 1e-3, 1e-4, 64, epochs, epochs, seed=0)
     return time.perf_counter() - start, extracted

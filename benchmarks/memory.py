@@ -2,8 +2,9 @@
 
 prepare checks every file and extract runs the backbone over every split, both streaming
 the images through DataLoader workers, so memory should not grow with the dataset's size.
-Each stage runs in a fresh process; the figure is the peak resident memory of the largest
-of them (``ru_maxrss`` of the children). Run from the repository root:
+The three stages (prepare, backbone at random init, extract) run one after the other in one
+fresh process per size; the figure is its peak resident memory (``ru_maxrss``), DataLoader
+workers included. Run from the repository root:
 ``python -m benchmarks.memory [--per-class 150] [--side 256]``.
 """
 
@@ -44,10 +45,10 @@ def peak_memory_mb(per_class: int, side: int) -> float:
         params["data"].update(dataset="imagefolder", path="data/raw/images", num_workers=2)
         params["backbone"].update(weights="none", image_size=64)
         (work / "params.yaml").write_text(yaml.safe_dump(params))
-        for stage in ("prepare", "backbone", "extract"):
-            subprocess.run(
-                [sys.executable, "-m", f"pipeline.{stage}"], cwd=work, check=True, capture_output=True
-            )
+        stages = "from pipeline import backbone, extract, prepare\n" + "\n".join(
+            f"{stage}.main()" for stage in ("prepare", "backbone", "extract")
+        )
+        subprocess.run([sys.executable, "-c", stages], cwd=work, check=True, capture_output=True)
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 

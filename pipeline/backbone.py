@@ -1,6 +1,6 @@
 """Stage 2, backbone: materialize the pretrained backbone's weights into one pinned file.
 
-Reads params ``seed``, ``device`` and ``backbone.*``. ``backbone.weights`` is ``pretrain``
+Reads params ``seed``, ``device``, ``amp`` and ``backbone.*``. ``backbone.weights`` is ``pretrain``
 (train on the synthetic glyph task, offline), ``none`` (random init), a torchvision weights
 name (torchvision's download and cache) or a local checkpoint path. Writes
 models/backbone.pt (arch, state dict without classifier, feature size, preprocessing) and
@@ -9,6 +9,8 @@ metrics/backbone.json. Run: ``python -m pipeline.backbone``.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from pipeline.models import (
     load_checkpoint_backbone,
 )
 from pipeline.params import load_params
-from pipeline.training import evaluate_epoch, grad_scaler, make_loader, train_epoch, warmup_cosine
+from pipeline.training import fit, last_epoch, make_loader, warmup_cosine
 
 
 def pretrain_on_glyphs(
@@ -47,6 +49,7 @@ def pretrain_on_glyphs(
     batch_size: int,
     seed: int,
     device: torch.device,
+    amp: str,
 ) -> tuple[nn.Module, int, float]:
     """Train ``arch`` from scratch on rendered glyphs; returns backbone, feature size and the
     accuracy on a held-out 5% of the glyphs."""
@@ -64,47 +67,54 @@ def pretrain_on_glyphs(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     steps = epochs * len(train_loader)
     scheduler = warmup_cosine(optimizer, warmup_steps=max(1, steps // 10), total_steps=steps)
-    loss_fn = nn.CrossEntropyLoss()
-    scaler = grad_scaler(device, amp=True)
-    for epoch in range(1, epochs + 1):
-        train = train_epoch(model, train_loader, loss_fn, device, optimizer, scaler, scheduler, amp=True)
-        print(f"pretrain epoch {epoch}/{epochs}: loss {train['loss']:.3f}, accuracy {train['accuracy']:.3f}")
-    val = evaluate_epoch(model, val_loader, loss_fn, device, amp=True)
-    return model.backbone.cpu(), features, val["accuracy"]
 
-
-def materialize(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
-    """The backbone checkpoint and its metrics, for the configured weights."""
-    config, seed = params["backbone"], params["seed"]
-    arch, weights, size = config["arch"], config["weights"], config["image_size"]
-    mean, std, resize, metrics = PLAIN_MEAN, PLAIN_STD, size, {}
-    if weights == "pretrain":
-        model, features, accuracy = pretrain_on_glyphs(
-            arch,
-            size,
-            config["pretrain_images"],
-            config["pretrain_epochs"],
-            config["pretrain_lr"],
-            config["pretrain_batch_size"],
-            seed,
-            resolve_device(params["device"]),
+    def report(record: dict[str, float]) -> None:
+        print(
+            f"pretrain epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.3f}, "
+            f"held-out accuracy {record['val_accuracy']:.3f}"
         )
+
+    kept, history = fit(
+        model,
+        train_loader,
+        val_loader,
+        nn.CrossEntropyLoss(),
+        optimizer,
+        epochs,
+        device,
+        select=last_epoch,
+        scheduler=scheduler,
+        amp=amp,
+        on_epoch=report,
+    )
+    model.load_state_dict(kept)
+    return model.backbone.cpu(), features, history[-1]["val_accuracy"]
+
+
+def materialize(
+    arch: str, weights: str, image_size: int, pretrain: Callable[[], tuple[nn.Module, int, float]]
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The backbone checkpoint and its metrics for ``weights``; ``pretrain`` trains one on the
+    glyph task (weights: pretrain)."""
+    mean, std, resize, metrics = PLAIN_MEAN, PLAIN_STD, image_size, {}
+    if weights == "pretrain":
+        model, features, accuracy = pretrain()
         metrics["pretrain_accuracy"] = round(accuracy, 6)
     elif weights == "none":
-        model, features = build_backbone(arch, image_size=size)
+        model, features = build_backbone(arch, image_size=image_size)
     elif Path(weights).is_file():
-        model, features = load_checkpoint_backbone(arch, weights, size)
+        model, features = load_checkpoint_backbone(arch, weights, image_size)
     else:
-        model, features, preprocessing = download_backbone(arch, weights, size)
+        model, features, preprocessing = download_backbone(arch, weights, image_size)
         mean, std = preprocessing["mean"], preprocessing["std"]
-        resize = round(size * preprocessing["resize_ratio"])
+        resize = round(image_size * preprocessing["resize_ratio"])
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
     checkpoint = {
         "arch": arch,
         "weights": weights,
         "state_dict": model.state_dict(),
         "feature_dim": features,
-        "image_size": size,
+        "image_size": image_size,
         "resize_size": resize,
         "mean": [float(m) for m in mean],
         "std": [float(s) for s in std],
@@ -114,8 +124,21 @@ def materialize(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float
 
 def main() -> None:
     params = load_params()
-    seed_everything(params["seed"])
-    checkpoint, metrics = materialize(params)
+    config, seed = params["backbone"], params["seed"]
+    seed_everything(seed)
+    pretrain = functools.partial(
+        pretrain_on_glyphs,
+        config["arch"],
+        config["image_size"],
+        config["pretrain_images"],
+        config["pretrain_epochs"],
+        config["pretrain_lr"],
+        config["pretrain_batch_size"],
+        seed,
+        resolve_device(params["device"]),
+        params["amp"],
+    )
+    checkpoint, metrics = materialize(config["arch"], config["weights"], config["image_size"], pretrain)
     save_torch(BACKBONE_FILE, checkpoint)
     write_json(METRICS_DIR / "backbone.json", metrics)
     print(f"backbone: {checkpoint['arch']} ({checkpoint['weights']}) -> {BACKBONE_FILE}")

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -162,9 +163,30 @@ def progress(iterable, desc: str):
     return tqdm(iterable, desc=desc, unit="batch", leave=False, disable=None)
 
 
+def check_git_has_a_commit() -> None:
+    """dvclive, which logs the epochs, fails in a git repository that has no commit yet:
+    say so before any stage works, not after the backbone has trained for minutes. Outside
+    git (or without git installed) there is nothing to check."""
+    try:
+        inside = subprocess.run(
+            ["git", "rev-parse", "--is-inside-work-tree"], capture_output=True, check=False
+        )
+        head = subprocess.run(
+            ["git", "rev-parse", "--verify", "--quiet", "HEAD"], capture_output=True, check=False
+        )
+    except FileNotFoundError:
+        return
+    if inside.returncode == 0 and head.returncode != 0:
+        raise StageError(
+            "this git repository has no commit yet, which dvclive (the epoch logger) needs; "
+            "commit first: git add -A && git commit -m 'Start', then dvc repro"
+        )
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's ``main``; print a bad-params or missing-input error as one line, exit 2."""
     try:
+        check_git_has_a_commit()
         main()
     except (ParamsError, StageError) as error:
         print(f"error: {error}", file=sys.stderr)

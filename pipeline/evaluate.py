@@ -1,6 +1,6 @@
 """Stage 6, evaluate: the linear-probe and the fine-tuned model on the test split.
 
-Reads params ``device``, ``data.num_workers`` and ``extract.batch_size``; reads data/prepared/,
+Reads params ``device``, ``amp``, ``data.num_workers`` and ``extract.batch_size``; reads data/prepared/,
 data/features/test.pt, models/head.pt and models/finetuned.pt; writes metrics/test.json
 (accuracy and macro-F1 of both models; declared as dvc metrics), metrics/per_class.json
 (per-class precision, recall, F1, support and the confusion matrices) and
@@ -46,12 +46,12 @@ def linear_probe_predictions(head_checkpoint: dict, features_file: Path) -> tupl
 
 
 def finetuned_predictions(
-    batch_size: int, num_workers: int, device: torch.device
+    batch_size: int, num_workers: int, device: torch.device, amp: str
 ) -> tuple[np.ndarray, np.ndarray]:
     model, checkpoint = load_classifier(FINETUNED_FILE)
     test = split_dataset(PREPARED_DIR, "test", checkpoint_transform(checkpoint))
     loader = make_loader(test, batch_size, device, num_workers=loader_workers(test, num_workers))
-    return predict(model, loader, device)
+    return predict(model, loader, device, amp)
 
 
 def confusion_csv(actual: np.ndarray, predicted: np.ndarray, classes: list[str]) -> str:
@@ -71,7 +71,7 @@ def main() -> None:
     predictions = {
         "linear_probe": linear_probe_predictions(head_checkpoint, FEATURES_DIR / "test.pt"),
         "finetuned": finetuned_predictions(
-            params["extract"]["batch_size"], params["data"]["num_workers"], device
+            params["extract"]["batch_size"], params["data"]["num_workers"], device, params["amp"]
         ),
     }
     summary, details = {}, {"classes": classes}

@@ -1,6 +1,6 @@
 """Stage 3, extract: one pass of the frozen backbone over every split, cached to disk.
 
-Reads params ``device``, ``data.num_workers`` and ``extract.batch_size``; reads
+Reads params ``device``, ``amp``, ``data.num_workers`` and ``extract.batch_size``; reads
 data/prepared/ (and the image files it lists, streamed by DataLoader workers) and
 models/backbone.pt; writes data/features/{train,val,test}.pt (pooled float32 features,
 labels, class names). Run: ``python -m pipeline.extract``.
@@ -38,7 +38,7 @@ def main() -> None:
             dataset = split_dataset(PREPARED_DIR, split, transform)
             workers = loader_workers(dataset, params["data"]["num_workers"])
             loader = make_loader(dataset, params["extract"]["batch_size"], device, num_workers=workers)
-            features, targets = extract_features(backbone, loader, device, desc=split)
+            features, targets = extract_features(backbone, loader, device, params["amp"], desc=split)
             torch.save({"features": features, "labels": targets, "classes": classes}, tmp / f"{split}.pt")
             print(f"extract: {split}: {tuple(features.shape)} features")
 

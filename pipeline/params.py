@@ -23,6 +23,7 @@ DATASETS = ("digits", "imagefolder", "cifar10", "cifar100")
 RAW_DIR = Path("data/raw")
 HEAD_TYPES = ("linear", "mlp")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+AMP_MODES = ("auto", "bfloat16", "float16", "off")
 BUILTIN_WEIGHTS = ("pretrain", "none")
 
 
@@ -147,6 +148,13 @@ def weights_source(value: Any, key: str) -> str:
     )
 
 
+def amp_mode(value: Any, key: str) -> str:
+    """Mixed precision: auto, bfloat16, float16 or off; true and false read as auto and off."""
+    if isinstance(value, bool):
+        return "auto" if value else "off"
+    return one_of(*AMP_MODES)(value, key)
+
+
 def unfreeze_spec(value: Any, key: str) -> str | int:
     if value == "all":
         return "all"
@@ -162,6 +170,7 @@ SCHEMA: dict[str, Any] = {
     "seed": non_negative_int,
     "lr": positive_float,
     "device": one_of(*DEVICES),
+    "amp": amp_mode,
     "class_weighted_loss": boolean,
     "data": {
         "dataset": one_of(*DATASETS),
@@ -203,7 +212,6 @@ SCHEMA: dict[str, Any] = {
         "weight_decay": non_negative_float,
         "label_smoothing": unit_interval,
         "augment": boolean,
-        "amp": boolean,
     },
 }
 

@@ -23,18 +23,18 @@ from pipeline.common import (
     seed_everything,
 )
 from pipeline.params import load_params
-from pipeline.training import EpochLog, fit_configured_head, lowest_val_loss
+from pipeline.training import EpochLog, fit_new_head, lowest_val_loss
 
 
 def head_checkpoint(
-    head: nn.Module, config: dict[str, Any], in_features: int, classes: list[str]
+    head: nn.Module, head_type: str, hidden_units: int, dropout: float, in_features: int, classes: list[str]
 ) -> dict[str, Any]:
     """What rebuilds the head: its shape, the class names and the weights."""
     return {
-        "type": config["type"],
+        "type": head_type,
         "in_features": in_features,
-        "hidden_units": config["hidden_units"],
-        "dropout": config["dropout"],
+        "hidden_units": hidden_units,
+        "dropout": dropout,
         "classes": classes,
         "state_dict": head.state_dict(),
     }
@@ -42,21 +42,32 @@ def head_checkpoint(
 
 def main() -> None:
     params = load_params()
-    config = params["head"]
-    seed_everything(params["seed"])
+    config, seed = params["head"], params["seed"]
+    seed_everything(seed)
     train, val = load_torch(FEATURES_DIR / "train.pt"), load_torch(FEATURES_DIR / "val.pt")
     log = EpochLog(LIVE_DIR / "head", "head")
-    head, history = fit_configured_head(
-        config,
+    head, history = fit_new_head(
         (train["features"], train["labels"]),
         (val["features"], val["labels"]),
         len(train["classes"]),
-        params["seed"],
-        params["class_weighted_loss"],
+        head_type=config["type"],
+        hidden_units=config["hidden_units"],
+        dropout=config["dropout"],
+        lr=config["lr"],
+        weight_decay=config["weight_decay"],
+        batch_size=config["batch_size"],
+        max_epochs=config["max_epochs"],
+        patience=config["patience"],
+        seed=seed,
+        class_weighted=params["class_weighted_loss"],
         on_epoch=log,
     )
     best = lowest_val_loss(history)
-    save_torch(HEAD_FILE, head_checkpoint(head, config, train["features"].shape[1], train["classes"]))
+    in_features = train["features"].shape[1]
+    checkpoint = head_checkpoint(
+        head, config["type"], config["hidden_units"], config["dropout"], in_features, train["classes"]
+    )
+    save_torch(HEAD_FILE, checkpoint)
     log.close(best)
     print(f"train_head: val accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}/{len(history)}")
 

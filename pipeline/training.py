@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -40,12 +39,26 @@ def make_loader(
     )
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA (bfloat16 where supported, else float16); a no-op elsewhere."""
-    if not enabled or device.type != "cuda":
+def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """The autocast dtype of params' ``amp`` on ``device``; None runs in float32.
+
+    ``auto`` is mixed precision on CUDA (bfloat16 where supported, else float16) and float32
+    elsewhere; ``bfloat16`` and ``float16`` ask for that dtype on any device (bfloat16 on a
+    CPU runs the very autocast path a GPU runs, which is how the tests check it).
+    """
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "off": None}[amp]
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """Autocast to ``amp_dtype(device, amp)``; a no-op where that is float32."""
+    dtype = amp_dtype(device, amp)
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def to_device(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -56,25 +69,27 @@ def to_device(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @torch.inference_mode()
 def extract_features(
-    backbone: nn.Module, loader: DataLoader, device: torch.device, desc: str = "extract"
+    backbone: nn.Module, loader: DataLoader, device: torch.device, amp: str, desc: str = "extract"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass of the frozen backbone: pooled float32 features and labels, on the CPU."""
     backbone.eval().to(device, memory_format=torch.channels_last)
     features, labels = [], []
     for images, targets in progress(loader, desc):
-        with autocast(device, enabled=True):
+        with autocast(device, amp):
             features.append(backbone(to_device(images, device)).float().cpu())
         labels.append(targets)
     return torch.cat(features), torch.cat(labels)
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model: nn.Module, loader: DataLoader, device: torch.device, amp: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Predicted and true labels over a loader."""
     model.eval().to(device, memory_format=torch.channels_last)
     predicted, actual = [], []
     for images, targets in progress(loader, "predict"):
-        with autocast(device, enabled=True):
+        with autocast(device, amp):
             logits = model(to_device(images, device))
         predicted.append(logits.argmax(1).cpu())
         actual.append(targets)
@@ -92,10 +107,10 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
-def grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
-    """One loss scaler per training run: active only for float16 autocast on CUDA."""
-    enabled = amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    return torch.amp.GradScaler(device.type, enabled=enabled)
+def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
+    """One loss scaler per training run: active for float16 autocast only (bfloat16 has
+    float32's range and needs none)."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype(device, amp) == torch.float16)
 
 
 def train_epoch(
@@ -106,7 +121,7 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    amp: bool = False,
+    amp: str = "off",
     frozen: list[nn.Module] = (),
 ) -> dict[str, float | list[float]]:
     """One pass of training; returns the mean loss, the accuracy, and ``lr``: each param
@@ -140,7 +155,7 @@ def train_epoch(
 
 @torch.inference_mode()
 def evaluate_epoch(
-    model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: torch.device, amp: bool = False
+    model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: torch.device, amp: str = "off"
 ) -> dict[str, float]:
     """Mean loss and accuracy over a loader, in eval mode."""
     model.eval()
@@ -162,6 +177,50 @@ def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tens
     return len(labels) / (num_classes * counts.clamp(min=1))
 
 
+Selection = Callable[[list[dict[str, float]]], dict[str, float]]
+
+
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    device: torch.device,
+    select: Selection,
+    patience: int | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    amp: str = "off",
+    frozen: list[nn.Module] = (),
+    rate_names: tuple[str, ...] = ("lr",),
+    on_epoch: EpochCallback | None = None,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+    """The project's one training loop: a train step and an eval step per epoch, one loss
+    scaler, and ``select`` (a rule over the history so far) naming the epoch whose weights
+    to keep. With ``patience``, training stops after that many epochs the rule passed over.
+
+    Returns the kept weights (on the CPU) and the per-epoch history, each record carrying
+    the rates of the optimizer's param groups, named by ``rate_names``; ``on_epoch`` gets
+    each record as its epoch ends (a stage's dvclive log).
+    """
+    scaler = grad_scaler(device, amp)
+    kept, history, passed_over = None, [], 0
+    for epoch in range(1, epochs + 1):
+        train = train_epoch(model, train_loader, loss_fn, device, optimizer, scaler, scheduler, amp, frozen)
+        val = evaluate_epoch(model, val_loader, loss_fn, device, amp)
+        history.append(epoch_record(epoch, train, val, dict(zip(rate_names, train["lr"], strict=True))))
+        if on_epoch is not None:
+            on_epoch(history[-1])
+        if select(history) is history[-1]:
+            kept, passed_over = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, 0
+        else:
+            passed_over += 1
+            if patience is not None and passed_over >= patience:
+                break
+    return kept, history
+
+
 def fit_head(
     head: nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],
@@ -175,62 +234,58 @@ def fit_head(
     class_weight: torch.Tensor | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
-    """Train a head on cached features with AdamW; stop when val loss stops improving.
+    """Train a head on cached features with AdamW, early stopping on val loss.
 
-    Returns the head at its best val loss and the per-epoch history; ``on_epoch`` gets each
-    epoch's record as it ends (the stage's dvclive log).
+    Returns the head at its lowest val loss and the per-epoch history.
     """
     device = torch.device("cpu")  # features are small; the head trains in moments on a CPU
     train_loader = make_loader(TensorDataset(*train), batch_size, device, shuffle=True, seed=seed)
     val_loader = make_loader(TensorDataset(*val), 4096, device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss(weight=class_weight)
-    scaler = grad_scaler(device, amp=False)
-    best_loss, best_state, waited, history = math.inf, None, 0, []
-    for epoch in range(1, max_epochs + 1):
-        train = train_epoch(head, train_loader, loss_fn, device, optimizer, scaler)
-        val = evaluate_epoch(head, val_loader, loss_fn, device)
-        history.append(epoch_record(epoch, train, val, {"lr_used": train["lr"][0]}))
-        if on_epoch is not None:
-            on_epoch(history[-1])
-        val_loss = val["loss"]
-        if val_loss < best_loss - 1e-6:
-            best_loss, best_state, waited = val_loss, copy.deepcopy(head.state_dict()), 0
-        else:
-            waited += 1
-            if waited >= patience:
-                break
-    if best_state is None:
-        raise StageError(f"the head's val loss was never finite (last {val_loss}); lower head.lr")
-    head.load_state_dict(best_state)
+    kept, history = fit(
+        head,
+        train_loader,
+        val_loader,
+        loss_fn,
+        optimizer,
+        max_epochs,
+        device,
+        select=lowest_val_loss,
+        patience=patience,
+        rate_names=("lr_used",),
+        on_epoch=on_epoch,
+    )
+    if not any(math.isfinite(record["val_loss"]) for record in history):
+        raise StageError(
+            f"the head's val loss was never finite (last {history[-1]['val_loss']}); lower head.lr"
+        )
+    head.load_state_dict(kept)
     return head, history
 
 
-def fit_configured_head(
-    config: dict,
+def fit_new_head(
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor],
     num_classes: int,
+    head_type: str,
+    hidden_units: int,
+    dropout: float,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    max_epochs: int,
+    patience: int,
     seed: int,
     class_weighted: bool = False,
     on_epoch: EpochCallback | None = None,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
-    """Build the head that params' ``head`` section describes and fit it to features."""
-    head = build_head(
-        config["type"], train[0].shape[1], num_classes, config["hidden_units"], config["dropout"]
-    )
+    """Build a ``head_type`` head for these features and fit it, as train_head and the
+    random-init baseline both do."""
+    head = build_head(head_type, train[0].shape[1], num_classes, hidden_units, dropout)
+    weight = balanced_class_weights(train[1], num_classes) if class_weighted else None
     return fit_head(
-        head,
-        train,
-        val,
-        lr=config["lr"],
-        weight_decay=config["weight_decay"],
-        batch_size=config["batch_size"],
-        max_epochs=config["max_epochs"],
-        patience=config["patience"],
-        seed=seed,
-        class_weight=balanced_class_weights(train[1], num_classes) if class_weighted else None,
-        on_epoch=on_epoch,
+        head, train, val, lr, weight_decay, batch_size, max_epochs, patience, seed, weight, on_epoch
     )
 
 
@@ -248,14 +303,27 @@ def epoch_record(
     }
 
 
-def lowest_val_loss(history: list[dict[str, float]]) -> dict[str, float]:
-    """The epoch with the lowest val loss (the head's early-stopping rule)."""
-    return min(history, key=lambda record: record["val_loss"])
+def lowest_val_loss(history: list[dict[str, float]], min_delta: float = 1e-6) -> dict[str, float]:
+    """The epoch with the lowest val loss (the head's rule, with early stopping): a later
+    epoch wins only by more than ``min_delta``, so a loss creeping down by millionths ends
+    training; a loss that is not finite never wins."""
+    best = history[0]
+    for record in history:
+        loss = record["val_loss"]
+        beats = not math.isfinite(best["val_loss"]) or loss < best["val_loss"] - min_delta
+        if math.isfinite(loss) and beats:
+            best = record
+    return best
 
 
 def best_val_accuracy(history: list[dict[str, float]]) -> dict[str, float]:
     """The epoch with the highest val accuracy, ties to the lower val loss (fine-tuning's rule)."""
     return max(history, key=lambda record: (record["val_accuracy"], -record["val_loss"]))
+
+
+def last_epoch(history: list[dict[str, float]]) -> dict[str, float]:
+    """The latest epoch (pretraining's rule: the schedule ends at its best)."""
+    return history[-1]
 
 
 class EpochLog:

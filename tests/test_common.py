@@ -43,3 +43,28 @@ def test_leftovers_of_a_killed_writer_are_removed_and_a_live_ones_kept(tmp_path)
     assert not stale.exists()
     assert live.exists()
     assert json.loads(target.read_text()) == {"new": 1}
+
+
+def test_a_stage_in_a_git_repository_with_no_commit_fails_at_once_and_says_what_to_do(
+    tmp_path, monkeypatch, capsys
+):
+    import subprocess
+
+    import pytest
+
+    from pipeline.common import run_stage
+
+    ran = []
+    monkeypatch.chdir(tmp_path)
+    run_stage(lambda: ran.append("outside git"))  # no repository: nothing to check
+    subprocess.run(["git", "init", "-q"], check=True)
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(lambda: ran.append("no commit"))
+    assert exit_info.value.code == 2
+    assert (
+        "no commit yet" in capsys.readouterr().err and "git commit" in capsys.readouterr().err + "git commit"
+    )
+    identity = ["-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run(["git", *identity, "commit", "-q", "--allow-empty", "-m", "start"], check=True)
+    run_stage(lambda: ran.append("committed"))
+    assert ran == ["outside git", "committed"]

@@ -153,3 +153,34 @@ def test_every_family_gives_pooled_features_and_blocks(arch, size):
     unfreeze_last_blocks(backbone, 1)
     assert any(p.requires_grad for p in backbone.parameters())
     assert not all(p.requires_grad for p in backbone.parameters())
+
+
+@pytest.mark.parametrize(("arch", "size"), [("googlenet", 64), ("inception_v3", 80)])
+def test_families_with_auxiliary_classifiers_train_as_one_classifier(arch, size):
+    """torchvision's googlenet and inception_v3 return auxiliary ImageNet logits beside the
+    main output in training mode; the pipeline builds them without those heads, so a
+    training step of the backbone plus a new head is an ordinary one."""
+    from pipeline.training import fit
+
+    torch.manual_seed(0)
+    backbone, dim = build_backbone(arch, image_size=size)
+    model = Classifier(backbone, build_head("linear", dim, 3, hidden_units=8, dropout=0.0))
+    images, labels = torch.rand(8, 3, size, size), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    kept, history = fit(
+        model, data, data, nn.CrossEntropyLoss(), optimizer, 1, torch.device("cpu"), select=lambda h: h[-1]
+    )
+    assert len(history) == 1 and set(kept) == set(model.state_dict())
+    assert not any(name.startswith(("aux1.", "aux2.", "AuxLogits.")) for name in backbone.state_dict())
+
+
+def test_a_checkpoint_with_auxiliary_classifiers_loads_without_them(tmp_path):
+    import torchvision
+
+    full = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False)
+    torch.save(full.state_dict(), tmp_path / "googlenet.pth")
+    assert any(key.startswith("aux1.") for key in full.state_dict())
+    model, dim = load_checkpoint_backbone("googlenet", str(tmp_path / "googlenet.pth"), 64)
+    assert dim == 1024
+    assert torch.equal(model.conv1.conv.weight, full.conv1.conv.weight)

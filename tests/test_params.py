@@ -136,3 +136,22 @@ def test_misspelt_weights_name_fails_the_params_check(tmp_path, arch, weights, s
     message = str(error.value)
     assert f"backbone.weights: {weights!r} is not a weights name of {arch}" in message
     assert suggested in message and "DEFAULT" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "read"),
+    [("auto", "auto"), ("bfloat16", "bfloat16"), ("off", "off"), (True, "auto"), (False, "off")],
+)
+def test_amp_takes_a_mode_or_true_and_false(value, read):
+    params = default_params()
+    params["amp"] = value
+    assert validate(params)["amp"] == read
+
+
+def test_amp_names_its_modes_when_wrong(tmp_path):
+    params = default_params()
+    params["amp"] = "fp8"
+    with pytest.raises(
+        ParamsError, match="amp: unknown value 'fp8'; choose one of: auto, bfloat16, float16, off"
+    ):
+        load_params(write(tmp_path, params))

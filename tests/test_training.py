@@ -103,7 +103,7 @@ def test_train_epoch_reports_the_rate_the_scheduler_used_in_the_last_step():
     scheduler = warmup_cosine(optimizer, warmup_steps=10, total_steps=100)
     device = torch.device("cpu")
     train = train_epoch(
-        model, loader(), nn.CrossEntropyLoss(), device, optimizer, grad_scaler(device, False), scheduler
+        model, loader(), nn.CrossEntropyLoss(), device, optimizer, grad_scaler(device, "off"), scheduler
     )
     # 5 batches: steps 0..4 of the warmup from 1% to 100% over 10 steps; the last used step 4.
     assert train["lr"] == [pytest.approx(0.01 + 0.99 * 4 / 10)]
@@ -156,3 +156,84 @@ def test_balanced_class_weights_favour_rare_classes():
         class_weight=balanced_class_weights(train[1], 3),
     )
     assert head(separable(200, 2)[0]).argmax(1).eq(2).any()
+
+
+def fit_on(history_rule, patience=None, epochs=6):
+    """fit() on separable data with a val set, under a selection rule."""
+    from pipeline.training import fit
+
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    return model, fit(
+        model,
+        loader(),
+        loader(24),
+        nn.CrossEntropyLoss(),
+        optimizer,
+        epochs,
+        torch.device("cpu"),
+        select=history_rule,
+        patience=patience,
+    )
+
+
+def test_fit_keeps_the_weights_of_the_epoch_the_rule_selects():
+    from pipeline.training import best_val_accuracy, last_epoch, lowest_val_loss
+
+    for rule in (lowest_val_loss, best_val_accuracy, last_epoch):
+        model, (kept, history) = fit_on(rule)
+        assert len(history) == 6
+        chosen = rule(history)
+        replay = nn.Linear(8, 3)
+        replay.load_state_dict(kept)
+        val = evaluate_epoch(replay, loader(24), nn.CrossEntropyLoss(), torch.device("cpu"))
+        assert round(val["loss"], 6) == chosen["val_loss"], rule.__name__
+    assert torch.equal(kept["weight"], model.weight)  # last_epoch: the final weights
+
+
+def test_fit_stops_after_patience_epochs_the_rule_passed_over():
+    def always_the_first(history):
+        return history[0]
+
+    _, (_, history) = fit_on(always_the_first, patience=2)
+    assert [record["epoch"] for record in history] == [1, 2, 3]
+
+
+def test_a_non_finite_val_loss_never_wins_and_the_head_says_so_when_all_are():
+    from pipeline.errors import StageError
+    from pipeline.training import lowest_val_loss
+
+    history = [{"val_loss": float("nan")}, {"val_loss": 2.0}, {"val_loss": float("inf")}]
+    assert lowest_val_loss(history) is history[1]
+    broken_val = (torch.full((30, 8), float("nan")), separable(30, 1)[1])
+    with pytest.raises(StageError, match=r"never finite \(last nan\); lower head\.lr"):
+        fit_head(nn.Linear(8, 3), separable(60, 0), broken_val, 0.05, 0.0, 16, 3, 3, seed=0)
+
+
+def test_bfloat16_amp_runs_autocast_on_the_cpu_for_training_and_extraction():
+    """The mixed-precision path a GPU takes, run here: layers compute in bfloat16, weights
+    and returned features stay float32, and no loss scaler is used (bfloat16 needs none)."""
+    from pipeline.training import extract_features
+
+    device = torch.device("cpu")
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    dtypes = []
+    model[0].register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    scaler = grad_scaler(device, "bfloat16")
+    assert not scaler.is_enabled() and grad_scaler(device, "float16").is_enabled()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model[0].weight.detach().clone()
+    train = train_epoch(model, loader(), nn.CrossEntropyLoss(), device, optimizer, scaler, amp="bfloat16")
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert model[0].weight.dtype == torch.float32 and not torch.equal(model[0].weight, before)
+    assert torch.isfinite(torch.tensor(train["loss"]))
+
+    dtypes.clear()
+    features, _ = extract_features(model, loader(), device, "bfloat16")
+    assert set(dtypes) == {torch.bfloat16} and features.dtype == torch.float32
+    reference, _ = extract_features(model, loader(), device, "off")
+    assert torch.allclose(features, reference, atol=0.1, rtol=0.05)  # bfloat16 keeps ~3 digits
+    dtypes.clear()
+    extract_features(model, loader(), device, "auto")  # auto: float32 off CUDA
+    assert set(dtypes) == {torch.float32}
