@@ -1,6 +1,7 @@
 """Stage 2, backbone: materialize the pretrained backbone's weights into one pinned file.
 
-Reads params ``seed``, ``device``, ``amp`` and ``backbone.*``. ``backbone.weights`` is ``pretrain``
+Reads params ``seed``, ``device``, ``amp``, ``backbone.*`` and ``distributed.*`` (pretraining
+runs in that many processes under DistributedDataParallel). ``backbone.weights`` is ``pretrain``
 (train on the synthetic glyph task, offline), ``none`` (random init), a torchvision weights
 name (torchvision's download and cache) or a local checkpoint path. Writes
 models/backbone.pt (arch, state dict without classifier, feature size, preprocessing) and
@@ -17,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline import distributed
 from pipeline.common import (
     BACKBONE_FILE,
     METRICS_DIR,
-    resolve_device,
     run_stage,
     save_torch,
     seed_everything,
@@ -37,7 +38,7 @@ from pipeline.models import (
     load_checkpoint_backbone,
 )
 from pipeline.params import load_params
-from pipeline.training import fit, last_epoch, make_loader, warmup_cosine
+from pipeline.training import fit, last_epoch, make_loader, optimizer_steps, warmup_cosine
 
 
 def pretrain_on_glyphs(
@@ -50,22 +51,29 @@ def pretrain_on_glyphs(
     seed: int,
     device: torch.device,
     amp: str,
+    ranks: distributed.Ranks,
+    sync_batchnorm: bool = False,
+    max_batch_per_process: int = 0,
 ) -> tuple[nn.Module, int, float]:
-    """Train ``arch`` from scratch on rendered glyphs; returns backbone, feature size and the
-    accuracy on a held-out 5% of the glyphs."""
+    """Train ``arch`` from scratch on rendered glyphs (``batch_size`` the global batch, shared
+    by the processes); returns backbone, feature size and the accuracy on a held-out 5%."""
     glyphs, labels, classes = render_glyph_dataset(images, image_size, seed)
     held_out = max(1, len(labels) // 20)
     transform = image_transform(image_size, PLAIN_MEAN, PLAIN_STD)
     train = ImageArrayDataset(glyphs[held_out:], labels[held_out:], transform)
     val = ImageArrayDataset(glyphs[:held_out], labels[:held_out], transform)
-    train_loader = make_loader(train, batch_size, device, shuffle=True, seed=seed)
-    val_loader = make_loader(val, 512, device)
+    per_process, accumulate = distributed.split_batch(
+        batch_size, ranks.world_size, max_batch_per_process, "backbone.pretrain_batch_size"
+    )
+    train_sampler = distributed.GlobalBatchSampler(len(train), batch_size, ranks, seed)
+    train_loader = make_loader(train, per_process, device, sampler=train_sampler)
+    val_loader = make_loader(val, 512, device, sampler=distributed.ShardSampler(len(val), ranks))
 
     backbone, features = build_backbone(arch, image_size=image_size)
     model = Classifier(backbone, nn.Linear(features, len(classes)))
     model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
-    steps = epochs * len(train_loader)
+    steps = epochs * optimizer_steps(train_loader, accumulate)
     scheduler = warmup_cosine(optimizer, warmup_steps=max(1, steps // 10), total_steps=steps)
 
     def report(record: dict[str, float]) -> None:
@@ -75,7 +83,7 @@ def pretrain_on_glyphs(
         )
 
     kept, history = fit(
-        model,
+        distributed.parallel(model, ranks, device, sync_batchnorm),
         train_loader,
         val_loader,
         nn.CrossEntropyLoss(),
@@ -86,6 +94,7 @@ def pretrain_on_glyphs(
         scheduler=scheduler,
         amp=amp,
         on_epoch=report,
+        accumulate=accumulate,
     )
     model.load_state_dict(kept)
     return model.backbone.cpu(), features, history[-1]["val_accuracy"]
@@ -124,7 +133,8 @@ def materialize(
 
 def main() -> None:
     params = load_params()
-    config, seed = params["backbone"], params["seed"]
+    config, seed, settings = params["backbone"], params["seed"], params["distributed"]
+    plan, ranks, device = distributed.start("backbone", settings, params["device"])
     seed_everything(seed)
     pretrain = functools.partial(
         pretrain_on_glyphs,
@@ -135,14 +145,21 @@ def main() -> None:
         config["pretrain_lr"],
         config["pretrain_batch_size"],
         seed,
-        resolve_device(params["device"]),
+        device,
         params["amp"],
+        ranks,
+        settings["sync_batchnorm"],
+        settings["max_batch_per_process"],
     )
     checkpoint, metrics = materialize(config["arch"], config["weights"], config["image_size"], pretrain)
+    if not ranks.main:
+        return
+    if config["weights"] == "pretrain":
+        metrics.update(world_size=ranks.world_size, backend=plan.backend)
     save_torch(BACKBONE_FILE, checkpoint)
     write_json(METRICS_DIR / "backbone.json", metrics)
     print(f"backbone: {checkpoint['arch']} ({checkpoint['weights']}) -> {BACKBONE_FILE}")
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, stage="backbone")

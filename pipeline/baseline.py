@@ -4,8 +4,9 @@ Transfer is worth what the pretrained features add over an untrained network's: 
 extracts features with ``backbone.arch`` at random init (seeded), fits the configured head
 the way train_head does, and scores it on the test split. Reads params ``seed``, ``device``,
 ``amp``, ``class_weighted_loss``, ``data.num_workers``, ``backbone.arch``,
-``backbone.image_size``, ``extract.batch_size`` and ``head.*``; reads data/prepared/ (and the
-image files it lists); writes metrics/baseline.json. Run: ``python -m pipeline.baseline``.
+``backbone.image_size``, ``extract.batch_size``, ``head.*`` and
+``distributed.{nproc_per_node,backend,timeout_s}``; reads data/prepared/ (and the image files
+it lists); writes metrics/baseline.json. Run: ``python -m pipeline.baseline``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.common import METRICS_DIR, PREPARED_DIR, resolve_device, run_stage, seed_everything, write_json
+from pipeline import distributed
+from pipeline.common import METRICS_DIR, PREPARED_DIR, run_stage, seed_everything, write_json
 from pipeline.data import SPLITS, image_transform, load_classes, loader_workers, split_dataset
 from pipeline.metrics import summary_metrics
 from pipeline.models import PLAIN_MEAN, PLAIN_STD, build_backbone
@@ -22,15 +24,24 @@ from pipeline.training import extract_features, fit_new_head, make_loader
 
 
 def random_init_features(
-    arch: str, image_size: int, batch_size: int, num_workers: int, device: torch.device, amp: str
+    arch: str,
+    image_size: int,
+    batch_size: int,
+    num_workers: int,
+    ranks: distributed.Ranks,
+    device: torch.device,
+    amp: str,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each split's features from ``arch`` at random init (seeded), and the labels."""
+    """Each split's features from ``arch`` at random init (seeded), and the labels, in
+    dataset order; each process extracts a share."""
     backbone, _ = build_backbone(arch, image_size=image_size)
     transform = image_transform(image_size, PLAIN_MEAN, PLAIN_STD)
     features = {}
     for split in SPLITS:
         dataset = split_dataset(PREPARED_DIR, split, transform)
-        loader = make_loader(dataset, batch_size, device, num_workers=loader_workers(dataset, num_workers))
+        sampler = distributed.ShardSampler(len(dataset), ranks)
+        workers = loader_workers(dataset, num_workers)
+        loader = make_loader(dataset, batch_size, device, num_workers=workers, sampler=sampler)
         features[split] = extract_features(backbone, loader, device, amp, desc=f"random-init {split}")
     return features
 
@@ -38,15 +49,19 @@ def random_init_features(
 def main() -> None:
     params = load_params()
     head, seed = params["head"], params["seed"]
+    _, ranks, device = distributed.start("baseline", params["distributed"], params["device"])
     seed_everything(seed)
     features = random_init_features(
         params["backbone"]["arch"],
         params["backbone"]["image_size"],
         params["extract"]["batch_size"],
         params["data"]["num_workers"],
-        resolve_device(params["device"]),
+        ranks,
+        device,
         params["amp"],
     )
+    if not ranks.main:  # the probe trains on the CPU in moments: rank 0 alone
+        return
     probe, _ = fit_new_head(
         features["train"],
         features["val"],
@@ -71,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, stage="baseline")

@@ -183,11 +183,34 @@ def check_git_has_a_commit() -> None:
         )
 
 
-def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's ``main``; print a bad-params or missing-input error as one line, exit 2."""
+def launched(stage: str) -> bool:
+    """Start ``stage``'s processes under torch.distributed.run if params ask for several
+    (pipeline.distributed), and wait for them; False where one process runs it here."""
+    from pipeline.distributed import in_worker, launch, plan_for
+    from pipeline.params import load_params
+
+    if in_worker():
+        return False
+    params = load_params()
+    plan = plan_for(stage, params["distributed"], params["device"])
+    if plan.world_size == 1:
+        return False
+    print(f"{stage}: {plan.world_size} processes ({plan.nproc_per_node} here, {plan.backend})")
+    launch(f"pipeline.{stage}", plan)
+    return True
+
+
+def run_stage(main: Callable[[], None], stage: str | None = None) -> None:
+    """Run a stage's ``main``; print a bad-params or missing-input error as one line, exit 2.
+
+    ``stage`` names a stage that can run in several processes: where params ask for more
+    than one, this process checks params, then launches them instead (so a bad params.yaml
+    fails once, before any process starts).
+    """
     try:
         check_git_has_a_commit()
-        main()
+        if stage is None or not launched(stage):
+            main()
     except (ParamsError, StageError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

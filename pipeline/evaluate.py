@@ -1,6 +1,7 @@
 """Stage 6, evaluate: the linear-probe and the fine-tuned model on the test split.
 
-Reads params ``device``, ``amp``, ``data.num_workers`` and ``extract.batch_size``; reads data/prepared/,
+Reads params ``device``, ``amp``, ``data.num_workers``, ``extract.batch_size`` and
+``distributed.{nproc_per_node,backend,timeout_s}`` (each process predicts a share); reads data/prepared/,
 data/features/test.pt, models/head.pt and models/finetuned.pt; writes metrics/test.json
 (accuracy and macro-F1 of both models; declared as dvc metrics), metrics/per_class.json
 (per-class precision, recall, F1, support and the confusion matrices) and
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import distributed
 from pipeline.common import (
     FEATURES_DIR,
     FINETUNED_FILE,
@@ -25,7 +27,6 @@ from pipeline.common import (
     PLOTS_DIR,
     PREPARED_DIR,
     load_torch,
-    resolve_device,
     run_stage,
     write_json,
     write_text,
@@ -46,11 +47,16 @@ def linear_probe_predictions(head_checkpoint: dict, features_file: Path) -> tupl
 
 
 def finetuned_predictions(
-    batch_size: int, num_workers: int, device: torch.device, amp: str
+    batch_size: int, num_workers: int, ranks: distributed.Ranks, device: torch.device, amp: str
 ) -> tuple[np.ndarray, np.ndarray]:
+    """The fine-tuned model's predictions on the test split, in order; each process
+    predicts a share."""
     model, checkpoint = load_classifier(FINETUNED_FILE)
     test = split_dataset(PREPARED_DIR, "test", checkpoint_transform(checkpoint))
-    loader = make_loader(test, batch_size, device, num_workers=loader_workers(test, num_workers))
+    sampler = distributed.ShardSampler(len(test), ranks)
+    loader = make_loader(
+        test, batch_size, device, num_workers=loader_workers(test, num_workers), sampler=sampler
+    )
     return predict(model, loader, device, amp)
 
 
@@ -65,14 +71,17 @@ def confusion_csv(actual: np.ndarray, predicted: np.ndarray, classes: list[str])
 
 def main() -> None:
     params = load_params()
-    device = resolve_device(params["device"])
+    _, ranks, device = distributed.start("evaluate", params["distributed"], params["device"])
+    finetuned = finetuned_predictions(
+        params["extract"]["batch_size"], params["data"]["num_workers"], ranks, device, params["amp"]
+    )
+    if not ranks.main:
+        return
     head_checkpoint = load_torch(HEAD_FILE)
     classes = head_checkpoint["classes"]
     predictions = {
         "linear_probe": linear_probe_predictions(head_checkpoint, FEATURES_DIR / "test.pt"),
-        "finetuned": finetuned_predictions(
-            params["extract"]["batch_size"], params["data"]["num_workers"], device, params["amp"]
-        ),
+        "finetuned": finetuned,
     }
     summary, details = {}, {"classes": classes}
     for name, (predicted, actual) in predictions.items():
@@ -86,4 +95,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, stage="evaluate")

@@ -1,6 +1,7 @@
 """Stage 3, extract: one pass of the frozen backbone over every split, cached to disk.
 
-Reads params ``device``, ``amp``, ``data.num_workers`` and ``extract.batch_size``; reads
+Reads params ``device``, ``amp``, ``data.num_workers``, ``extract.batch_size`` and
+``distributed.{nproc_per_node,backend,timeout_s}`` (each process extracts a share); reads
 data/prepared/ (and the image files it lists, streamed by DataLoader workers) and
 models/backbone.pt; writes data/features/{train,val,test}.pt (pooled float32 features,
 labels, class names). Run: ``python -m pipeline.extract``.
@@ -8,15 +9,17 @@ labels, class names). Run: ``python -m pipeline.extract``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from pipeline import distributed
 from pipeline.common import (
     BACKBONE_FILE,
     FEATURES_DIR,
     PREPARED_DIR,
     atomic_path,
     load_torch,
-    resolve_device,
     run_stage,
 )
 from pipeline.data import SPLITS, checkpoint_transform, load_classes, loader_workers, split_dataset
@@ -25,23 +28,53 @@ from pipeline.params import load_params
 from pipeline.training import extract_features, make_loader
 
 
+def split_features(
+    split: str,
+    backbone: torch.nn.Module,
+    transform: Callable,
+    batch_size: int,
+    num_workers: int,
+    ranks: distributed.Ranks,
+    device: torch.device,
+    amp: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split's features and labels, in dataset order; each process computes its share."""
+    dataset = split_dataset(PREPARED_DIR, split, transform)
+    sampler = distributed.ShardSampler(len(dataset), ranks)
+    loader = make_loader(
+        dataset, batch_size, device, num_workers=loader_workers(dataset, num_workers), sampler=sampler
+    )
+    return extract_features(backbone, loader, device, amp, desc=split)
+
+
 def main() -> None:
     params = load_params()
-    device = resolve_device(params["device"])
+    _, ranks, device = distributed.start("extract", params["distributed"], params["device"])
     checkpoint = load_torch(BACKBONE_FILE)
     backbone = load_backbone(checkpoint)
     transform = checkpoint_transform(checkpoint)
     classes = load_classes(PREPARED_DIR)
+    features = {
+        split: split_features(
+            split,
+            backbone,
+            transform,
+            params["extract"]["batch_size"],
+            params["data"]["num_workers"],
+            ranks,
+            device,
+            params["amp"],
+        )
+        for split in SPLITS
+    }
+    if not ranks.main:
+        return
     with atomic_path(FEATURES_DIR) as tmp:
         tmp.mkdir()
-        for split in SPLITS:
-            dataset = split_dataset(PREPARED_DIR, split, transform)
-            workers = loader_workers(dataset, params["data"]["num_workers"])
-            loader = make_loader(dataset, params["extract"]["batch_size"], device, num_workers=workers)
-            features, targets = extract_features(backbone, loader, device, params["amp"], desc=split)
-            torch.save({"features": features, "labels": targets, "classes": classes}, tmp / f"{split}.pt")
-            print(f"extract: {split}: {tuple(features.shape)} features")
+        for split, (values, labels) in features.items():
+            torch.save({"features": values, "labels": labels, "classes": classes}, tmp / f"{split}.pt")
+            print(f"extract: {split}: {tuple(values.shape)} features")
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, stage="extract")

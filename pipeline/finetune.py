@@ -2,11 +2,14 @@
 
 Starts from the trained head (linear probe, then fine-tune), not a fresh one. Reads params
 ``seed``, ``lr`` (the head's learning rate; ``dvc exp run -S lr=1e-4``), ``device``, ``amp``,
-``class_weighted_loss``, ``data.num_workers`` and ``finetune.*``; reads data/prepared/ (and
-the image files it lists), models/backbone.pt and models/head.pt; writes
+``class_weighted_loss``, ``data.num_workers``, ``finetune.*`` and ``distributed.*``; reads
+data/prepared/ (and the image files it lists), models/backbone.pt and models/head.pt; writes
 models/finetuned.pt (best on val) and, through dvclive, reports/live/finetune/ (per-epoch
 losses, accuracies and the learning rates the schedule used; metrics.json with the latest
-and the best epoch, live while the stage runs).
+and the best epoch, the world size and the backend, live while the stage runs).
+
+With ``distributed.nproc_per_node`` (or ``nnodes``) above 1 it runs in that many processes
+under DistributedDataParallel; ``finetune.batch_size`` stays the global batch.
 Run: ``python -m pipeline.finetune``.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline import distributed
 from pipeline.common import (
     BACKBONE_FILE,
     FINETUNED_FILE,
@@ -22,13 +26,19 @@ from pipeline.common import (
     LIVE_DIR,
     PREPARED_DIR,
     load_torch,
-    resolve_device,
     run_stage,
     save_torch,
     seed_everything,
 )
-from pipeline.data import checkpoint_transform, loader_workers, split_dataset
-from pipeline.models import Classifier, load_backbone, load_head, unfreeze_last_blocks
+from pipeline.data import SeededAugmentation, checkpoint_transform, loader_workers, split_dataset
+from pipeline.models import (
+    Classifier,
+    batchnorm_layers,
+    frozen_modules,
+    load_backbone,
+    load_head,
+    unfreeze_last_blocks,
+)
 from pipeline.params import load_params
 from pipeline.training import (
     EpochCallback,
@@ -37,40 +47,48 @@ from pipeline.training import (
     best_val_accuracy,
     fit,
     make_loader,
+    optimizer_steps,
+    unwrap,
     warmup_cosine,
 )
 
 
 def finetune(
-    model: Classifier,
+    model: nn.Module,
     train_loader: torch.utils.data.DataLoader,
     val_loader: torch.utils.data.DataLoader,
     device: torch.device,
     lr: float,
     epochs: int,
-    unfreeze: str | int,
     backbone_lr_ratio: float,
     warmup_epochs: int,
     weight_decay: float,
     label_smoothing: float,
     amp: str,
+    bn: str = "train",
+    accumulate: int = 1,
     class_weight: torch.Tensor | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
-    """Train the unfrozen part of the model; returns the best-on-val weights and the history.
+    """Train the unfrozen part of a Classifier (possibly wrapped in DistributedDataParallel);
+    returns the best-on-val weights and the history.
 
     The head learns at ``lr`` and the backbone at ``lr * backbone_lr_ratio``, with linear
-    warmup then cosine decay per batch; the history records the rates the schedule gave
-    each epoch's last step. Best means highest val accuracy, then lowest val loss.
+    warmup then cosine decay per optimizer step; the history records the rates the schedule
+    gave each epoch's last step. Best means highest val accuracy, then lowest val loss.
+    With ``bn="frozen"`` every BatchNorm layer keeps the backbone's running statistics.
     """
-    frozen = unfreeze_last_blocks(model.backbone, unfreeze)
-    model.to(device, memory_format=torch.channels_last)
+    classifier = unwrap(model)
     groups = [
-        {"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": lr * backbone_lr_ratio},
-        {"params": list(model.head.parameters()), "lr": lr},
+        {
+            "params": [p for p in classifier.backbone.parameters() if p.requires_grad],
+            "lr": lr * backbone_lr_ratio,
+        },
+        {"params": list(classifier.head.parameters()), "lr": lr},
     ]
     optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
-    scheduler = warmup_cosine(optimizer, warmup_epochs * len(train_loader), epochs * len(train_loader))
+    steps = optimizer_steps(train_loader, accumulate)
+    scheduler = warmup_cosine(optimizer, warmup_epochs * steps, epochs * steps)
     weight = class_weight.to(device) if class_weight is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
     return fit(
@@ -84,33 +102,45 @@ def finetune(
         select=best_val_accuracy,
         scheduler=scheduler,
         amp=amp,
-        frozen=frozen,
+        frozen=frozen_modules(classifier) + (batchnorm_layers(classifier) if bn == "frozen" else []),
         rate_names=("lr_backbone", "lr_head"),
         on_epoch=on_epoch,
+        accumulate=accumulate,
     )
 
 
 def main() -> None:
     params = load_params()
-    config, lr, seed = params["finetune"], params["lr"], params["seed"]
-    seed_everything(seed)
-    device = resolve_device(params["device"])
-    backbone_checkpoint, head_checkpoint = load_torch(BACKBONE_FILE), load_torch(HEAD_FILE)
-    model = Classifier(load_backbone(backbone_checkpoint), load_head(head_checkpoint))
-    train = split_dataset(PREPARED_DIR, "train", checkpoint_transform(backbone_checkpoint, config["augment"]))
-    val = split_dataset(PREPARED_DIR, "val", checkpoint_transform(backbone_checkpoint))
-    workers = loader_workers(train, params["data"]["num_workers"])
-    train_loader = make_loader(
-        train, config["batch_size"], device, shuffle=True, seed=seed, num_workers=workers
+    config, lr, seed, settings = params["finetune"], params["lr"], params["seed"], params["distributed"]
+    plan, ranks, device = distributed.start("finetune", settings, params["device"])
+    per_process, accumulate = distributed.split_batch(
+        config["batch_size"], ranks.world_size, settings["max_batch_per_process"], "finetune.batch_size"
     )
-    val_loader = make_loader(val, config["batch_size"], device, num_workers=workers)
+    seed_everything(seed)
+    backbone_checkpoint, head_checkpoint = load_torch(BACKBONE_FILE), load_torch(HEAD_FILE)
+    classifier = Classifier(load_backbone(backbone_checkpoint), load_head(head_checkpoint))
+    unfreeze_last_blocks(classifier.backbone, config["unfreeze"])
+    classifier.to(device, memory_format=torch.channels_last)
+    model = distributed.parallel(classifier, ranks, device, settings["sync_batchnorm"])
+
+    images = split_dataset(
+        PREPARED_DIR, "train", checkpoint_transform(backbone_checkpoint, config["augment"])
+    )
+    workers = loader_workers(images, params["data"]["num_workers"])
+    train = SeededAugmentation(images, seed)
+    val = split_dataset(PREPARED_DIR, "val", checkpoint_transform(backbone_checkpoint))
+    train_sampler = distributed.GlobalBatchSampler(len(train), config["batch_size"], ranks, seed)
+    train_loader = make_loader(train, per_process, device, num_workers=workers, sampler=train_sampler)
+    val_sampler = distributed.ShardSampler(len(val), ranks)
+    val_loader = make_loader(val, per_process, device, num_workers=workers, sampler=val_sampler)
     class_weight = None
     if params["class_weighted_loss"]:
         class_weight = balanced_class_weights(train.labels, len(head_checkpoint["classes"]))
-    log = EpochLog(LIVE_DIR / "finetune", "finetune")
+    log = EpochLog(LIVE_DIR / "finetune", "finetune") if ranks.main else None
 
     def on_epoch(record: dict[str, float]) -> None:
-        log(record)
+        if log is not None:
+            log(record)
         print(
             f"finetune epoch {record['epoch']}: train loss {record['train_loss']:.4f}, "
             f"val accuracy {record['val_accuracy']:.4f}"
@@ -123,15 +153,18 @@ def main() -> None:
         device,
         lr=lr,
         epochs=config["epochs"],
-        unfreeze=config["unfreeze"],
         backbone_lr_ratio=config["backbone_lr_ratio"],
         warmup_epochs=config["warmup_epochs"],
         weight_decay=config["weight_decay"],
         label_smoothing=config["label_smoothing"],
         amp=params["amp"],
+        bn=config["bn"],
+        accumulate=accumulate,
         class_weight=class_weight,
         on_epoch=on_epoch,
     )
+    if not ranks.main:
+        return
     best = best_val_accuracy(history)
     head_config = {k: v for k, v in head_checkpoint.items() if k != "state_dict"}
     save_torch(
@@ -144,12 +177,15 @@ def main() -> None:
             "classes": head_checkpoint["classes"],
             "head": head_config,
             "params": {"lr": lr, "seed": seed, "amp": params["amp"], **config},
+            "world_size": ranks.world_size,
+            "backend": plan.backend,
             "state_dict": best_state,
         },
     )
+    log.live.summary.setdefault("finetune", {}).update(world_size=ranks.world_size, backend=plan.backend)
     log.close(best)
     print(f"finetune: best val accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}")
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, stage="finetune")

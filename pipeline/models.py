@@ -191,12 +191,23 @@ def unfreeze_last_blocks(model: nn.Module, blocks: str | int) -> list[nn.Module]
     for parameter in model.parameters():
         trainable = trainable or parameter is first_trainable
         parameter.requires_grad_(trainable)
+    return frozen_modules(model)
+
+
+def frozen_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules that hold parameters, none of them trainable."""
     return [
         module
         for module in model.modules()
         if any(True for _ in module.parameters(recurse=False))
         and not any(p.requires_grad for p in module.parameters(recurse=False))
     ]
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer (SyncBatchNorm included): in eval mode they keep their running
+    statistics while their scale and shift still train."""
+    return [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
 
 
 def classifier_name(arch: str) -> str:

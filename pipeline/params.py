@@ -24,6 +24,8 @@ RAW_DIR = Path("data/raw")
 HEAD_TYPES = ("linear", "mlp")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 AMP_MODES = ("auto", "bfloat16", "float16", "off")
+BACKENDS = ("auto", "nccl", "gloo")
+BN_MODES = ("train", "frozen")
 BUILTIN_WEIGHTS = ("pretrain", "none")
 
 
@@ -155,6 +157,38 @@ def amp_mode(value: Any, key: str) -> str:
     return one_of(*AMP_MODES)(value, key)
 
 
+def process_count(value: Any, key: str) -> str | int:
+    """``auto`` or a number of processes."""
+    if value == "auto":
+        return "auto"
+    try:
+        return positive_int(value, key)
+    except ParamsError:
+        raise ParamsError(
+            f"{key}: expected 'auto' or a number of processes (1 or more), got {value!r}"
+        ) from None
+
+
+def rank_spec(value: Any, key: str) -> str | int:
+    """``auto`` or a machine's rank."""
+    if value == "auto":
+        return "auto"
+    try:
+        return non_negative_int(value, key)
+    except ParamsError:
+        raise ParamsError(f"{key}: expected 'auto' or a rank (0 or more), got {value!r}") from None
+
+
+def endpoint(value: Any, key: str) -> str:
+    """``auto`` ($MASTER_ADDR:$MASTER_PORT, as a job script sets them) or ``host:port``."""
+    if value == "auto":
+        return "auto"
+    host, _, port = str(value).rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ParamsError(f"{key}: expected auto or host:port (e.g. node001:29400), got {value!r}")
+    return str(value)
+
+
 def unfreeze_spec(value: Any, key: str) -> str | int:
     if value == "all":
         return "all"
@@ -212,6 +246,17 @@ SCHEMA: dict[str, Any] = {
         "weight_decay": non_negative_float,
         "label_smoothing": unit_interval,
         "augment": boolean,
+        "bn": one_of(*BN_MODES),
+    },
+    "distributed": {
+        "nproc_per_node": process_count,
+        "nnodes": positive_int,
+        "node_rank": rank_spec,
+        "rdzv_endpoint": endpoint,
+        "backend": one_of(*BACKENDS),
+        "sync_batchnorm": boolean,
+        "max_batch_per_process": non_negative_int,
+        "timeout_s": positive_int,
     },
 }
 
@@ -261,6 +306,12 @@ def check_backbone_model(backbone: dict[str, Any]) -> None:
 
 def cross_check(params: dict[str, Any]) -> None:
     """Checks that need more than one key."""
+    distributed = params["distributed"]
+    if distributed["node_rank"] != "auto" and distributed["node_rank"] >= distributed["nnodes"]:
+        raise ParamsError(
+            f"distributed.node_rank: {distributed['node_rank']} is not below distributed.nnodes "
+            f"({distributed['nnodes']}); ranks run from 0 (the head node) to nnodes - 1"
+        )
     data = params["data"]
     if data["dataset"] != "digits":
         path = Path(data["path"])

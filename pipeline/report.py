@@ -149,7 +149,17 @@ def render_report(params: dict[str, Any], backbone_hash: str) -> str:
         if "pretrain_accuracy" in backbone
         else ""
     )
-    notes = pretrain + skipped_note
+    finetune = read_json(LIVE_DIR / "finetune" / "metrics.json")["finetune"]
+    runs = [("Fine-tuned", finetune)] + ([("pretrained", backbone)] if "world_size" in backbone else [])
+    processes = (
+        " "
+        + ", ".join(
+            f"{what} in {run['world_size']} process{'es' if run['world_size'] > 1 else ''} ({run['backend']})"
+            for what, run in runs
+        )
+        + " (results depend on the world size)."
+    )
+    notes = pretrain + processes + skipped_note
     return f"""# Transfer-learning report
 
 Dataset **{params["data"]["dataset"]}**, backbone **{config["arch"]}** with weights

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from pipeline.common import progress
+from pipeline.distributed import gather_in_order, sum_over_ranks
 from pipeline.errors import StageError
 from pipeline.models import build_head
 
@@ -26,17 +27,33 @@ def make_loader(
     shuffle: bool = False,
     seed: int = 0,
     num_workers: int = 0,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
-    """A seeded DataLoader (workers draw their seeds from it); pinned memory for a GPU."""
+    """A seeded DataLoader (workers draw their seeds from it); pinned memory for a GPU.
+
+    ``sampler`` picks this process's items (distributed.GlobalBatchSampler for training,
+    distributed.ShardSampler for inference) in place of a plain order or shuffle.
+    """
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         generator=generator,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
+
+
+def loader_indices(loader: DataLoader) -> torch.Tensor:
+    """The dataset positions an inference loader visits, in its order."""
+    return torch.as_tensor(list(iter(loader.sampler)), dtype=torch.long)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
 
 
 def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
@@ -78,7 +95,7 @@ def extract_features(
         with autocast(device, amp):
             features.append(backbone(to_device(images, device)).float().cpu())
         labels.append(targets)
-    return torch.cat(features), torch.cat(labels)
+    return gather_in_order(loader_indices(loader), torch.cat(features), torch.cat(labels))
 
 
 @torch.inference_mode()
@@ -93,7 +110,8 @@ def predict(
             logits = model(to_device(images, device))
         predicted.append(logits.argmax(1).cpu())
         actual.append(targets)
-    return torch.cat(predicted).numpy(), torch.cat(actual).numpy()
+    predicted, actual = gather_in_order(loader_indices(loader), torch.cat(predicted), torch.cat(actual))
+    return predicted.numpy(), actual.numpy()
 
 
 def warmup_cosine(
@@ -123,33 +141,42 @@ def train_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     amp: str = "off",
     frozen: list[nn.Module] = (),
+    accumulate: int = 1,
 ) -> dict[str, float | list[float]]:
-    """One pass of training; returns the mean loss, the accuracy, and ``lr``: each param
-    group's rate in the epoch's last optimizer step, as the scheduler set it.
+    """One pass of training; returns the mean loss and the accuracy (over every process),
+    and ``lr``: each param group's rate in the epoch's last optimizer step.
 
-    The scheduler steps only after a real optimizer step: a float16 step that the scaler
-    skips (inf or NaN gradients) leaves the schedule where it was.
+    With ``accumulate`` > 1 an optimizer step follows that many batches, whose gradients
+    add up (DistributedDataParallel synchronises on the last of them only). The scheduler
+    steps only after a real optimizer step: a float16 step that the scaler skips (inf or
+    NaN gradients) leaves the schedule where it was.
     """
     model.train()
     for module in frozen:
         module.eval()
     total_loss, correct, seen, rates = 0.0, 0, 0, []
-    for images, targets in progress(loader, "train"):
+    optimizer.zero_grad(set_to_none=True)
+    for step, (images, targets) in enumerate(progress(loader, "train"), start=1):
         images, targets = to_device(images, device), targets.to(device, non_blocking=True)
-        with autocast(device, amp):
-            logits = model(images)
-            loss = loss_fn(logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        rates = [group["lr"] for group in optimizer.param_groups]
-        scale = scaler.get_scale()
-        scaler.step(optimizer)
-        scaler.update()
-        if scheduler is not None and scaler.get_scale() >= scale:
-            scheduler.step()
+        steps_now = step % accumulate == 0 or step == len(loader)
+        no_sync = getattr(model, "no_sync", None)
+        with contextlib.nullcontext() if steps_now or no_sync is None else no_sync():
+            with autocast(device, amp):
+                logits = model(images)
+                loss = loss_fn(logits, targets)
+            scaler.scale(loss / accumulate).backward()
+        if steps_now:
+            rates = [group["lr"] for group in optimizer.param_groups]
+            scale = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None and scaler.get_scale() >= scale:
+                scheduler.step()
         total_loss += loss.item() * len(targets)
         correct += (logits.argmax(1) == targets).sum().item()
         seen += len(targets)
+    total_loss, correct, seen = sum_over_ranks(total_loss, correct, seen)
     return {"loss": total_loss / seen, "accuracy": correct / seen, "lr": rates}
 
 
@@ -157,7 +184,7 @@ def train_epoch(
 def evaluate_epoch(
     model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: torch.device, amp: str = "off"
 ) -> dict[str, float]:
-    """Mean loss and accuracy over a loader, in eval mode."""
+    """Mean loss and accuracy over a loader (over every process's share), in eval mode."""
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     for images, targets in progress(loader, "val"):
@@ -168,7 +195,13 @@ def evaluate_epoch(
         total_loss += loss.item() * len(targets)
         correct += (logits.argmax(1) == targets).sum().item()
         seen += len(targets)
+    total_loss, correct, seen = sum_over_ranks(total_loss, correct, seen)
     return {"loss": total_loss / seen, "accuracy": correct / seen}
+
+
+def optimizer_steps(loader: DataLoader, accumulate: int = 1) -> int:
+    """Optimizer steps per epoch: one per ``accumulate`` batches, and one for a remainder."""
+    return -(-len(loader) // accumulate)
 
 
 def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -195,10 +228,16 @@ def fit(
     frozen: list[nn.Module] = (),
     rate_names: tuple[str, ...] = ("lr",),
     on_epoch: EpochCallback | None = None,
+    accumulate: int = 1,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
     """The project's one training loop: a train step and an eval step per epoch, one loss
     scaler, and ``select`` (a rule over the history so far) naming the epoch whose weights
     to keep. With ``patience``, training stops after that many epochs the rule passed over.
+
+    ``model`` may be wrapped in DistributedDataParallel: the loaders' samplers then give each
+    process its share (``set_epoch`` reshuffles, on the sampler and on a
+    data.SeededAugmentation dataset), losses and accuracies are summed over the
+    processes, so every process keeps the same epoch; evaluation runs the unwrapped model.
 
     Returns the kept weights (on the CPU) and the per-epoch history, each record carrying
     the rates of the optimizer's param groups, named by ``rate_names``; ``on_epoch`` gets
@@ -207,13 +246,19 @@ def fit(
     scaler = grad_scaler(device, amp)
     kept, history, passed_over = None, [], 0
     for epoch in range(1, epochs + 1):
-        train = train_epoch(model, train_loader, loss_fn, device, optimizer, scaler, scheduler, amp, frozen)
-        val = evaluate_epoch(model, val_loader, loss_fn, device, amp)
+        for reshuffled in (train_loader.sampler, train_loader.dataset):
+            if hasattr(reshuffled, "set_epoch"):
+                reshuffled.set_epoch(epoch)
+        train = train_epoch(
+            model, train_loader, loss_fn, device, optimizer, scaler, scheduler, amp, frozen, accumulate
+        )
+        val = evaluate_epoch(unwrap(model), val_loader, loss_fn, device, amp)
         history.append(epoch_record(epoch, train, val, dict(zip(rate_names, train["lr"], strict=True))))
         if on_epoch is not None:
             on_epoch(history[-1])
         if select(history) is history[-1]:
-            kept, passed_over = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, 0
+            state = unwrap(model).state_dict()
+            kept, passed_over = {k: v.detach().cpu().clone() for k, v in state.items()}, 0
         else:
             passed_over += 1
             if patience is not None and passed_over >= patience:

@@ -25,12 +25,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Small enough that a whole `dvc repro` takes about a minute on 2 CPU cores.
+# Small enough that a whole `dvc repro` takes about a minute on 2 CPU cores. The backbone
+# barely learns its 400 glyphs; fine-tuning it with BatchNorm statistics following 32-image
+# batches for 14 steps leaves val accuracy near chance, so the tiny run keeps them frozen.
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "data": {"max_train_per_class": 20},
     "backbone": {"image_size": 16, "pretrain_images": 400, "pretrain_epochs": 1, "pretrain_batch_size": 64},
     "head": {"max_epochs": 15, "patience": 5},
-    "finetune": {"epochs": 2, "batch_size": 32},
+    "finetune": {"epochs": 2, "batch_size": 32, "bn": "frozen"},
 }
 STAGES = ["prepare", "backbone", "extract", "train_head", "finetune", "baseline", "evaluate", "report"]
 SWEEP = "lr=1e-3,1e-4,1e-5"  # as the README writes it; 1e-3 is the committed rate

@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
+import torch
 
 from pipeline.data import (
     ImageArrayDataset,
+    SeededAugmentation,
     cap_per_class,
     image_transform,
     load_classes,
@@ -114,3 +116,22 @@ def test_cifar_offline_without_a_copy_says_where_to_put_the_files(tmp_path, monk
         load_cifar("cifar100", tmp_path / "cifar100")
     message = str(error.value)
     assert "cifar-100-python.tar.gz" in message and str(tmp_path / "cifar100") in message
+
+
+def test_seeded_augmentation_depends_on_seed_epoch_and_index_only():
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16), dtype=np.uint8)
+    dataset = SeededAugmentation(
+        ImageArrayDataset(images, np.arange(4), image_transform(16, [0.5], [0.5], True)), 7
+    )
+    dataset.set_epoch(1)
+    torch.manual_seed(0)
+    first = dataset[2][0]
+    state = torch.get_rng_state()
+    torch.manual_seed(123)
+    assert torch.equal(dataset[2][0], first)  # whatever the process's random state
+    torch.manual_seed(0)
+    dataset[2]
+    assert torch.equal(torch.get_rng_state(), state)  # which it leaves as it was
+    assert not torch.equal(dataset[3][0], first)
+    dataset.set_epoch(2)
+    assert not torch.equal(dataset[2][0], first)

@@ -42,6 +42,7 @@ def test_lr_as_dvc_writes_it_is_read_as_a_number(tmp_path):
         ("head", "max_epochs", 2.5, "head.max_epochs: expected a whole number"),
         ("finetune", "unfreeze", "some", "finetune.unfreeze: expected 'all' or a number"),
         ("finetune", "augment", "yes", "finetune.augment: expected true or false"),
+        ("finetune", "bn", "eval", "finetune.bn: unknown value 'eval'; choose one of: train, frozen"),
         ("data", "val_fraction", 1.5, "data.val_fraction: must be between 0 and 1"),
     ],
 )
@@ -155,3 +156,33 @@ def test_amp_names_its_modes_when_wrong(tmp_path):
         ParamsError, match="amp: unknown value 'fp8'; choose one of: auto, bfloat16, float16, off"
     ):
         load_params(write(tmp_path, params))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("nproc_per_node", 0, "distributed.nproc_per_node: expected 'auto' or a number of processes"),
+        ("nproc_per_node", "all", "distributed.nproc_per_node: expected 'auto' or a number of processes"),
+        ("node_rank", -1, "distributed.node_rank: expected 'auto' or a rank"),
+        ("rdzv_endpoint", "head", "distributed.rdzv_endpoint: expected auto or host:port"),
+        ("rdzv_endpoint", "head:99999", "distributed.rdzv_endpoint: expected auto or host:port"),
+        ("backend", "mpi", "distributed.backend: unknown value 'mpi'; choose one of: auto, nccl, gloo"),
+    ],
+)
+def test_distributed_values_name_the_key_and_what_is_allowed(tmp_path, key, value, message):
+    params = default_params()
+    params["distributed"][key] = value
+    with pytest.raises(ParamsError) as error:
+        load_params(write(tmp_path, params))
+    assert message in str(error.value)
+
+
+def test_a_node_rank_must_be_below_the_number_of_nodes(tmp_path):
+    params = default_params()
+    params["distributed"].update(nnodes=2, node_rank=2)
+    with pytest.raises(
+        ParamsError, match=r"distributed\.node_rank: 2 is not below distributed\.nnodes \(2\)"
+    ):
+        load_params(write(tmp_path, params))
+    params["distributed"].update(node_rank=1, nproc_per_node="auto", rdzv_endpoint="node001:29400")
+    assert load_params(write(tmp_path, params))["distributed"]["rdzv_endpoint"] == "node001:29400"

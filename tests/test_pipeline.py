@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import yaml
@@ -25,7 +20,6 @@ from tests.conftest import (
     read_params,
     restored_stages,
     run,
-    subprocess_env,
     timed,
     tiny_params,
     write_params,
@@ -183,58 +177,6 @@ def test_misspelt_weights_name_fails_before_any_stage_does_work(tmp_path):
     assert ran_stages(result.stdout) == ["prepare"]
     assert "backbone.weights: 'IMAGENET1K_V3' is not a weights name of resnet18" in result.stderr
     assert not (repo / "data" / "prepared").exists()
-
-
-def descendants_of(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def logged_an_epoch(log: Path, committed: int) -> bool:
-    """Whether this run's finetune has written its first epoch (not the committed log)."""
-    try:
-        return log.stat().st_mtime_ns != committed and len(log.read_text().splitlines()) >= 2
-    except FileNotFoundError:  # DVC removed the committed log before running the stage
-        return False
-
-
-def test_kill_9_mid_finetune_leaves_nothing_dvc_would_record_and_repro_completes(tiny_repo):
-    params = read_params(tiny_repo)
-    params["lr"] = 0.002
-    write_params(tiny_repo, params)
-    lock = (tiny_repo / "dvc.lock").read_text()
-    log = tiny_repo / "reports/live/finetune/plots/metrics/finetune/val_loss.tsv"
-    committed_log = log.stat().st_mtime_ns
-    repro = subprocess.Popen(
-        ["dvc", "repro"],
-        cwd=tiny_repo,
-        env=subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 300
-    while not logged_an_epoch(log, committed_log):
-        assert repro.poll() is None and time.monotonic() < deadline, "finetune never logged an epoch"
-        time.sleep(0.2)
-    processes = [psutil.Process(repro.pid), *descendants_of(repro.pid)]
-    assert any("pipeline.finetune" in " ".join(p.cmdline()) for p in processes)
-    os.killpg(repro.pid, signal.SIGKILL)
-    repro.wait(timeout=30)
-    _, alive = psutil.wait_procs(processes, timeout=30)
-    assert not alive, f"orphan processes: {alive}"
-
-    assert (tiny_repo / "dvc.lock").read_text() == lock
-    assert not (tiny_repo / "models/finetuned.pt").exists()
-    status = json.loads(run(tiny_repo, "dvc", "status", "--json").stdout)
-    assert "finetune" in status
-
-    completed = run(tiny_repo, "dvc", "repro")
-    assert ran_stages(completed.stdout) == ["finetune", "evaluate", "report"]
-    assert run(tiny_repo, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
-    assert not list(tiny_repo.rglob(".*.tmp-*"))  # no temporary left anywhere
 
 
 def test_pull_on_a_second_clone_restores_every_stage_without_running_it(tiny_run, tmp_path):

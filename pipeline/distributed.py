@@ -1,0 +1,342 @@
+"""Many processes, one stage: a stage relaunches itself under torch.distributed.run.
+
+DVC runs each stage as one command (``python -m pipeline.finetune``). When params'
+``distributed`` section asks for more than one process, that command becomes a launcher:
+it checks params, starts ``nproc_per_node`` workers running the same module on this node
+(and, for the training stages, meets the other nodes' at a static rendezvous on
+``rdzv_endpoint``), waits for all of them and succeeds or fails as a whole, so DVC records
+either a complete run or none. Workers find torchrun's environment (RANK, LOCAL_RANK,
+WORLD_SIZE, MASTER_ADDR, ...), join the process group, and only rank 0 writes outputs.
+
+A failed or killed worker stops the others within ``timeout_s`` at most (at once when the
+launcher sees it die), and the stage fails with a message that names the rank and the
+cause; a worker also dies with its launcher, so none outlives the stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import ParamsError, StageError
+
+if TYPE_CHECKING:
+    import torch
+
+# Stages whose processes may span several machines: the long training runs. The others
+# (extract, baseline, evaluate) use this machine's processes only.
+MULTI_NODE_STAGES = ("backbone", "finetune")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one stage runs: how many processes, where they meet, which backend."""
+
+    nproc_per_node: int
+    nnodes: int
+    node_rank: int
+    rdzv_endpoint: str
+    backend: str
+    timeout_s: int
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
+def local_processes(setting: str | int) -> int:
+    """``auto`` is one process per visible CUDA GPU, else one."""
+    if setting != "auto":
+        return int(setting)
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def node_rank_of(setting: str | int) -> int:
+    """``auto`` reads the node's rank where a cluster sets it (SLURM_NODEID, NODE_RANK)."""
+    if setting != "auto":
+        return int(setting)
+    for variable in ("SLURM_NODEID", "NODE_RANK"):
+        if os.environ.get(variable, "").isdigit():
+            return int(os.environ[variable])
+    return 0
+
+
+def backend_for(setting: str, device: str) -> str:
+    """``auto`` is nccl where the processes use CUDA GPUs, gloo elsewhere."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "nccl" if device in ("auto", "cuda") and torch.cuda.is_available() else "gloo"
+
+
+def plan_for(stage: str, distributed: dict[str, Any], device: str) -> Plan:
+    """The plan ``stage`` runs under, from params' ``distributed`` section and ``device``.
+
+    Only the training stages read the multi-node keys (nnodes, node_rank, rdzv_endpoint):
+    inference stages run on this machine alone, on a free local port.
+    """
+    nproc = local_processes(distributed["nproc_per_node"])
+    backend = backend_for(distributed["backend"], device)
+    if backend == "nccl" and device == "cpu":
+        raise ParamsError("distributed.backend: nccl needs CUDA GPUs, but device is cpu; use gloo or auto")
+    if stage not in MULTI_NODE_STAGES:
+        return Plan(nproc, 1, 0, f"localhost:{free_port()}", backend, distributed["timeout_s"])
+    if distributed["sync_batchnorm"] and nproc * distributed["nnodes"] > 1 and backend != "nccl":
+        raise ParamsError(
+            "distributed.sync_batchnorm: torch's SyncBatchNorm runs on CUDA GPUs only; set it to "
+            "false for processes on CPUs"
+        )
+    nnodes, node_rank = distributed["nnodes"], node_rank_of(distributed["node_rank"])
+    if node_rank >= nnodes:
+        raise ParamsError(f"distributed.node_rank: {node_rank} is not below distributed.nnodes ({nnodes})")
+    endpoint = distributed["rdzv_endpoint"]
+    if nnodes == 1:  # a machine alone meets itself on a free port (two stages may run at once)
+        endpoint = f"localhost:{free_port()}"
+    elif endpoint == "auto":
+        if "MASTER_ADDR" not in os.environ:
+            raise ParamsError(
+                "distributed.rdzv_endpoint: auto reads the head node from $MASTER_ADDR (and "
+                "$MASTER_PORT, else 29400), which is not set; export it or write host:port"
+            )
+        endpoint = f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', '29400')}"
+    return Plan(nproc, nnodes, node_rank, endpoint, backend, distributed["timeout_s"])
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def in_worker() -> bool:
+    """Whether this process is a worker torch.distributed.run started."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def launch(module: str, plan: Plan) -> None:
+    """Run ``python -m module`` in ``plan.nproc_per_node`` workers on this node, wait for all
+    of them (and the other nodes'), and raise StageError naming the first that failed."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of fighting over them
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // plan.nproc_per_node))
+    config = LaunchConfig(
+        min_nodes=plan.nnodes,
+        max_nodes=plan.nnodes,
+        nproc_per_node=plan.nproc_per_node,
+        run_id=module,
+        rdzv_endpoint=plan.rdzv_endpoint,
+        rdzv_backend="static",
+        rdzv_configs={"rank": plan.node_rank, "timeout": plan.timeout_s},
+        max_restarts=0,
+        monitor_interval=0.5,
+        shutdown_timeout=10,
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", module)
+    except ChildFailedError as error:
+        raise StageError(failure_message(error, plan)) from None
+    except (
+        RuntimeError,
+        TimeoutError,
+    ) as error:  # the rendezvous itself: a node never came
+        raise StageError(
+            f"distributed: node {plan.node_rank} of {plan.nnodes} could not meet the others at "
+            f"{plan.rdzv_endpoint} within {plan.timeout_s} s ({type(error).__name__}: {error})"
+        ) from None
+
+
+def failure_message(error: Any, plan: Plan) -> str:
+    """One line naming the rank that failed first and why (a signal, or an exit status)."""
+    rank, failure = error.get_first_failure()
+    if failure.exitcode < 0:
+        cause = f"was killed by {failure.signal_name()}"
+    else:  # the rank printed its error above (a bad input, a timeout waiting for the others)
+        cause = f"exited with status {failure.exitcode}"
+    return (
+        f"distributed: rank {rank} of {plan.world_size} (pid {failure.pid}) {cause}; "
+        "the other ranks were stopped and no output was written"
+    )
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the stage's processes."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def die_with_parent() -> None:
+    """Ask Linux to kill this process when its launcher dies, even by kill -9."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def join(plan: Plan) -> Ranks:
+    """In a worker: join the process group; a lone process has nothing to join."""
+    if not in_worker():
+        return Ranks()
+    import torch.distributed as dist
+
+    die_with_parent()
+    ranks = Ranks(
+        int(os.environ["RANK"]),
+        int(os.environ["LOCAL_RANK"]),
+        int(os.environ["WORLD_SIZE"]),
+    )
+    if not dist.is_initialized():
+        dist.init_process_group(plan.backend, timeout=timedelta(seconds=plan.timeout_s))
+    if not ranks.main:  # one copy of the progress lines; errors still reach stderr
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    return ranks
+
+
+def process_device(device: torch.device, ranks: Ranks) -> torch.device:
+    """Each process on its own GPU (by local rank); on a CPU they share it."""
+    import torch
+
+    if device.type != "cuda":
+        return device
+    torch.cuda.set_device(ranks.local_rank)
+    return torch.device("cuda", ranks.local_rank)
+
+
+def sum_over_ranks(*values: float) -> list[float]:
+    """Each value summed over every process (itself where there is one process)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def gather_in_order(indices: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every process's rows of ``tensors`` (at dataset positions ``indices``), put back in
+    dataset order, on every process."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensors
+    shards: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, (indices.cpu(), *(t.cpu() for t in tensors)))
+    order = torch.cat([shard[0] for shard in shards]).argsort()
+    return tuple(torch.cat([shard[i] for shard in shards])[order] for i in range(1, len(tensors) + 1))
+
+
+def start(stage: str, distributed: dict[str, Any], device_name: str) -> tuple[Plan, Ranks, torch.device]:
+    """A stage's first step: its plan, this process's ranks (joining the group in a
+    worker) and the device this process computes on."""
+    from pipeline.common import resolve_device
+
+    plan = plan_for(stage, distributed, device_name)
+    ranks = join(plan)
+    return plan, ranks, process_device(resolve_device(device_name), ranks)
+
+
+def split_batch(global_batch: int, world_size: int, max_per_process: int, key: str) -> tuple[int, int]:
+    """The per-process batch and the gradient-accumulation steps that make ``global_batch``
+    over ``world_size`` processes, each step at most ``max_per_process`` images (0: no cap).
+    The recipe (global batch, steps per epoch) stays what it is at any world size."""
+    if global_batch % world_size:
+        raise ParamsError(
+            f"{key}: {global_batch} images do not split evenly over {world_size} processes; "
+            f"use a multiple of {world_size}"
+        )
+    share = global_batch // world_size
+    accumulate = 1 if max_per_process == 0 else -(-share // max_per_process)
+    while share % accumulate:
+        accumulate += 1
+    return share // accumulate, accumulate
+
+
+class GlobalBatchSampler:
+    """Each epoch's shuffle of the dataset, the same on every process (seeded by ``seed``
+    and the epoch, ``set_epoch``); a process takes its slice of each global batch.
+
+    torch's DistributedSampler deals indices round-robin, so which images share a global
+    batch changes with the world size; here a global batch holds the same images at any
+    world size, as in the one-process run. A last, short global batch is evened out over
+    the processes by repeating its first images (DDP needs as many steps on each).
+    """
+
+    def __init__(self, size: int, global_batch: int, ranks: Ranks, seed: int) -> None:
+        self.size, self.global_batch, self.ranks, self.seed, self.epoch = (
+            size,
+            global_batch,
+            ranks,
+            seed,
+            0,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list[int]:
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def __iter__(self):
+        order, world, rank = self._order(), self.ranks.world_size, self.ranks.rank
+        for start in range(0, self.size, self.global_batch):
+            batch = order[start : start + self.global_batch]
+            batch += batch[: -len(batch) % world]  # even out a short last batch
+            share = len(batch) // world
+            yield from batch[rank * share : (rank + 1) * share]
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.size, self.global_batch)
+        world = self.ranks.world_size
+        return full * (self.global_batch // world) + -(-rest // world)
+
+
+class ShardSampler:
+    """This process's share of a dataset for inference: every ``world_size``-th item from
+    its rank, no padding (each item is computed once); gather_in_order puts them back."""
+
+    def __init__(self, size: int, ranks: Ranks) -> None:
+        self.indices = list(range(ranks.rank, size, ranks.world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def parallel(
+    model: torch.nn.Module, ranks: Ranks, device: torch.device, sync_batchnorm: bool
+) -> torch.nn.Module:
+    """The model wrapped in DistributedDataParallel (with SyncBatchNorm if asked) where
+    there are several processes; the model itself where there is one."""
+    if ranks.world_size == 1:
+        return model
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    if sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
