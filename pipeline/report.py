@@ -159,7 +159,11 @@ def render_report(params: dict[str, Any], backbone_hash: str) -> str:
         )
         + " (results depend on the world size)."
     )
-    notes = pretrain + processes + skipped_note
+    trained = (
+        f" Fine-tuning (strategy {finetune['strategy']}) trained {finetune['trainable_params']:,} "
+        f"parameters in {finetune['seconds']:.1f} s."
+    )
+    notes = pretrain + processes + trained + skipped_note
     return f"""# Transfer-learning report
 
 Dataset **{params["data"]["dataset"]}**, backbone **{config["arch"]}** with weights

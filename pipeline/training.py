@@ -18,6 +18,7 @@ from pipeline.errors import StageError
 from pipeline.models import build_head
 
 EpochCallback = Callable[[dict[str, float]], None]
+Penalty = Callable[[], torch.Tensor]
 
 
 def make_loader(
@@ -142,6 +143,7 @@ def train_epoch(
     amp: str = "off",
     frozen: list[nn.Module] = (),
     accumulate: int = 1,
+    penalty: Penalty | None = None,
 ) -> dict[str, float | list[float]]:
     """One pass of training; returns the mean loss and the accuracy (over every process),
     and ``lr``: each param group's rate in the epoch's last optimizer step.
@@ -149,7 +151,8 @@ def train_epoch(
     With ``accumulate`` > 1 an optimizer step follows that many batches, whose gradients
     add up (DistributedDataParallel synchronises on the last of them only). The scheduler
     steps only after a real optimizer step: a float16 step that the scaler skips (inf or
-    NaN gradients) leaves the schedule where it was.
+    NaN gradients) leaves the schedule where it was. ``penalty`` (e.g. L2-SP) is added to the
+    loss that trains, not to the loss reported.
     """
     model.train()
     for module in frozen:
@@ -164,7 +167,8 @@ def train_epoch(
             with autocast(device, amp):
                 logits = model(images)
                 loss = loss_fn(logits, targets)
-            scaler.scale(loss / accumulate).backward()
+            objective = loss if penalty is None else loss + penalty()
+            scaler.scale(objective / accumulate).backward()
         if steps_now:
             rates = [group["lr"] for group in optimizer.param_groups]
             scale = scaler.get_scale()
@@ -199,6 +203,26 @@ def evaluate_epoch(
     return {"loss": total_loss / seen, "accuracy": correct / seen}
 
 
+def l2sp_penalty(parameters: list[nn.Parameter], alpha: float) -> Penalty:
+    """L2-SP (Li, Grandvalet and Davoine, ICML 2018): alpha/2 * sum ||theta - theta_pre||^2
+    over ``parameters``, theta_pre being their values now. Its gradient, alpha * (theta -
+    theta_pre), pulls the weights toward the pretrained ones instead of toward zero."""
+    reference = [parameter.detach().clone() for parameter in parameters]
+
+    def penalty() -> torch.Tensor:
+        return alpha / 2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(parameters, reference, strict=True))
+
+    return penalty
+
+
+def make_optimizer(groups: list[dict], name: str, momentum: float) -> torch.optim.Optimizer:
+    """AdamW, or SGD with ``momentum``, over param groups that carry their own lr and
+    weight_decay."""
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum)
+    return torch.optim.AdamW(groups)
+
+
 def optimizer_steps(loader: DataLoader, accumulate: int = 1) -> int:
     """Optimizer steps per epoch: one per ``accumulate`` batches, and one for a remainder."""
     return -(-len(loader) // accumulate)
@@ -229,6 +253,7 @@ def fit(
     rate_names: tuple[str, ...] = ("lr",),
     on_epoch: EpochCallback | None = None,
     accumulate: int = 1,
+    penalty: Penalty | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
     """The project's one training loop: a train step and an eval step per epoch, one loss
     scaler, and ``select`` (a rule over the history so far) naming the epoch whose weights
@@ -250,7 +275,17 @@ def fit(
             if hasattr(reshuffled, "set_epoch"):
                 reshuffled.set_epoch(epoch)
         train = train_epoch(
-            model, train_loader, loss_fn, device, optimizer, scaler, scheduler, amp, frozen, accumulate
+            model,
+            train_loader,
+            loss_fn,
+            device,
+            optimizer,
+            scaler,
+            scheduler,
+            amp,
+            frozen,
+            accumulate,
+            penalty,
         )
         val = evaluate_epoch(unwrap(model), val_loader, loss_fn, device, amp)
         history.append(epoch_record(epoch, train, val, dict(zip(rate_names, train["lr"], strict=True))))

@@ -1,10 +1,18 @@
+import json
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from pipeline import finetune as stage
 from pipeline.finetune import finetune
 from pipeline.models import Classifier
+from tests.conftest import tiny_params
 
 
 def small_classifier() -> Classifier:
@@ -48,3 +56,107 @@ def test_bn_frozen_keeps_running_statistics_while_its_scale_trains(bn):
     unchanged = [torch.equal(before[name], value) for name, value in norm.named_buffers()]
     assert all(unchanged) == (bn == "frozen")
     assert not torch.equal(norm.weight, weight)
+
+
+def test_l2sp_keeps_the_backbone_nearer_its_start_than_weight_decay_does():
+    drift = {}
+    for l2sp in (0.0, 50.0):
+        model = small_classifier()
+        start = [p.detach().clone() for p in model.backbone.parameters()]
+        finetune(
+            model,
+            loader(0),
+            loader(1),
+            torch.device("cpu"),
+            lr=0.05,
+            epochs=3,
+            backbone_lr_ratio=1.0,
+            warmup_epochs=0,
+            weight_decay=0.1,
+            label_smoothing=0.0,
+            amp="off",
+            optimizer="sgd",
+            l2sp=l2sp,
+        )
+        drift[l2sp] = sum(
+            ((p - p0) ** 2).sum().item() for p, p0 in zip(model.backbone.parameters(), start, strict=True)
+        )
+    assert 0 < drift[50.0] < drift[0.0] / 2
+
+
+def test_a_fresh_head_is_new_and_seeded_and_a_probe_head_is_the_trained_one(monkeypatch):
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    monkeypatch.setattr(stage, "load_backbone", lambda checkpoint: backbone)
+    head = nn.Sequential(nn.Dropout(0.0), nn.Linear(4, 3))
+    head_checkpoint = {
+        **{"type": "linear", "in_features": 4, "hidden_units": 8, "dropout": 0.0},
+        **{"classes": ["a", "b", "c"], "state_dict": head.state_dict()},
+    }
+    heads = {}
+    for name, init in (("probe", "probe"), ("fresh", "fresh"), ("again", "fresh")):
+        torch.manual_seed(1)
+        heads[name] = stage.starting_classifier({"arch": "test"}, head_checkpoint, "full", "all", init).head[
+            1
+        ]
+    assert torch.equal(heads["probe"].weight, head[1].weight)
+    assert not torch.equal(heads["fresh"].weight, head[1].weight)
+    assert torch.equal(heads["fresh"].weight, heads["again"].weight)
+
+
+STRATEGIES = {
+    "full + L2-SP": {"l2sp": 0.01},
+    "adapters": {"strategy": "adapters", "backbone_lr_ratio": 1.0},
+    "seed recipe": {"optimizer": "sgd", "backbone_lr_ratio": 1.0, "warmup_epochs": 0, "head_init": "fresh"},
+}  # full fine-tuning with frozen BatchNorm is the tiny config's own, run by tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def tiny_workspace(tmp_path_factory) -> Path:
+    """The tiny config up to the linear probe, run in this process."""
+    from pipeline import backbone, extract, prepare, train_head
+
+    path = tmp_path_factory.mktemp("strategies")
+    (path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    here = Path.cwd()
+    os.chdir(path)
+    try:
+        for module in (prepare, backbone, extract, train_head):
+            module.main()
+    finally:
+        os.chdir(here)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_each_strategy_runs_end_to_end_on_the_tiny_config(name, tiny_workspace, tmp_path, monkeypatch):
+    from pipeline import evaluate
+
+    workspace = Path(shutil.copytree(tiny_workspace, tmp_path / "workspace"))
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["finetune"].update(epochs=1, **STRATEGIES[name])
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(workspace)
+    stage.main()
+    evaluate.main()
+    summary = json.loads((workspace / "reports/live/finetune/metrics.json").read_text())["finetune"]
+    backbone = torch.load(workspace / "models/backbone.pt", weights_only=True)["state_dict"]
+    everything = sum(value.numel() for key, value in backbone.items() if "running" not in key)
+    if name == "adapters":  # adapters, BatchNorm and head: a small share of the backbone
+        assert 0 < summary["trainable_params"] < everything / 4
+    else:
+        assert summary["trainable_params"] > everything
+    assert summary["strategy"] == params["finetune"]["strategy"] and summary["seconds"] > 0
+    finetuned = torch.load(workspace / "models/finetuned.pt", weights_only=True)
+    assert finetuned["params"]["strategy"] == params["finetune"]["strategy"]
+    assert {key.split(".")[0] for key in finetuned["state_dict"]} == {"backbone", "head"}
+    assert not [key for key in finetuned["state_dict"] if "parametrizations" in key]  # folded
+    test = json.loads((workspace / "metrics/test.json").read_text())
+    probe = torch.load(workspace / "models/head.pt", weights_only=True)["state_dict"]
+    same_head = all(
+        torch.equal(finetuned["state_dict"][f"head.{key}"], value) for key, value in probe.items()
+    )
+    assert not same_head  # the head trained (and, for a fresh one, did not start from the probe)
+    if params["finetune"]["head_init"] == "probe":  # a fresh head gets too few SGD steps here
+        assert test["finetuned"]["accuracy"] > 0.2  # 10 classes: well above chance
