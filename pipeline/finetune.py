@@ -228,7 +228,6 @@ def main() -> None:
         backend=plan.backend,
         strategy=config["strategy"],
         trainable_params=trainable,
-        seconds=round(seconds, 1),
     )
     log.close(best)
     print(

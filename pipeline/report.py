@@ -160,8 +160,7 @@ def render_report(params: dict[str, Any], backbone_hash: str) -> str:
         + " (results depend on the world size)."
     )
     trained = (
-        f" Fine-tuning (strategy {finetune['strategy']}) trained {finetune['trainable_params']:,} "
-        f"parameters in {finetune['seconds']:.1f} s."
+        f" Fine-tuning (strategy {finetune['strategy']}) trained {finetune['trainable_params']:,} parameters."
     )
     notes = pretrain + processes + trained + skipped_note
     return f"""# Transfer-learning report

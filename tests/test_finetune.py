@@ -147,7 +147,7 @@ def test_each_strategy_runs_end_to_end_on_the_tiny_config(name, tiny_workspace, 
         assert 0 < summary["trainable_params"] < everything / 4
     else:
         assert summary["trainable_params"] > everything
-    assert summary["strategy"] == params["finetune"]["strategy"] and summary["seconds"] > 0
+    assert summary["strategy"] == params["finetune"]["strategy"]
     finetuned = torch.load(workspace / "models/finetuned.pt", weights_only=True)
     assert finetuned["params"]["strategy"] == params["finetune"]["strategy"]
     assert {key.split(".")[0] for key in finetuned["state_dict"]} == {"backbone", "head"}
