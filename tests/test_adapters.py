@@ -5,9 +5,8 @@ from torch.nn.utils import parametrize
 
 from pipeline.adapters import add_adapters, fold_adapters
 from pipeline.errors import StageError
-from pipeline.finetune import finetune
 from pipeline.models import Classifier, build_backbone
-from tests.test_finetune import loader
+from tests.test_finetune import run
 
 
 def test_adapters_start_from_the_pretrained_function_and_fold_back_exactly():
@@ -52,19 +51,7 @@ def test_training_adapters_leaves_every_backbone_weight_bit_identical():
         (4, 3, 1, 1),
         (4, 1, 1, 1),
     ]  # depthwise: a per-channel scale
-    finetune(
-        model,
-        loader(0),
-        loader(1),
-        torch.device("cpu"),
-        lr=0.05,
-        epochs=2,
-        backbone_lr_ratio=1.0,
-        warmup_epochs=0,
-        weight_decay=0.0,
-        label_smoothing=0.0,
-        amp="off",
-    )
+    run(model, lr=0.05)
     assert all(adapter.abs().sum() > 0 for adapter in adapters)
     assert torch.equal(backbone[0].parametrizations.weight.original, weights["0.weight"])
     assert torch.equal(backbone[3].parametrizations.weight.original, weights["3.weight"])

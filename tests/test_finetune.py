@@ -29,12 +29,10 @@ def loader(seed: int) -> DataLoader:
     return DataLoader(TensorDataset(images, labels), batch_size=8)
 
 
-def run(model: Classifier, bn: str) -> None:
-    finetune(
-        model,
-        loader(0),
-        loader(1),
-        torch.device("cpu"),
+def run(model: Classifier, **settings) -> None:
+    """Fine-tune ``model`` on a few random images: a small plain recipe, with ``settings``
+    (any of finetune's keyword arguments) in place of its values."""
+    recipe = dict(
         lr=0.01,
         epochs=2,
         backbone_lr_ratio=1.0,
@@ -42,8 +40,8 @@ def run(model: Classifier, bn: str) -> None:
         weight_decay=0.0,
         label_smoothing=0.0,
         amp="off",
-        bn=bn,
     )
+    finetune(model, loader(0), loader(1), torch.device("cpu"), **{**recipe, **settings})
 
 
 @pytest.mark.parametrize("bn", ["train", "frozen"])
@@ -52,7 +50,7 @@ def test_bn_frozen_keeps_running_statistics_while_its_scale_trains(bn):
     norm = model.backbone[1]
     before = {name: value.clone() for name, value in norm.named_buffers()}
     weight = norm.weight.detach().clone()
-    run(model, bn)
+    run(model, bn=bn)
     unchanged = [torch.equal(before[name], value) for name, value in norm.named_buffers()]
     assert all(unchanged) == (bn == "frozen")
     assert not torch.equal(norm.weight, weight)
@@ -63,21 +61,7 @@ def test_l2sp_keeps_the_backbone_nearer_its_start_than_weight_decay_does():
     for l2sp in (0.0, 50.0):
         model = small_classifier()
         start = [p.detach().clone() for p in model.backbone.parameters()]
-        finetune(
-            model,
-            loader(0),
-            loader(1),
-            torch.device("cpu"),
-            lr=0.05,
-            epochs=3,
-            backbone_lr_ratio=1.0,
-            warmup_epochs=0,
-            weight_decay=0.1,
-            label_smoothing=0.0,
-            amp="off",
-            optimizer="sgd",
-            l2sp=l2sp,
-        )
+        run(model, lr=0.05, epochs=3, weight_decay=0.1, optimizer="sgd", l2sp=l2sp)
         drift[l2sp] = sum(
             ((p - p0) ** 2).sum().item() for p, p0 in zip(model.backbone.parameters(), start, strict=True)
         )
