@@ -7,6 +7,7 @@ starts in a second rather than the several that importing torch takes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -32,7 +33,9 @@ FEATURES_DIR = Path("data/features")
 BACKBONE_FILE = Path("models/backbone.pt")
 HEAD_FILE = Path("models/head.pt")
 FINETUNED_FILE = Path("models/finetuned.pt")
+ONNX_FILE = Path("models/model.onnx")  # with models/model.json beside it
 METRICS_DIR = Path("metrics")
+PREDICTIONS_FILE = METRICS_DIR / "test_predictions.csv"  # the fine-tuned model on each test image
 PLOTS_DIR = Path("reports/plots")
 LIVE_DIR = Path("reports/live")  # dvclive's per-epoch logs, one folder per training stage
 FIGURES_DIR = Path("reports/figures")
@@ -81,6 +84,14 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
             os.replace(staged, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_sha256(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(path: Path | str, data: Any) -> None:
@@ -198,6 +209,16 @@ def launched(stage: str) -> bool:
     print(f"{stage}: {plan.world_size} processes ({plan.nproc_per_node} here, {plan.backend})")
     launch(f"pipeline.{stage}", plan)
     return True
+
+
+def run_tool(main: Callable[[], int | None]) -> None:
+    """Run a command-line tool's ``main`` (not a stage); exit with what it returns, or print
+    a bad-input error as one line and exit 2."""
+    try:
+        sys.exit(main() or 0)
+    except (ParamsError, StageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run_stage(main: Callable[[], None], stage: str | None = None) -> None:

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import FIGURES_DIR, METRICS_DIR, atomic_path, read_json, write_text
+from pipeline.common import FIGURES_DIR, METRICS_DIR, atomic_path, read_json, run_tool, write_text
 from pipeline.errors import StageError
 
 COMPARE_FILE = Path("reports/compare.md")
@@ -240,8 +240,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except StageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_tool(main)

@@ -3,9 +3,11 @@
 Reads params ``device``, ``amp``, ``data.num_workers``, ``extract.batch_size`` and
 ``distributed.{nproc_per_node,backend,timeout_s}`` (each process predicts a share); reads data/prepared/,
 data/features/test.pt, models/head.pt and models/finetuned.pt; writes metrics/test.json
-(accuracy and macro-F1 of both models; declared as dvc metrics), metrics/per_class.json
-(per-class precision, recall, F1, support and the confusion matrices) and
-reports/plots/confusion_{linear_probe,finetuned}.csv (for dvc plots).
+(accuracy, macro-F1 and expected calibration error of both models; declared as dvc metrics),
+metrics/per_class.json (per-class precision, recall, F1, support, the confusion matrices and
+the reliability diagram's bins), metrics/test_predictions.csv (the fine-tuned model's
+prediction, probability and loss for each test image, for the report's gallery of mistakes)
+and reports/plots/confusion_{linear_probe,finetuned}.csv (for dvc plots).
 Run: ``python -m pipeline.evaluate``.
 """
 
@@ -25,31 +27,32 @@ from pipeline.common import (
     HEAD_FILE,
     METRICS_DIR,
     PLOTS_DIR,
+    PREDICTIONS_FILE,
     PREPARED_DIR,
     load_torch,
     run_stage,
     write_json,
     write_text,
 )
-from pipeline.data import checkpoint_transform, loader_workers, split_dataset
-from pipeline.metrics import per_class_metrics, summary_metrics
+from pipeline.data import checkpoint_transform, load_split, loader_workers, split_dataset
+from pipeline.metrics import calibration, per_class_metrics, summary_metrics
 from pipeline.models import load_classifier, load_head
 from pipeline.params import load_params
-from pipeline.training import make_loader, predict
+from pipeline.training import make_loader, predict_logits
 
 
 @torch.inference_mode()
-def linear_probe_predictions(head_checkpoint: dict, features_file: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The probe's predictions on the cached test features (the frozen backbone's output)."""
+def linear_probe_logits(head_checkpoint: dict, features_file: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe's logits on the cached test features (the frozen backbone's output), and labels."""
     head = load_head(head_checkpoint).eval()
     test = load_torch(features_file)
-    return head(test["features"]).argmax(1).numpy(), test["labels"].numpy()
+    return head(test["features"]).float(), test["labels"]
 
 
-def finetuned_predictions(
+def finetuned_logits(
     batch_size: int, num_workers: int, ranks: distributed.Ranks, device: torch.device, amp: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """The fine-tuned model's predictions on the test split, in order; each process
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fine-tuned model's logits on the test split, in order, and labels; each process
     predicts a share."""
     model, checkpoint = load_classifier(FINETUNED_FILE)
     test = split_dataset(PREPARED_DIR, "test", checkpoint_transform(checkpoint))
@@ -57,7 +60,24 @@ def finetuned_predictions(
     loader = make_loader(
         test, batch_size, device, num_workers=loader_workers(test, num_workers), sampler=sampler
     )
-    return predict(model, loader, device, amp)
+    return predict_logits(model, loader, device, amp)
+
+
+def predictions_csv(
+    logits: torch.Tensor, actual: torch.Tensor, sources: list[str], classes: list[str]
+) -> str:
+    """One row per test image: its index in the split, its file (empty for an in-memory
+    dataset), true and predicted class, the prediction's probability and the image's loss."""
+    log_probs = torch.log_softmax(logits.double(), dim=1)
+    probability, predicted = log_probs.exp().max(dim=1)
+    loss = -log_probs.gather(1, actual[:, None].long())[:, 0]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["index", "source", "actual", "predicted", "probability", "loss"])
+    rows = zip(sources, actual.tolist(), predicted.tolist(), probability.tolist(), loss.tolist(), strict=True)
+    for index, (source, true, guess, p, nll) in enumerate(rows):
+        writer.writerow([index, source, classes[true], classes[guess], f"{p:.6f}", f"{nll:.6f}"])
+    return buffer.getvalue()
 
 
 def confusion_csv(actual: np.ndarray, predicted: np.ndarray, classes: list[str]) -> str:
@@ -72,26 +92,36 @@ def confusion_csv(actual: np.ndarray, predicted: np.ndarray, classes: list[str])
 def main() -> None:
     params = load_params()
     _, ranks, device = distributed.start("evaluate", params["distributed"], params["device"])
-    finetuned = finetuned_predictions(
+    finetuned = finetuned_logits(
         params["extract"]["batch_size"], params["data"]["num_workers"], ranks, device, params["amp"]
     )
     if not ranks.main:
         return
     head_checkpoint = load_torch(HEAD_FILE)
     classes = head_checkpoint["classes"]
-    predictions = {
-        "linear_probe": linear_probe_predictions(head_checkpoint, FEATURES_DIR / "test.pt"),
+    logits = {
+        "linear_probe": linear_probe_logits(head_checkpoint, FEATURES_DIR / "test.pt"),
         "finetuned": finetuned,
     }
     summary, details = {}, {"classes": classes}
-    for name, (predicted, actual) in predictions.items():
-        summary[name] = summary_metrics(actual, predicted)
-        details[name] = per_class_metrics(actual, predicted, classes)
+    for name, (scores, labels) in logits.items():
+        probabilities = torch.softmax(scores.double(), dim=1)
+        confidence, predicted = probabilities.max(dim=1)
+        actual, predicted = labels.numpy(), predicted.numpy()
+        reliability = calibration(confidence.numpy(), predicted == actual)
+        summary[name] = {**summary_metrics(actual, predicted), "ece": reliability["ece"]}
+        details[name] = {**per_class_metrics(actual, predicted, classes), "calibration": reliability}
         write_text(PLOTS_DIR / f"confusion_{name}.csv", confusion_csv(actual, predicted, classes))
+    images, _ = load_split(PREPARED_DIR, "test")
+    sources = images if isinstance(images, list) else [""] * len(images)
+    write_text(PREDICTIONS_FILE, predictions_csv(*finetuned, sources, classes))
     write_json(METRICS_DIR / "test.json", summary)
     write_json(METRICS_DIR / "per_class.json", details)
     for name, scores in summary.items():
-        print(f"evaluate: {name}: test accuracy {scores['accuracy']:.4f}, macro-F1 {scores['macro_f1']:.4f}")
+        print(
+            f"evaluate: {name}: test accuracy {scores['accuracy']:.4f}, macro-F1 {scores['macro_f1']:.4f}, "
+            f"ECE {scores['ece']:.4f}"
+        )
 
 
 if __name__ == "__main__":

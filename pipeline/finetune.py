@@ -37,6 +37,7 @@ from pipeline.data import SeededAugmentation, checkpoint_transform, loader_worke
 from pipeline.models import (
     Classifier,
     batchnorm_layers,
+    classifier_checkpoint,
     frozen_modules,
     head_from_config,
     load_backbone,
@@ -207,21 +208,16 @@ def main() -> None:
     best = best_val_accuracy(history)
     classifier.load_state_dict(best_state)
     fold_adapters(classifier)  # a plain model: evaluate and export read it as any other
-    head_config = {k: v for k, v in head_checkpoint.items() if k != "state_dict"}
     save_torch(
         FINETUNED_FILE,
-        {
-            **{
-                k: backbone_checkpoint[k]
-                for k in ("arch", "weights", "image_size", "resize_size", "mean", "std")
-            },
-            "classes": head_checkpoint["classes"],
-            "head": head_config,
-            "params": {"lr": lr, "seed": seed, "amp": params["amp"], **config},
-            "world_size": ranks.world_size,
-            "backend": plan.backend,
-            "state_dict": {k: v.detach().cpu() for k, v in classifier.state_dict().items()},
-        },
+        classifier_checkpoint(
+            classifier,
+            backbone_checkpoint,
+            head_checkpoint,
+            params={"lr": lr, "seed": seed, "amp": params["amp"], **config},
+            world_size=ranks.world_size,
+            backend=plan.backend,
+        ),
     )
     log.live.summary.setdefault("finetune", {}).update(
         world_size=ranks.world_size,

@@ -34,3 +34,52 @@ def per_class_metrics(actual: np.ndarray, predicted: np.ndarray, classes: list[s
         },
         "confusion_matrix": confusion_matrix(actual, predicted, labels=labels).tolist(),
     }
+
+
+def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> dict[str, Any]:
+    """Expected calibration error and the reliability diagram's bins (Guo et al., 2017).
+
+    Predictions fall into ``bins`` equal-width bins of their confidence (the predicted
+    class's probability), right edges inclusive; ECE is the share-weighted mean gap between
+    each bin's accuracy and its mean confidence. Empty bins have ``count`` 0 and no means.
+    """
+    confidence, correct = np.asarray(confidence, dtype=np.float64), np.asarray(correct, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.digitize(confidence, edges[1:-1], right=True)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        members = which == b
+        count = int(members.sum())
+        row: dict[str, Any] = {"lower": round(float(edges[b]), 6), "upper": round(float(edges[b + 1]), 6)}
+        row["count"] = count
+        if count:
+            row["confidence"] = round(float(confidence[members].mean()), 6)
+            row["accuracy"] = round(float(correct[members].mean()), 6)
+            ece += count / len(confidence) * abs(correct[members].mean() - confidence[members].mean())
+        rows.append(row)
+    return {"ece": round(float(ece), 6), "bins": rows}
+
+
+def highest_losses(losses: np.ndarray, count: int) -> np.ndarray:
+    """Positions of the ``count`` largest losses, largest first (ties: the earlier image)."""
+    order = np.argsort(-np.asarray(losses, dtype=np.float64), kind="stable")
+    return order[:count]
+
+
+def most_confused_pairs(matrix: list[list[int]], classes: list[str], count: int = 5) -> list[dict[str, Any]]:
+    """The class pairs (a, b) with the most mistakes between them, either way, most first;
+    pairs with none are left out. ``matrix[i][j]`` counts images of class i predicted as j."""
+    matrix = np.asarray(matrix)
+    pairs = [
+        {
+            "a": classes[i],
+            "b": classes[j],
+            "a_as_b": int(matrix[i, j]),
+            "b_as_a": int(matrix[j, i]),
+            "total": int(matrix[i, j] + matrix[j, i]),
+        }
+        for i in range(len(classes))
+        for j in range(i + 1, len(classes))
+        if matrix[i, j] + matrix[j, i]
+    ]
+    return sorted(pairs, key=lambda pair: -pair["total"])[:count]

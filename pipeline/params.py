@@ -263,6 +263,9 @@ SCHEMA: dict[str, Any] = {
         "augment": boolean,
         "bn": one_of(*BN_MODES),
     },
+    "export": {
+        "tolerance": positive_float,
+    },
     "distributed": {
         "nproc_per_node": process_count,
         "nnodes": positive_int,

@@ -1,15 +1,16 @@
 """Stage 7, report: reports/report.md with figures, for reading on GitHub.
 
-Reads every params section (the report lists the params used), data/prepared/skipped.json,
-the metrics under metrics/, the per-epoch dvclive logs under reports/live/ and
-models/backbone.pt (for its hash); writes reports/report.md and reports/figures/*.png.
+Reads every params section (the report lists the params used), data/prepared/ (the test
+images of the gallery of mistakes; image files under data/raw/), the metrics under metrics/
+(metrics/test_predictions.csv for the gallery), the per-epoch dvclive logs under
+reports/live/ and models/backbone.pt (for its hash); writes reports/report.md and
+reports/figures/*.png.
 Run: ``python -m pipeline.report``.
 """
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
+import csv
 from typing import Any
 
 import matplotlib
@@ -24,25 +25,23 @@ from pipeline.common import (
     FIGURES_DIR,
     LIVE_DIR,
     METRICS_DIR,
+    ONNX_FILE,
+    PREDICTIONS_FILE,
     PREPARED_DIR,
     REPORT_FILE,
     atomic_path,
+    file_sha256,
     read_epoch_log,
     read_json,
     run_stage,
     write_text,
 )
+from pipeline.errors import StageError
+from pipeline.metrics import highest_losses, most_confused_pairs
 from pipeline.params import load_params
 
+GALLERY_SIZE = 16  # test images with the highest loss shown in the report
 LABELS = {"linear_probe": "Linear probe", "finetuned": "Fine-tuned", "random_init_probe": "Random-init probe"}
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_figure(fig: plt.Figure, name: str) -> str:
@@ -106,6 +105,98 @@ def per_class_figure(details: dict[str, Any]) -> str:
     return save_figure(fig, "per_class_f1.png")
 
 
+def reliability_figure(details: dict[str, Any]) -> str:
+    """Accuracy per confidence bin, for both models, against the bin's mean confidence and
+    the diagonal: a bar below its marker is an overconfident bin, above it underconfident."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
+    for ax, name in zip(axes, ("linear_probe", "finetuned"), strict=True):
+        reliability = details[name]["calibration"]
+        filled = [row for row in reliability["bins"] if row["count"]]
+        ax.bar(
+            [row["lower"] for row in filled],
+            [row["accuracy"] for row in filled],
+            width=[row["upper"] - row["lower"] for row in filled],
+            align="edge",
+            edgecolor="black",
+            label="accuracy of the bin",
+        )
+        centres = [(row["lower"] + row["upper"]) / 2 for row in filled]
+        ax.plot(centres, [row["confidence"] for row in filled], "o", color="tab:red", label="mean confidence")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (predicted class's probability)")
+        ax.set_title(f"{LABELS[name]}: ECE {reliability['ece']:.4f}")
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left")
+    return save_figure(fig, "reliability.png")
+
+
+def read_predictions() -> list[dict[str, str]]:
+    if not PREDICTIONS_FILE.is_file():
+        raise StageError(f"{PREDICTIONS_FILE}: not found; run the evaluate stage first (dvc repro)")
+    with open(PREDICTIONS_FILE, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def highest_loss_rows(rows: list[dict[str, str]], count: int) -> list[dict[str, str]]:
+    """The ``count`` test predictions with the highest loss, highest first."""
+    return [rows[i] for i in highest_losses([float(row["loss"]) for row in rows], count)]
+
+
+def test_images(rows: list[dict[str, str]]) -> list[np.ndarray]:
+    """The pixels of the test images ``rows`` name: from the prepared array, or their files."""
+    archive = PREPARED_DIR / "test.npz"
+    if archive.is_file():
+        with np.load(archive) as data:
+            images = data["images"]
+            return [images[int(row["index"])] for row in rows]
+    from pipeline.images import read_rgb  # imports torch: only datasets of image files need it
+
+    return [read_rgb(row["source"]) for row in rows]
+
+
+def gallery_figure(rows: list[dict[str, str]]) -> str:
+    """The test images with the highest loss, with true class, prediction and probability
+    (fastai's plot_top_losses)."""
+    columns = 4
+    lines = max(1, -(-len(rows) // columns))
+    fig, axes = plt.subplots(lines, columns, figsize=(2.6 * columns, 3.0 * lines), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row, image in zip(axes.flat, rows, test_images(rows), strict=False):
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
+        ax.set_title(
+            f"true: {row['actual']}\npredicted: {row['predicted']} ({float(row['probability']):.2f})\n"
+            f"loss {float(row['loss']):.2f}",
+            fontsize=9,
+            color="black" if row["actual"] == row["predicted"] else "tab:red",
+        )
+    return save_figure(fig, "top_losses.png")
+
+
+def confused_pairs_table(details: dict[str, Any]) -> str:
+    pairs = most_confused_pairs(details["finetuned"]["confusion_matrix"], details["classes"])
+    if not pairs:
+        return "The fine-tuned model confused no two classes on the test split."
+    rows = ["| classes | mistakes between them | true class taken for the other |", "|---|---:|---|"]
+    for pair in pairs:
+        a, b = pair["a"], pair["b"]
+        ways = f"{a} as {b}: {pair['a_as_b']}; {b} as {a}: {pair['b_as_a']}"
+        rows.append(f"| {a} and {b} | {pair['total']} | {ways} |")
+    return "\n".join(rows)
+
+
+def export_note(result: dict[str, Any]) -> str:
+    agreement = "agrees" if not result["top1_disagreements"] else "disagrees"
+    return (
+        f"`{ONNX_FILE}` (described by `{ONNX_FILE.with_suffix('.json')}`) {agreement} with PyTorch on "
+        f"all {result['images']} test images: largest |logit difference| "
+        f"{result['max_abs_logit_difference']:.3g}, {result['top1_disagreements']} different top-1 "
+        "classes. `python -m pipeline.predict --onnx models/model.onnx PATH...` runs it."
+    )
+
+
 def summary_table(test: dict[str, Any], baseline: dict[str, Any]) -> str:
     rows = ["| model | test accuracy | test macro-F1 |", "|---|---:|---:|"]
     for name, scores in {**baseline, **test}.items():
@@ -136,6 +227,10 @@ def render_report(params: dict[str, Any], backbone_hash: str) -> str:
         confusion_figure(details),
         per_class_figure(details),
     )
+    predictions = read_predictions()
+    worst = highest_loss_rows(predictions, GALLERY_SIZE)
+    gallery, reliability = gallery_figure(worst), reliability_figure(details)
+    mistakes = sum(row["actual"] != row["predicted"] for row in predictions)
     config = params["backbone"]
     skipped = read_json(PREPARED_DIR / "skipped.json")
     skipped_note = (
@@ -189,6 +284,30 @@ random init: what the pretrained features add is the gap to the linear probe.
 
 {per_class_table(details)}
 
+## What the fine-tuned model gets wrong
+
+{mistakes} of {len(predictions)} test images are misclassified. The classes most confused
+with each other:
+
+{confused_pairs_table(details)}
+
+The {len(worst)} test images with the highest loss (red: misclassified; the probability is
+the predicted class's), from `{PREDICTIONS_FILE}`:
+
+![highest-loss test images]({gallery})
+
+## Calibration
+
+Expected calibration error over 15 confidence bins: fine-tuned
+{test["finetuned"]["ece"]:.4f}, linear probe {test["linear_probe"]["ece"]:.4f} (0 is perfectly
+calibrated: among predictions made with 80% confidence, 80% are right).
+
+![reliability diagrams]({reliability})
+
+## Export
+
+{export_note(read_json(METRICS_DIR / "export.json"))}
+
 ## Reproducibility
 
 Backbone file `{BACKBONE_FILE}` sha256 `{backbone_hash}`.
@@ -203,7 +322,7 @@ Params used:
 
 def main() -> None:
     params = load_params(check_models=False)  # builds no model; the stages that do check them
-    write_text(REPORT_FILE, render_report(params, sha256(BACKBONE_FILE)))
+    write_text(REPORT_FILE, render_report(params, file_sha256(BACKBONE_FILE)))
     print(f"report: {REPORT_FILE}")
 
 

@@ -15,12 +15,11 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import FIGURES_DIR, atomic_path
+from pipeline.common import FIGURES_DIR, atomic_path, run_tool
 from pipeline.errors import StageError
 
 TEST_METRICS = "metrics/test.json"
@@ -226,8 +225,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except StageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_tool(main)

@@ -7,7 +7,6 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
@@ -100,19 +99,17 @@ def extract_features(
 
 
 @torch.inference_mode()
-def predict(
+def predict_logits(
     model: nn.Module, loader: DataLoader, device: torch.device, amp: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted and true labels over a loader."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 logits and true labels over a loader, on the CPU, in dataset order."""
     model.eval().to(device, memory_format=torch.channels_last)
-    predicted, actual = [], []
+    logits, actual = [], []
     for images, targets in progress(loader, "predict"):
         with autocast(device, amp):
-            logits = model(to_device(images, device))
-        predicted.append(logits.argmax(1).cpu())
+            logits.append(model(to_device(images, device)).float().cpu())
         actual.append(targets)
-    predicted, actual = gather_in_order(loader_indices(loader), torch.cat(predicted), torch.cat(actual))
-    return predicted.numpy(), actual.numpy()
+    return gather_in_order(loader_indices(loader), torch.cat(logits), torch.cat(actual))
 
 
 def warmup_cosine(

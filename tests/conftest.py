@@ -34,7 +34,17 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "head": {"max_epochs": 15, "patience": 5},
     "finetune": {"epochs": 2, "batch_size": 32, "bn": "frozen"},
 }
-STAGES = ["prepare", "backbone", "extract", "train_head", "finetune", "baseline", "evaluate", "report"]
+STAGES = [
+    "prepare",
+    "backbone",
+    "extract",
+    "train_head",
+    "finetune",
+    "baseline",
+    "evaluate",
+    "export",
+    "report",
+]
 SWEEP = "lr=1e-3,1e-4,1e-5"  # as the README writes it; 1e-3 is the committed rate
 
 

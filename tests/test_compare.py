@@ -83,8 +83,8 @@ def test_finetune_only_change_reruns_finetune_onward_and_leaves_upstream_deltas_
     else:  # main reproduced on this machine; baseline and report keep their outputs (in git),
         # as their inputs came out the same
         assert sorted(ran_stages(base_output)) == sorted(set(STAGES) - {"baseline", "report"})
-    assert ran_stages(branch_output) == ["finetune", "evaluate", "report"]
-    assert "Reran: `finetune`, `evaluate`, `report`." in markdown
+    assert ran_stages(branch_output) == ["finetune", "evaluate", "export", "report"]
+    assert "Reran: `finetune`, `evaluate`, `export`, `report`." in markdown
 
     for label in UNCHANGED_ROWS:
         _, old, new, change = metric_row(markdown, label)

@@ -1,5 +1,4 @@
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from pipeline import finetune as stage
 from pipeline.finetune import finetune
 from pipeline.models import Classifier
-from tests.conftest import tiny_params
+from tests.conftest import Run
 
 
 def small_classifier() -> Classifier:
@@ -96,19 +95,16 @@ STRATEGIES = {
 
 
 @pytest.fixture(scope="module")
-def tiny_workspace(tmp_path_factory) -> Path:
-    """The tiny config up to the linear probe, run in this process."""
-    from pipeline import backbone, extract, prepare, train_head
-
+def tiny_workspace(tiny_run: Run, tmp_path_factory) -> Path:
+    """The tiny run's params and outputs up to the linear probe (shared with the other
+    whole-pipeline tests, not recomputed)."""
     path = tmp_path_factory.mktemp("strategies")
-    (path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
-    here = Path.cwd()
-    os.chdir(path)
-    try:
-        for module in (prepare, backbone, extract, train_head):
-            module.main()
-    finally:
-        os.chdir(here)
+    shutil.copy(tiny_run.repo / "params.yaml", path / "params.yaml")
+    for folder in ("data/prepared", "data/features"):
+        shutil.copytree(tiny_run.repo / folder, path / folder)
+    for name in ("backbone.pt", "head.pt"):
+        (path / "models").mkdir(exist_ok=True)
+        shutil.copy(tiny_run.repo / "models" / name, path / "models" / name)
     return path
 
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline import backbone, baseline, evaluate, extract, finetune, prepare, report, train_head
+from pipeline import backbone, baseline, evaluate, export, extract, finetune, prepare, report, train_head
 from pipeline.errors import StageError
 from pipeline.images import read_rgb, scan_tree, unreadable_files
 from tests.conftest import tiny_params
@@ -130,7 +130,7 @@ def test_bad_images_fail_prepare_with_every_path_listed(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_generated_image_folder_goes_through_every_stage(tmp_path, monkeypatch):
     setup_run(tmp_path, monkeypatch, skip=True)
-    for stage in (prepare, backbone, extract, train_head, finetune, baseline, evaluate, report):
+    for stage in (prepare, backbone, extract, train_head, finetune, baseline, evaluate, export, report):
         stage.main()
     assert json.loads(Path("data/prepared/skipped.json").read_text()) == ["data/raw/images/dog/broken.jpg"]
     manifest = json.loads(Path("data/prepared/train.json").read_text())

@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from pipeline.metrics import per_class_metrics, summary_metrics
+from pipeline.metrics import (
+    calibration,
+    highest_losses,
+    most_confused_pairs,
+    per_class_metrics,
+    summary_metrics,
+)
 
 
 def test_metrics_match_hand_counts():
@@ -19,3 +25,41 @@ def test_metrics_match_hand_counts():
     assert details["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     f1s = [details["per_class"][c]["f1"] for c in "abc"]
     assert summary["macro_f1"] == pytest.approx(np.mean(f1s), abs=1e-5)
+
+
+def test_expected_calibration_error_of_a_handcrafted_case():
+    """Four predictions at 0.95, all right (gap 0.05); six at 0.55, three right (gap 0.05):
+    ECE = 0.4 * 0.05 + 0.6 * 0.05 = 0.05. The same confidences, every one right: the gaps
+    are 0.05 and 0.45, ECE = 0.4 * 0.05 + 0.6 * 0.45 = 0.29."""
+    confidence = np.array([0.95] * 4 + [0.55] * 6)
+    correct = np.array([1, 1, 1, 1, 1, 1, 1, 0, 0, 0], dtype=bool)
+    result = calibration(confidence, correct, bins=10)
+    assert result["ece"] == pytest.approx(0.05, abs=1e-6)
+    filled = {row["lower"]: row for row in result["bins"] if row["count"]}
+    assert filled == {
+        0.5: {"lower": 0.5, "upper": 0.6, "count": 6, "confidence": 0.55, "accuracy": 0.5},
+        0.9: {"lower": 0.9, "upper": 1.0, "count": 4, "confidence": 0.95, "accuracy": 1.0},
+    }
+    assert calibration(confidence, np.ones(10, dtype=bool), bins=10)["ece"] == pytest.approx(0.29, abs=1e-6)
+    assert calibration(np.array([0.9] * 10), np.arange(10) < 9)["ece"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_confidence_on_a_bin_edge_falls_in_the_lower_bin():
+    result = calibration(np.array([0.5, 1.0]), np.array([True, True]), bins=2)
+    assert [row["count"] for row in result["bins"]] == [1, 1]
+
+
+def test_highest_losses_come_largest_first_and_ties_keep_the_earlier_image():
+    losses = np.array([0.1, 2.5, 0.3, 2.5, 7.0, 0.0])
+    assert highest_losses(losses, 3).tolist() == [4, 1, 3]
+    assert highest_losses(losses, 10).tolist() == [4, 1, 3, 2, 0, 5]
+
+
+def test_most_confused_pairs_add_both_directions_and_name_the_classes():
+    matrix = [[5, 1, 0], [4, 6, 2], [0, 2, 9]]  # row: true class, column: predicted
+    pairs = most_confused_pairs(matrix, ["cat", "dog", "fox"])
+    assert pairs == [
+        {"a": "cat", "b": "dog", "a_as_b": 1, "b_as_a": 4, "total": 5},
+        {"a": "dog", "b": "fox", "a_as_b": 2, "b_as_a": 2, "total": 4},
+    ]
+    assert most_confused_pairs(matrix, ["cat", "dog", "fox"], count=1) == pairs[:1]

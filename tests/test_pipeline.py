@@ -60,7 +60,7 @@ def test_full_run_writes_every_declared_output_and_fills_the_run_cache(tiny_run)
     repo = tiny_run.repo
     assert sorted(ran_stages(tiny_run.output)) == sorted(STAGES)
     outputs = list(declared_outputs())
-    assert len(outputs) == 17
+    assert len(outputs) == 21
     for path in map(repo.joinpath, outputs):
         assert path.is_file() or (path.is_dir() and any(path.rglob("*.*"))), path
     assert run_cache_commands(repo) == {
@@ -89,7 +89,7 @@ def test_queued_lr_sweep_reruns_only_finetune_onward(lr_sweep, tiny_run):
         if rate == committed:  # the committed rate: every output restored, nothing run
             assert ran == [], name
         else:
-            assert ran == ["finetune", "evaluate", "report"], (name, lr_sweep.logs[name])
+            assert ran == ["finetune", "evaluate", "export", "report"], (name, lr_sweep.logs[name])
     print(f"queued sweep of 3 rates: {lr_sweep.seconds:.0f} s")
 
 

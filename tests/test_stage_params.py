@@ -15,7 +15,18 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline import backbone, baseline, evaluate, extract, finetune, params, prepare, report, train_head
+from pipeline import (
+    backbone,
+    baseline,
+    evaluate,
+    export,
+    extract,
+    finetune,
+    params,
+    prepare,
+    report,
+    train_head,
+)
 from tests.conftest import ROOT, tiny_params
 from tests.test_images import make_tree
 
@@ -29,6 +40,7 @@ MODULES = {
     "finetune": finetune,
     "baseline": baseline,
     "evaluate": evaluate,
+    "export": export,
     "report": report,
 }
 

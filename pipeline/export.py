@@ -1,0 +1,187 @@
+"""Stage 7, export: the fine-tuned model as ONNX, checked against PyTorch on the test split.
+
+Reads params ``data.num_workers``, ``extract.batch_size`` and ``export.tolerance``; reads
+data/prepared/ (and image files under data/raw/) and models/finetuned.pt; writes
+models/model.onnx (a dynamic batch axis: input ``images``, N x 3 x H x W float32,
+normalised; output ``logits``), models/model.json (what a caller needs to feed it: class
+names, input size, resize, mean and std, and the sha256 of the checkpoint it came from) and
+metrics/export.json (the parity check's figures).
+
+The stage verifies itself: onnxruntime and PyTorch must agree on every test image, within
+``export.tolerance`` on each logit and on the top-1 class, or the stage fails and writes
+nothing. Needs the ``export`` extra (onnx, onnxscript, onnxruntime).
+Run: ``python -m pipeline.export``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.common import (
+    FINETUNED_FILE,
+    METRICS_DIR,
+    ONNX_FILE,
+    PREPARED_DIR,
+    atomic_path,
+    file_sha256,
+    progress,
+    run_stage,
+    write_json,
+)
+from pipeline.data import checkpoint_transform, loader_workers, split_dataset
+from pipeline.errors import StageError
+from pipeline.models import PREPROCESSING_KEYS, load_classifier
+from pipeline.params import load_params
+from pipeline.training import make_loader
+
+ONNX_FORMAT = "dvc-transfer-learning onnx"
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+
+def sidecar_path(onnx_file: Path | str) -> Path:
+    """models/model.onnx's description: models/model.json."""
+    return Path(onnx_file).with_suffix(".json")
+
+
+def require_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise StageError(
+            "ONNX needs the export extra (onnx, onnxscript, onnxruntime): pip install -e '.[export]'"
+        ) from None
+    return onnxruntime
+
+
+def export_onnx(model: torch.nn.Module, image_size: int, path: Path) -> None:
+    """Write ``model`` (in eval mode, on the CPU, float32) to ``path`` through torch.export,
+    with the batch axis left dynamic."""
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError:
+        require_onnxruntime()
+        raise StageError("ONNX export needs onnxscript: pip install -e '.[export]'") from None
+    model = model.eval().cpu().float()
+    example = torch.zeros(2, 3, image_size, image_size)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+        dynamo=True,
+        verbose=False,
+    )
+    program.save(str(path))
+
+
+def onnx_opset(path: Path) -> int | None:
+    """The version of the default ONNX operator set a model file uses."""
+    import onnx
+
+    imports = onnx.load(str(path), load_external_data=False).opset_import
+    return next((entry.version for entry in imports if entry.domain in ("", "ai.onnx")), None)
+
+
+def onnx_session(path: Path | str) -> Any:
+    """An onnxruntime session on the CPU."""
+    onnxruntime = require_onnxruntime()
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(session: Any, images: torch.Tensor) -> np.ndarray:
+    return session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy().astype(np.float32, copy=False)})[0]
+
+
+@torch.inference_mode()
+def parity(model: torch.nn.Module, session: Any, loader: torch.utils.data.DataLoader) -> dict[str, Any]:
+    """Both runtimes on every image of ``loader``: the largest logit difference and how
+    many images get a different top-1 class."""
+    model.eval()
+    largest, differ, count = 0.0, 0, 0
+    for images, _ in progress(loader, "parity"):
+        expected = model(images).float().numpy()
+        got = onnx_logits(session, images)
+        largest = max(largest, float(np.abs(expected - got).max()))
+        differ += int((expected.argmax(1) != got.argmax(1)).sum())
+        count += len(images)
+    return {"images": count, "max_abs_logit_difference": largest, "top1_disagreements": differ}
+
+
+def check_parity(result: dict[str, Any], tolerance: float) -> None:
+    """Fail unless the runtimes agree within ``tolerance`` and on every top-1 class."""
+    problems = []
+    largest, differ = result["max_abs_logit_difference"], result["top1_disagreements"]
+    if largest > tolerance:
+        problems.append(f"max |logit difference| {largest:.3g} > export.tolerance {tolerance:g}")
+    if differ:
+        problems.append(f"{differ} of {result['images']} images get another top-1 class")
+    if problems:
+        raise StageError(
+            "export: onnxruntime and PyTorch disagree on the test split: "
+            + "; ".join(problems)
+            + ". Nothing was written; the ONNX graph does not reproduce models/finetuned.pt"
+        )
+
+
+def sidecar(checkpoint: dict[str, Any], checkpoint_hash: str, opset: int | None) -> dict[str, Any]:
+    """What a caller needs to feed model.onnx and read its output."""
+    return {
+        "format": ONNX_FORMAT,
+        "format_version": 1,
+        "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "channels": "RGB"},
+        "output": {"name": OUTPUT_NAME, "meaning": "logits; softmax gives class probabilities"},
+        **{key: checkpoint[key] for key in PREPROCESSING_KEYS},
+        "classes": checkpoint["classes"],
+        "opset": opset,
+        "source": str(FINETUNED_FILE),
+        "source_sha256": checkpoint_hash,
+    }
+
+
+def read_sidecar(onnx_file: Path | str) -> dict[str, Any]:
+    """models/model.json for ``onnx_file``, checked to be one the export stage wrote."""
+    path = sidecar_path(onnx_file)
+    if not Path(onnx_file).is_file():
+        raise StageError(f"{onnx_file}: not found; run the export stage first (dvc repro export)")
+    if not path.is_file():
+        raise StageError(f"{path}: not found beside {onnx_file}; the export stage writes both")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise StageError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(meta, dict) or meta.get("format") != ONNX_FORMAT:
+        raise StageError(f"{path}: not written by this pipeline's export stage; rerun: dvc repro export")
+    return meta
+
+
+def main() -> None:
+    params = load_params()
+    tolerance = params["export"]["tolerance"]
+    require_onnxruntime()
+    model, checkpoint = load_classifier(FINETUNED_FILE)
+    test = split_dataset(PREPARED_DIR, "test", checkpoint_transform(checkpoint))
+    workers = loader_workers(test, params["data"]["num_workers"])
+    loader = make_loader(test, params["extract"]["batch_size"], torch.device("cpu"), num_workers=workers)
+    with atomic_path(ONNX_FILE) as staged:
+        export_onnx(model, checkpoint["image_size"], staged)
+        opset = onnx_opset(staged)
+        result = parity(model, onnx_session(staged), loader)
+        check_parity(result, tolerance)
+        write_json(sidecar_path(ONNX_FILE), sidecar(checkpoint, file_sha256(FINETUNED_FILE), opset))
+    largest = float(f"{result['max_abs_logit_difference']:.3g}")  # 3 digits: diffs show real changes
+    write_json(METRICS_DIR / "export.json", {**result, "max_abs_logit_difference": largest})
+    print(
+        f"export: {ONNX_FILE} (opset {opset}) agrees with PyTorch on {result['images']} test images: "
+        f"max |logit difference| {result['max_abs_logit_difference']:.3g} (tolerance {tolerance:g}), "
+        f"{result['top1_disagreements']} top-1 disagreements"
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,70 @@
+"""Write a prepared split's images as files, one folder per class, to try predict on.
+
+    python -m pipeline.samples data/samples --split test --per-class 5
+
+An in-memory dataset (digits, CIFAR) is written as lossless PNGs named by each image's
+index in the split (``<class>/test-00042.png``), so predict sees the very pixels evaluate
+saw; a dataset of image files is copied. The folder must not exist yet: nothing is
+overwritten. Reads data/prepared/ (run ``dvc repro prepare`` first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.common import PREPARED_DIR, atomic_path, run_tool
+from pipeline.data import SPLITS, load_classes, load_split
+from pipeline.errors import ParamsError
+
+
+def chosen(labels: np.ndarray, per_class: int) -> list[int]:
+    """Each class's first ``per_class`` images in the split (all of them for 0), in order."""
+    taken: dict[int, int] = {}
+    keep = []
+    for index, label in enumerate(labels.tolist()):
+        if per_class == 0 or taken.get(label, 0) < per_class:
+            taken[label] = taken.get(label, 0) + 1
+            keep.append(index)
+    return keep
+
+
+def write_samples(out: Path, split: str, per_class: int, prepared_dir: Path = PREPARED_DIR) -> int:
+    """Write the files; return how many."""
+    images, labels = load_split(prepared_dir, split)
+    classes = load_classes(prepared_dir)
+    keep = chosen(labels, per_class)
+    with atomic_path(out) as staged:
+        for name in classes:
+            (staged / name).mkdir(parents=True)
+        for index in keep:
+            folder = staged / classes[labels[index]]
+            if isinstance(images, list):
+                source = Path(images[index])
+                shutil.copyfile(source, folder / f"{split}-{index:05d}{source.suffix.lower()}")
+            else:
+                Image.fromarray(images[index]).save(folder / f"{split}-{index:05d}.png")
+    return len(keep)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.samples", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="a new folder to write <class>/<file> into")
+    parser.add_argument("--split", default="test", choices=SPLITS, help="which prepared split (default test)")
+    parser.add_argument("--per-class", type=int, default=5, help="images per class; 0 for all (default 5)")
+    args = parser.parse_args(argv)
+    if args.per_class < 0:
+        raise ParamsError(f"--per-class: must be 0 (all) or more, got {args.per_class}")
+    if args.out.exists():
+        raise ParamsError(f"{args.out}: already exists; give a new folder (nothing is overwritten)")
+    count = write_samples(args.out, args.split, args.per_class)
+    print(f"samples: {count} {args.split} image(s) under {args.out}/<class>/")
+    return 0
+
+
+if __name__ == "__main__":
+    run_tool(main)

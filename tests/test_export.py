@@ -1,0 +1,73 @@
+"""The export stage: models/model.onnx and its sidecar, verified against PyTorch."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import yaml
+
+from pipeline.common import file_sha256
+from pipeline.errors import StageError
+from pipeline.export import check_parity, read_sidecar
+from tests.conftest import Run, copy_repo, run
+
+
+def test_parity_within_tolerance_and_on_every_top1_passes():
+    check_parity({"images": 10, "max_abs_logit_difference": 9e-5, "top1_disagreements": 0}, 1e-4)
+
+
+@pytest.mark.parametrize(
+    ("result", "message"),
+    [
+        (
+            {"images": 10, "max_abs_logit_difference": 2e-4, "top1_disagreements": 0},
+            "0.0002 > export.tolerance",
+        ),
+        ({"images": 10, "max_abs_logit_difference": 1e-6, "top1_disagreements": 1}, "1 of 10 images"),
+    ],
+)
+def test_parity_beyond_tolerance_or_on_another_top1_fails(result, message):
+    with pytest.raises(StageError, match=message):
+        check_parity(result, 1e-4)
+
+
+def test_a_sidecar_not_written_by_the_export_stage_is_refused(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    with pytest.raises(StageError, match=r"model\.json: not found beside"):
+        read_sidecar(tmp_path / "model.onnx")
+    (tmp_path / "model.json").write_text(json.dumps({"classes": ["a"]}))
+    with pytest.raises(StageError, match="not written by this pipeline's export stage"):
+        read_sidecar(tmp_path / "model.onnx")
+
+
+@pytest.mark.slow
+def test_the_tiny_run_exports_a_model_that_matches_pytorch(tiny_run: Run):
+    repo = tiny_run.repo
+    result = json.loads((repo / "metrics" / "export.json").read_text())
+    test_images = sum(1 for _ in (repo / "metrics" / "test_predictions.csv").open()) - 1
+    assert result["images"] == test_images
+    assert result["max_abs_logit_difference"] <= 1e-4
+    assert result["top1_disagreements"] == 0
+    meta = read_sidecar(repo / "models" / "model.onnx")
+    checkpoint = json.loads((repo / "metrics" / "per_class.json").read_text())
+    assert meta["classes"] == checkpoint["classes"]
+    assert meta["source_sha256"] == file_sha256(repo / "models" / "finetuned.pt")
+    assert meta["image_size"] == 16 and meta["mean"] == [0.5] * 3
+    report = (repo / "reports" / "report.md").read_text()
+    assert f"agrees with PyTorch on all {test_images} test images" in report
+
+
+@pytest.mark.slow
+def test_a_failed_parity_check_fails_the_stage_and_writes_nothing(tiny_run: Run, tmp_path):
+    repo = copy_repo(tiny_run.repo, tmp_path / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["export"]["tolerance"] = 1e-12
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = {path.name: path.stat().st_mtime_ns for path in (repo / "models").iterdir()}
+    result = run(repo, sys.executable, "-m", "pipeline.export", check=False)
+    assert result.returncode == 2
+    assert "onnxruntime and PyTorch disagree on the test split" in result.stderr
+    assert "> export.tolerance 1e-12" in result.stderr
+    assert {path.name: path.stat().st_mtime_ns for path in (repo / "models").iterdir()} == before

@@ -1,0 +1,35 @@
+"""The report's pieces that choose what to show: the gallery of mistakes and the confused pairs."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+from pipeline.report import confused_pairs_table, highest_loss_rows
+
+PREDICTIONS = """index,source,actual,predicted,probability,loss
+0,,cat,cat,0.900000,0.105361
+1,,cat,dog,0.700000,2.302585
+2,,dog,dog,0.600000,0.510826
+3,,fox,cat,0.950000,4.605170
+4,,dog,fox,0.500000,2.302585
+"""
+
+
+def test_the_gallery_shows_the_highest_loss_images_largest_first():
+    rows = list(csv.DictReader(io.StringIO(PREDICTIONS)))
+    chosen = highest_loss_rows(rows, 3)
+    assert [row["index"] for row in chosen] == ["3", "1", "4"]  # equal losses: the earlier image first
+    assert [row["index"] for row in highest_loss_rows(rows, 16)] == ["3", "1", "4", "2", "0"]
+
+
+def test_confused_pairs_are_named_with_both_directions():
+    details = {
+        "classes": ["cat", "dog", "fox"],
+        "finetuned": {"confusion_matrix": [[5, 1, 0], [0, 6, 1], [1, 0, 4]]},
+    }
+    table = confused_pairs_table(details)
+    assert "| cat and dog | 1 | cat as dog: 1; dog as cat: 0 |" in table
+    assert "| cat and fox | 1 | cat as fox: 0; fox as cat: 1 |" in table
+    perfect = {"classes": ["cat", "dog"], "finetuned": {"confusion_matrix": [[3, 0], [0, 2]]}}
+    assert confused_pairs_table(perfect) == "The fine-tuned model confused no two classes on the test split."
