@@ -142,7 +142,7 @@ def test_metrics_plots_and_experiments_are_listed_and_diffed(applied):
 def test_revisiting_a_rate_restores_its_run_instead_of_recomputing(applied, tiny_run):
     run(applied, "git", "checkout", "params.yaml")  # back to the committed rate
     revisit = timed(applied, "dvc", "repro")
-    assert restored_stages(revisit.output) == ["finetune", "evaluate"]
+    assert restored_stages(revisit.output) == ["finetune", "evaluate", "export"]
     assert ran_stages(revisit.output) == ["report"]  # outside the run-cache (dvc.yaml says why)
     assert snapshot(applied) == snapshot(tiny_run.repo)
     assert run(applied, "git", "status", "--porcelain").stdout == ""
