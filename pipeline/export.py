@@ -78,6 +78,19 @@ def export_onnx(model: torch.nn.Module, image_size: int, path: Path) -> None:
         verbose=False,
     )
     program.save(str(path))
+    drop_debug_metadata(path)
+
+
+def drop_debug_metadata(path: Path) -> None:
+    """Remove what the exporter notes on each node for debugging (Python stack traces with
+    this machine's file paths, FX node names): the file then holds only the graph and the
+    weights, comes out byte for byte the same wherever it is exported, and ships no paths."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    onnx.save(model, str(path))
 
 
 def onnx_opset(path: Path) -> int | None:

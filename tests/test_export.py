@@ -55,6 +55,7 @@ def test_the_tiny_run_exports_a_model_that_matches_pytorch(tiny_run: Run):
     assert meta["classes"] == checkpoint["classes"]
     assert meta["source_sha256"] == file_sha256(repo / "models" / "finetuned.pt")
     assert meta["image_size"] == 16 and meta["mean"] == [0.5] * 3
+    assert b"pipeline/models.py" not in (repo / "models" / "model.onnx").read_bytes()  # no stack traces
     report = (repo / "reports" / "report.md").read_text()
     assert f"agrees with PyTorch on all {test_images} test images" in report
 
