@@ -11,27 +11,22 @@ Needs the lite extra. Run from the repository root:
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.data import image_transform
 from pipeline.images import ImageFileDataset, scan_tree
 from pipeline.models import LITE_MEAN, LITE_STD, download_backbone
+from pipeline.samples import chosen
 from pipeline.training import extract_features, make_loader
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 
 def first_per_class(files: list[tuple[Path, int]], per_class: int) -> list[tuple[Path, int]]:
-    taken: Counter[int] = Counter()
-    kept = []
-    for path, label in files:
-        if taken[label] < per_class:
-            kept.append((path, label))
-            taken[label] += 1
-    return kept
+    return [files[i] for i in chosen(np.array([label for _, label in files]), per_class)]
 
 
 def probe_accuracy(root: Path, size: int, mean: list[float], std: list[float], per_class: int) -> float:
