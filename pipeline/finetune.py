@@ -6,7 +6,9 @@ Starts from the trained head (linear probe, then fine-tune), not a fresh one. Re
 data/prepared/ (and the image files it lists), models/backbone.pt and models/head.pt; writes
 models/finetuned.pt (best on val) and, through dvclive, reports/live/finetune/ (per-epoch
 losses, accuracies and the learning rates the schedule used; metrics.json with the latest
-and the best epoch, the world size and the backend, live while the stage runs).
+and the best epoch, the world size and the backend, live while the stage runs) and
+metrics/finetune_time.json (the wall time of the training loop; the only output that is not
+the same bit for bit on a rerun, so no stage depends on it).
 
 With ``distributed.nproc_per_node`` (or ``nnodes``) above 1 it runs in that many processes
 under DistributedDataParallel; ``finetune.batch_size`` stays the global batch.
@@ -27,11 +29,13 @@ from pipeline.common import (
     FINETUNED_FILE,
     HEAD_FILE,
     LIVE_DIR,
+    METRICS_DIR,
     PREPARED_DIR,
     load_torch,
     run_stage,
     save_torch,
     seed_everything,
+    write_json,
 )
 from pipeline.data import SeededAugmentation, checkpoint_transform, loader_workers, split_dataset
 from pipeline.models import (
@@ -58,6 +62,8 @@ from pipeline.training import (
     unwrap,
     warmup_cosine,
 )
+
+TIME_FILE = METRICS_DIR / "finetune_time.json"
 
 
 def finetune(
@@ -136,6 +142,17 @@ def starting_classifier(
     else:
         unfreeze_last_blocks(classifier.backbone, unfreeze)
     return classifier
+
+
+def finetune_time(seconds: float, epochs: int, train_images: int, world_size: int) -> dict[str, float]:
+    """What ``dvc exp show`` and the strategy table report of the training loop's wall time
+    (validation included): total, per epoch, and training images per second."""
+    return {
+        "seconds": round(seconds, 1),
+        "seconds_per_epoch": round(seconds / epochs, 2),
+        "images_per_second": round(epochs * train_images / seconds, 1),
+        "world_size": world_size,
+    }
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -226,6 +243,9 @@ def main() -> None:
         trainable_params=trainable,
     )
     log.close(best)
+    write_json(
+        TIME_FILE, {"finetune": finetune_time(seconds, config["epochs"], len(train), ranks.world_size)}
+    )
     print(
         f"finetune: {config['strategy']} trained {trainable:,} of {total:,} parameters in {seconds:.1f} s; "
         f"best val accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}"

@@ -2,7 +2,7 @@
 
 Reads ``dvc exp show --json`` (run here, or a file saved from it with ``--json``), groups the
 experiments by their params other than ``seed``, and writes a markdown table and a figure:
-test accuracy, macro-F1 and trainable parameters of each group, mean ± std
+test accuracy, macro-F1, trainable parameters and fine-tune time of each group, mean ± std
 over its seeds, with the linear probe (train_head, on the same seeds) as the first row.
 A group is named by the params where it differs from the commit the experiments started
 from, so any sweep works, not only the README's.
@@ -24,6 +24,7 @@ from pipeline.errors import StageError
 
 TEST_METRICS = "metrics/test.json"
 FINETUNE_SUMMARY = "reports/live/finetune/metrics.json"
+FINETUNE_TIME = "metrics/finetune_time.json"
 PROBE = "linear probe"
 
 
@@ -38,6 +39,7 @@ class Run:
     probe_accuracy: float
     probe_macro_f1: float
     trainable_params: int
+    seconds: float | None  # the fine-tune loop's wall time; None from runs made before it was recorded
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -89,6 +91,7 @@ def to_run(rev: dict[str, Any]) -> Run | None:
         probe_accuracy=test["linear_probe"]["accuracy"],
         probe_macro_f1=test["linear_probe"]["macro_f1"],
         trainable_params=int(summary["trainable_params"]),
+        seconds=file_data(data, "metrics", FINETUNE_TIME).get("finetune", {}).get("seconds"),
     )
 
 
@@ -111,6 +114,7 @@ class Row:
     accuracy: list[float]
     macro_f1: list[float]
     trainable_params: int | None
+    seconds: list[float]
 
 
 def upstream_label(params: dict[str, Any], base: dict[str, Any]) -> str:
@@ -140,6 +144,7 @@ def grouped_rows(base: dict[str, Any], runs: list[Run]) -> list[Row]:
                 [by_seed[seed].probe_accuracy for seed in seeds],
                 [by_seed[seed].probe_macro_f1 for seed in seeds],
                 None,
+                [],
             )
         )
     for label, members in groups.items():
@@ -151,6 +156,7 @@ def grouped_rows(base: dict[str, Any], runs: list[Run]) -> list[Row]:
                 [run.accuracy for run in members],
                 [run.macro_f1 for run in members],
                 members[0].trainable_params,
+                [run.seconds for run in members if run.seconds is not None],
             )
         )
     return rows
@@ -167,14 +173,14 @@ def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
 
 def markdown_table(rows: list[Row]) -> str:
     lines = [
-        "| strategy | seeds | test accuracy (%) | test macro-F1 | trainable params |",
-        "|---|---:|---:|---:|---:|",
+        "| strategy | seeds | test accuracy (%) | test macro-F1 | trainable params | fine-tune time (s) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         params = "–" if row.trainable_params is None else f"{row.trainable_params:,}"
         lines.append(
             f"| {row.label} | {len(row.seeds)} | {mean_std(row.accuracy, 100)} | "
-            f"{mean_std(row.macro_f1, 1, 4)} | {params} |"
+            f"{mean_std(row.macro_f1, 1, 4)} | {params} | {mean_std(row.seconds, 1, 1)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline import finetune as stage
+from pipeline.data import load_split
 from pipeline.finetune import finetune
 from pipeline.models import Classifier
 from tests.conftest import Run
@@ -128,6 +129,10 @@ def test_each_strategy_runs_end_to_end_on_the_tiny_config(name, tiny_workspace, 
     else:
         assert summary["trainable_params"] > everything
     assert summary["strategy"] == params["finetune"]["strategy"]
+    timing = json.loads((workspace / "metrics/finetune_time.json").read_text())["finetune"]
+    train_images = len(load_split(workspace / "data/prepared", "train")[1])
+    assert timing["seconds"] > 0 and timing["world_size"] == 1
+    assert timing["images_per_second"] == pytest.approx(train_images / timing["seconds"], rel=0.05)
     finetuned = torch.load(workspace / "models/finetuned.pt", weights_only=True)
     assert finetuned["params"]["strategy"] == params["finetune"]["strategy"]
     assert {key.split(".")[0] for key in finetuned["state_dict"]} == {"backbone", "head"}

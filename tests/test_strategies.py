@@ -20,6 +20,11 @@ def state(rev, params, metrics=None, experiments=None, name=None):
                 }
             },
             "reports/live/finetune/metrics.json": {"data": {"finetune": {"trainable_params": metrics[2]}}},
+            **(
+                {"metrics/finetune_time.json": {"data": {"finetune": {"seconds": metrics[3]}}}}
+                if len(metrics) > 3
+                else {}
+            ),
         }
     )
     return {
@@ -42,7 +47,7 @@ def exp_show():
         state("b1", with_changes(1, strategy="adapters"), (0.90, 0.70, 100, 5.0)),
         state("b2", with_changes(2, strategy="adapters"), (0.86, 0.72, 100, 7.0)),
         state("q1", with_changes(3, l2sp=0.01)),  # queued or failed: no metrics
-        state("c1", {**with_changes(1), "data": {"max_train_per_class": 10}}, (0.60, 0.50, 1000, 3.0)),
+        state("c1", {**with_changes(1), "data": {"max_train_per_class": 10}}, (0.60, 0.50, 1000)),  # no time
     ]
     ranges = [
         {"revs": [experiment], "executor": None, "name": experiment["rev"]} for experiment in experiments
@@ -61,11 +66,12 @@ def test_experiments_group_by_what_they_change_with_mean_and_std_over_seeds(tmp_
         if line.startswith("| ") and "---" not in line
     }
     assert rows["linear probe"][1:3] == ["2", "71.00 ± 1.41"]
-    assert rows["as committed"][1:] == ["2", "81.00 ± 1.41", "0.8000 ± 0.0141", "1,000"]
-    assert rows["strategy=adapters"][1:] == ["2", "88.00 ± 2.83", "0.8700 ± 0.0283", "100"]
+    assert rows["linear probe"][4:] == ["–", "–"]
+    assert rows["as committed"][1:] == ["2", "81.00 ± 1.41", "0.8000 ± 0.0141", "1,000", "11.0 ± 1.4"]
+    assert rows["strategy=adapters"][1:] == ["2", "88.00 ± 2.83", "0.8700 ± 0.0283", "100", "6.0 ± 1.4"]
     assert "l2sp=0.01" not in out.read_text()
     assert rows["linear probe, max_train_per_class=10"][1:3] == ["1", "50.00"]
-    assert rows["max_train_per_class=10"][1:3] == ["1", "60.00"]
+    assert rows["max_train_per_class=10"][1:] == ["1", "60.00", "0.5900", "1,000", "–"]
     assert figure.stat().st_size > 0
 
 
