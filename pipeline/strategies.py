@@ -15,6 +15,7 @@ import json
 import os
 import statistics
 import subprocess
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,15 +128,16 @@ def upstream_label(params: dict[str, Any], base: dict[str, Any]) -> str:
 
 
 def grouped_rows(base: dict[str, Any], runs: list[Run]) -> list[Row]:
-    """For each upstream setting, its linear probe (once per seed), then each group of
-    fine-tuning runs, in the order they first appear."""
+    """For each upstream setting (the committed one first), its linear probe (once per
+    seed), then each group of fine-tuning runs on it, in the order they first appear."""
     groups: dict[str, list[Run]] = {}
     probes: dict[str, dict[Any, Run]] = {}
     for run in runs:
         groups.setdefault(group_label(run.params, base), []).append(run)
         probes.setdefault(upstream_label(run.params, base), {})[run.params.get("seed")] = run
     rows = []
-    for upstream, by_seed in probes.items():
+    for upstream in sorted(probes, key=lambda label: label != "as committed"):  # stable: else as met
+        by_seed = probes[upstream]
         seeds = sorted(by_seed)
         rows.append(
             Row(
@@ -147,18 +149,20 @@ def grouped_rows(base: dict[str, Any], runs: list[Run]) -> list[Row]:
                 [],
             )
         )
-    for label, members in groups.items():
-        members = sorted(members, key=lambda run: run.params.get("seed"))
-        rows.append(
-            Row(
-                label,
-                [run.params.get("seed") for run in members],
-                [run.accuracy for run in members],
-                [run.macro_f1 for run in members],
-                members[0].trainable_params,
-                [run.seconds for run in members if run.seconds is not None],
+        for label, members in groups.items():
+            if upstream_label(members[0].params, base) != upstream:
+                continue
+            members = sorted(members, key=lambda run: run.params.get("seed"))
+            rows.append(
+                Row(
+                    label,
+                    [run.params.get("seed") for run in members],
+                    [run.accuracy for run in members],
+                    [run.macro_f1 for run in members],
+                    members[0].trainable_params,
+                    [run.seconds for run in members if run.seconds is not None],
+                )
             )
-        )
     return rows
 
 
@@ -193,9 +197,11 @@ def save_figure(rows: list[Row], path: Path) -> None:
 
     means = [statistics.fmean(row.accuracy) * 100 for row in rows]
     errors = [statistics.stdev(row.accuracy) * 100 if len(row.accuracy) > 1 else 0.0 for row in rows]
-    figure, axis = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.2))
+    labels = [textwrap.fill(row.label, 34) for row in rows]  # params are named in full
+    height = sum(0.25 * (label.count("\n") + 1) + 0.3 for label in labels) + 1.2
+    figure, axis = plt.subplots(figsize=(9, height))
     axis.barh(range(len(rows)), means, xerr=errors, color="tab:blue", capsize=4)
-    axis.set_yticks(range(len(rows)), [row.label for row in rows])
+    axis.set_yticks(range(len(rows)), labels, fontsize=8)
     axis.invert_yaxis()
     axis.set_xlabel("test accuracy (%), mean ± std over seeds")
     figure.tight_layout()

@@ -66,6 +66,13 @@ def test_experiments_group_by_what_they_change_with_mean_and_std_over_seeds(tmp_
         if line.startswith("| ") and "---" not in line
     }
     assert rows["linear probe"][1:3] == ["2", "71.00 ± 1.41"]
+    assert list(rows)[1:] == [  # each probe, then the strategies that share its upstream stages
+        "linear probe",
+        "as committed",
+        "strategy=adapters",
+        "linear probe, max_train_per_class=10",
+        "max_train_per_class=10",
+    ]
     assert rows["linear probe"][4:] == ["–", "–"]
     assert rows["as committed"][1:] == ["2", "81.00 ± 1.41", "0.8000 ± 0.0141", "1,000", "11.0 ± 1.4"]
     assert rows["strategy=adapters"][1:] == ["2", "88.00 ± 2.83", "0.8700 ± 0.0283", "100", "6.0 ± 1.4"]
