@@ -60,7 +60,7 @@ def test_full_run_writes_every_declared_output_and_fills_the_run_cache(tiny_run)
     repo = tiny_run.repo
     assert sorted(ran_stages(tiny_run.output)) == sorted(STAGES)
     outputs = list(declared_outputs())
-    assert len(outputs) == 21
+    assert len(outputs) == 22
     for path in map(repo.joinpath, outputs):
         assert path.is_file() or (path.is_dir() and any(path.rglob("*.*"))), path
     assert run_cache_commands(repo) == {
