@@ -3,7 +3,8 @@
 Reads ``dvc exp show --json`` (run here, or a file saved from it with ``--json``), groups the
 experiments by their params other than ``seed``, and writes a markdown table and a figure:
 test accuracy, macro-F1, trainable parameters and fine-tune time of each group, mean ± std
-over its seeds, with the linear probe (train_head, on the same seeds) as the first row.
+over its seeds. Each linear probe (train_head, on the same seeds) comes first, then the
+groups that share its upstream stages.
 A group is named by the params where it differs from the commit the experiments started
 from, so any sweep works, not only the README's.
 """
@@ -132,9 +133,12 @@ def grouped_rows(base: dict[str, Any], runs: list[Run]) -> list[Row]:
     seed), then each group of fine-tuning runs on it, in the order they first appear."""
     groups: dict[str, list[Run]] = {}
     probes: dict[str, dict[Any, Run]] = {}
+    upstream_of: dict[str, str] = {}
     for run in runs:
-        groups.setdefault(group_label(run.params, base), []).append(run)
-        probes.setdefault(upstream_label(run.params, base), {})[run.params.get("seed")] = run
+        label, upstream = group_label(run.params, base), upstream_label(run.params, base)
+        groups.setdefault(label, []).append(run)
+        probes.setdefault(upstream, {})[run.params.get("seed")] = run
+        upstream_of[label] = upstream
     rows = []
     for upstream in sorted(probes, key=lambda label: label != "as committed"):  # stable: else as met
         by_seed = probes[upstream]
@@ -150,7 +154,7 @@ def grouped_rows(base: dict[str, Any], runs: list[Run]) -> list[Row]:
             )
         )
         for label, members in groups.items():
-            if upstream_label(members[0].params, base) != upstream:
+            if upstream_of[label] != upstream:
                 continue
             members = sorted(members, key=lambda run: run.params.get("seed"))
             rows.append(
