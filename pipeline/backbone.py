@@ -19,15 +19,9 @@ import torch
 from torch import nn
 
 from pipeline import distributed
-from pipeline.common import (
-    BACKBONE_FILE,
-    METRICS_DIR,
-    run_stage,
-    save_torch,
-    seed_everything,
-    write_json,
-)
+from pipeline.common import BACKBONE_FILE, METRICS_DIR, save_torch, seed_everything, write_json
 from pipeline.data import ImageArrayDataset, image_transform
+from pipeline.entry import run_stage
 from pipeline.glyphs import render_glyph_dataset
 from pipeline.models import (
     PLAIN_MEAN,

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from pipeline import distributed
-from pipeline.common import METRICS_DIR, PREPARED_DIR, run_stage, seed_everything, write_json
-from pipeline.data import SPLITS, image_transform, load_classes, loader_workers, split_dataset
+from pipeline.common import METRICS_DIR, PREPARED_DIR, seed_everything, write_json
+from pipeline.data import SPLITS, image_transform, load_classes
+from pipeline.entry import run_stage
 from pipeline.metrics import summary_metrics
 from pipeline.models import PLAIN_MEAN, PLAIN_STD, build_backbone
 from pipeline.params import load_params
-from pipeline.training import extract_features, fit_new_head, make_loader
+from pipeline.training import extract_features, fit_new_head, inference_loader
 
 
 def random_init_features(
@@ -38,10 +39,7 @@ def random_init_features(
     transform = image_transform(image_size, PLAIN_MEAN, PLAIN_STD)
     features = {}
     for split in SPLITS:
-        dataset = split_dataset(PREPARED_DIR, split, transform)
-        sampler = distributed.ShardSampler(len(dataset), ranks)
-        workers = loader_workers(dataset, num_workers)
-        loader = make_loader(dataset, batch_size, device, num_workers=workers, sampler=sampler)
+        loader = inference_loader(split, transform, batch_size, num_workers, device, ranks)
         features[split] = extract_features(backbone, loader, device, amp, desc=f"random-init {split}")
     return features
 
@@ -66,15 +64,8 @@ def main() -> None:
         features["train"],
         features["val"],
         len(load_classes(PREPARED_DIR)),
-        head_type=head["type"],
-        hidden_units=head["hidden_units"],
-        dropout=head["dropout"],
-        lr=head["lr"],
-        weight_decay=head["weight_decay"],
-        batch_size=head["batch_size"],
-        max_epochs=head["max_epochs"],
-        patience=head["patience"],
-        seed=seed,
+        head,
+        seed,
         class_weighted=params["class_weighted_loss"],
     )
     test_features, test_labels = features["test"]

@@ -1,4 +1,4 @@
-"""What every stage shares: paths, atomic writes, seeding, device choice and the stage entry point.
+"""What every stage shares: paths, atomic writes, seeding and device choice.
 
 torch is imported inside the functions that use it, so a stage that needs none (report)
 starts in a second rather than the several that importing torch takes.
@@ -12,10 +12,8 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -157,81 +155,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def read_epoch_log(directory: Path, stage: str) -> dict[str, np.ndarray]:
-    """A stage's dvclive log (training.EpochLog) as arrays by metric name, plus ``epoch``."""
-    folder = Path(directory) / "plots" / "metrics" / stage
-    files = sorted(folder.glob("*.tsv"))
-    tables = {path.stem: np.loadtxt(path, delimiter="\t", skiprows=1, ndmin=2) for path in files}
-    if not tables:
-        raise StageError(f"{folder}: no per-epoch log; run the {stage} stage first (dvc repro)")
-    history = {name: table[:, -1] for name, table in tables.items()}
-    history["epoch"] = next(iter(tables.values()))[:, 0]
-    return history
-
-
 def progress(iterable, desc: str):
     """A progress bar on a terminal; silent in logs (``dvc repro`` output, CI)."""
     return tqdm(iterable, desc=desc, unit="batch", leave=False, disable=None)
-
-
-def check_git_has_a_commit() -> None:
-    """dvclive, which logs the epochs, fails in a git repository that has no commit yet:
-    say so before any stage works, not after the backbone has trained for minutes. Outside
-    git (or without git installed) there is nothing to check."""
-    try:
-        inside = subprocess.run(
-            ["git", "rev-parse", "--is-inside-work-tree"], capture_output=True, check=False
-        )
-        head = subprocess.run(
-            ["git", "rev-parse", "--verify", "--quiet", "HEAD"], capture_output=True, check=False
-        )
-    except FileNotFoundError:
-        return
-    if inside.returncode == 0 and head.returncode != 0:
-        raise StageError(
-            "this git repository has no commit yet, which dvclive (the epoch logger) needs; "
-            "commit first: git add -A && git commit -m 'Start', then dvc repro"
-        )
-
-
-def launched(stage: str) -> bool:
-    """Start ``stage``'s processes under torch.distributed.run if params ask for several
-    (pipeline.distributed), and wait for them; False where one process runs it here."""
-    from pipeline.distributed import in_worker, launch, plan_for
-    from pipeline.params import load_params
-
-    if in_worker():
-        return False
-    params = load_params()
-    plan = plan_for(stage, params["distributed"], params["device"])
-    if plan.world_size == 1:
-        return False
-    print(f"{stage}: {plan.world_size} processes ({plan.nproc_per_node} here, {plan.backend})")
-    launch(f"pipeline.{stage}", plan)
-    return True
-
-
-def run_tool(main: Callable[[], int | None]) -> None:
-    """Run a command-line tool's ``main`` (not a stage); exit with what it returns, or print
-    a bad-input error as one line and exit 2."""
-    try:
-        sys.exit(main() or 0)
-    except (ParamsError, StageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
-def run_stage(main: Callable[[], None], stage: str | None = None) -> None:
-    """Run a stage's ``main``; print a bad-params or missing-input error as one line, exit 2.
-
-    ``stage`` names a stage that can run in several processes: where params ask for more
-    than one, this process checks params, then launches them instead (so a bad params.yaml
-    fails once, before any process starts).
-    """
-    try:
-        check_git_has_a_commit()
-        if stage is None or not launched(stage):
-            main()
-    except (ParamsError, StageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)

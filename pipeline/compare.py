@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import FIGURES_DIR, METRICS_DIR, atomic_path, read_json, run_tool, write_text
+from pipeline.common import FIGURES_DIR, METRICS_DIR, atomic_path, read_json, write_text
+from pipeline.entry import run_tool
 from pipeline.errors import StageError
 
 COMPARE_FILE = Path("reports/compare.md")

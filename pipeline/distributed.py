@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import os
 import signal
 import socket
@@ -70,13 +71,23 @@ def node_rank_of(setting: str | int) -> int:
     return 0
 
 
-def backend_for(setting: str, device: str) -> str:
-    """``auto`` is nccl where the processes use CUDA GPUs, gloo elsewhere."""
-    if setting != "auto":
-        return setting
+def uses_cuda(device: str) -> bool:
+    """Whether params' ``device`` puts the processes on CUDA GPUs on this machine."""
     import torch
 
-    return "nccl" if device in ("auto", "cuda") and torch.cuda.is_available() else "gloo"
+    return device in ("auto", "cuda") and torch.cuda.is_available()
+
+
+def backend_for(setting: str, device: str) -> str:
+    """``auto`` is nccl where the processes use CUDA GPUs, gloo elsewhere; nccl asked for
+    where they do not (device cpu or mps, or auto on a machine with no CUDA GPU) is a
+    params error, before any process starts."""
+    if setting == "auto":
+        return "nccl" if uses_cuda(device) else "gloo"
+    if setting == "nccl" and not uses_cuda(device):
+        where = "this machine has no CUDA GPU" if device in ("auto", "cuda") else f"device is {device}"
+        raise ParamsError(f"distributed.backend: nccl needs CUDA GPUs, but {where}; use gloo or auto")
+    return setting
 
 
 def plan_for(stage: str, distributed: dict[str, Any], device: str) -> Plan:
@@ -87,8 +98,6 @@ def plan_for(stage: str, distributed: dict[str, Any], device: str) -> Plan:
     """
     nproc = local_processes(distributed["nproc_per_node"])
     backend = backend_for(distributed["backend"], device)
-    if backend == "nccl" and device == "cpu":
-        raise ParamsError("distributed.backend: nccl needs CUDA GPUs, but device is cpu; use gloo or auto")
     if stage not in MULTI_NODE_STAGES:
         return Plan(nproc, 1, 0, f"localhost:{free_port()}", backend, distributed["timeout_s"])
     if distributed["sync_batchnorm"] and nproc * distributed["nnodes"] > 1 and backend != "nccl":
@@ -131,6 +140,7 @@ def launch(module: str, plan: Plan) -> None:
 
     if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of fighting over them
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // plan.nproc_per_node))
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # the workers' parent: see die_with_parent
     config = LaunchConfig(
         min_nodes=plan.nnodes,
         max_nodes=plan.nnodes,
@@ -183,10 +193,22 @@ class Ranks:
         return self.rank == 0
 
 
+LAUNCHER_PID = "PIPELINE_LAUNCHER_PID"
+
+
 def die_with_parent() -> None:
-    """Ask Linux to kill this process when its launcher dies, even by kill -9."""
+    """Ask Linux to kill this process when its launcher dies, even by kill -9; and exit at
+    once if it already has: the death signal only covers a death after it is set, and a
+    worker orphaned before that would wait for the others until ``timeout_s``."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    launcher = os.environ.get(LAUNCHER_PID, "")
+    if launcher.isdigit() and os.getppid() != int(launcher):
+        print(
+            f"distributed: the launcher (pid {launcher}) of this worker has died; exiting",
+            file=sys.stderr,
+        )
+        os._exit(1)
 
 
 def join(plan: Plan) -> Ranks:
@@ -255,20 +277,43 @@ def start(stage: str, distributed: dict[str, Any], device_name: str) -> tuple[Pl
     return plan, ranks, process_device(resolve_device(device_name), ranks)
 
 
+def accumulation_steps(share: int, max_per_process: int) -> int | None:
+    """The fewest steps that split ``share`` images evenly, each at most ``max_per_process``
+    and at least half of it (fewer images a step would waste the cap); None if none do."""
+    if max_per_process == 0 or share <= max_per_process:
+        return 1
+    for steps in range(-(-share // max_per_process), share + 1):
+        if share % steps == 0:
+            return steps if 2 * (share // steps) >= max_per_process else None
+    return None
+
+
 def split_batch(global_batch: int, world_size: int, max_per_process: int, key: str) -> tuple[int, int]:
     """The per-process batch and the gradient-accumulation steps that make ``global_batch``
-    over ``world_size`` processes, each step at most ``max_per_process`` images (0: no cap).
-    The recipe (global batch, steps per epoch) stays what it is at any world size."""
+    over ``world_size`` processes, each step at most ``max_per_process`` images (0: no cap)
+    and at least half as many. The recipe (global batch, steps per epoch) stays what it is
+    at any world size."""
     if global_batch % world_size:
         raise ParamsError(
             f"{key}: {global_batch} images do not split evenly over {world_size} processes; "
             f"use a multiple of {world_size}"
         )
     share = global_batch // world_size
-    accumulate = 1 if max_per_process == 0 else -(-share // max_per_process)
-    while share % accumulate:
-        accumulate += 1
-    return share // accumulate, accumulate
+    steps = accumulation_steps(share, max_per_process)
+    if steps is None:
+        nearby = [
+            size
+            for size in range(max(world_size, global_batch - 8 * world_size), global_batch + 9 * world_size)
+            if size % world_size == 0 and accumulation_steps(size // world_size, max_per_process)
+        ]
+        closest = sorted(nearby, key=lambda size: (abs(size - global_batch), size))[:4]
+        raise ParamsError(
+            f"{key}: {global_batch} images over {world_size} processes is {share} each, which does "
+            f"not split into equal steps of {max_per_process // 2 + max_per_process % 2} to "
+            f"{max_per_process} images (distributed.max_batch_per_process); use "
+            f"{' or '.join(map(str, sorted(closest)))}, or another max_batch_per_process"
+        )
+    return share // steps, steps
 
 
 class GlobalBatchSampler:
@@ -278,7 +323,8 @@ class GlobalBatchSampler:
     torch's DistributedSampler deals indices round-robin, so which images share a global
     batch changes with the world size; here a global batch holds the same images at any
     world size, as in the one-process run. A last, short global batch is evened out over
-    the processes by repeating its first images (DDP needs as many steps on each).
+    the processes by repeating its images in order, as often as it takes (DDP needs as many
+    steps on each): every image is seen, and fewer than ``world_size`` extra copies are added.
     """
 
     def __init__(self, size: int, global_batch: int, ranks: Ranks, seed: int) -> None:
@@ -303,14 +349,14 @@ class GlobalBatchSampler:
         order, world, rank = self._order(), self.ranks.world_size, self.ranks.rank
         for start in range(0, self.size, self.global_batch):
             batch = order[start : start + self.global_batch]
-            batch += batch[: -len(batch) % world]  # even out a short last batch
-            share = len(batch) // world
+            share = -(-len(batch) // world)
+            batch = list(itertools.islice(itertools.cycle(batch), share * world))  # even out
             yield from batch[rank * share : (rank + 1) * share]
 
     def __len__(self) -> int:
         full, rest = divmod(self.size, self.global_batch)
         world = self.ranks.world_size
-        return full * (self.global_batch // world) + -(-rest // world)
+        return full * -(-self.global_batch // world) + -(-rest // world)
 
 
 class ShardSampler:
@@ -318,6 +364,7 @@ class ShardSampler:
     its rank, no padding (each item is computed once); gather_in_order puts them back."""
 
     def __init__(self, size: int, ranks: Ranks) -> None:
+        self.ranks = ranks
         self.indices = list(range(ranks.rank, size, ranks.world_size))
 
     def __iter__(self):
@@ -325,6 +372,14 @@ class ShardSampler:
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def sharded(sampler: Any) -> bool:
+    """Whether ``sampler`` gives this process a share of the items, the other processes
+    theirs (GlobalBatchSampler, ShardSampler over several processes): only then are a
+    loader's sums and rows collected over the processes. A loader that every rank, or rank 0
+    alone, runs whole (a head fit on gathered features) takes part in no collective."""
+    return isinstance(sampler, GlobalBatchSampler | ShardSampler) and sampler.ranks.world_size > 1
 
 
 def parallel(

@@ -30,15 +30,15 @@ from pipeline.common import (
     PREDICTIONS_FILE,
     PREPARED_DIR,
     load_torch,
-    run_stage,
     write_json,
     write_text,
 )
-from pipeline.data import checkpoint_transform, load_split, loader_workers, split_dataset
+from pipeline.data import checkpoint_transform, load_split
+from pipeline.entry import run_stage
 from pipeline.metrics import calibration, per_class_metrics, summary_metrics
 from pipeline.models import load_classifier, load_head
 from pipeline.params import load_params
-from pipeline.training import make_loader, predict_logits
+from pipeline.training import inference_loader, predict_logits
 
 
 @torch.inference_mode()
@@ -55,10 +55,8 @@ def finetuned_logits(
     """The fine-tuned model's logits on the test split, in order, and labels; each process
     predicts a share."""
     model, checkpoint = load_classifier(FINETUNED_FILE)
-    test = split_dataset(PREPARED_DIR, "test", checkpoint_transform(checkpoint))
-    sampler = distributed.ShardSampler(len(test), ranks)
-    loader = make_loader(
-        test, batch_size, device, num_workers=loader_workers(test, num_workers), sampler=sampler
+    loader = inference_loader(
+        "test", checkpoint_transform(checkpoint), batch_size, num_workers, device, ranks
     )
     return predict_logits(model, loader, device, amp)
 

@@ -26,18 +26,17 @@ from pipeline.common import (
     FINETUNED_FILE,
     METRICS_DIR,
     ONNX_FILE,
-    PREPARED_DIR,
     atomic_path,
     file_sha256,
     progress,
-    run_stage,
     write_json,
 )
-from pipeline.data import checkpoint_transform, loader_workers, split_dataset
+from pipeline.data import checkpoint_transform
+from pipeline.entry import run_stage
 from pipeline.errors import StageError
 from pipeline.models import PREPROCESSING_KEYS, load_classifier
 from pipeline.params import load_params
-from pipeline.training import make_loader
+from pipeline.training import inference_loader
 
 ONNX_FORMAT = "dvc-transfer-learning onnx"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -178,9 +177,13 @@ def main() -> None:
     tolerance = params["export"]["tolerance"]
     require_onnxruntime()
     model, checkpoint = load_classifier(FINETUNED_FILE)
-    test = split_dataset(PREPARED_DIR, "test", checkpoint_transform(checkpoint))
-    workers = loader_workers(test, params["data"]["num_workers"])
-    loader = make_loader(test, params["extract"]["batch_size"], torch.device("cpu"), num_workers=workers)
+    loader = inference_loader(
+        "test",
+        checkpoint_transform(checkpoint),
+        params["extract"]["batch_size"],
+        params["data"]["num_workers"],
+        torch.device("cpu"),
+    )
     with atomic_path(ONNX_FILE) as staged:
         export_onnx(model, checkpoint["image_size"], staged)
         opset = onnx_opset(staged)

@@ -14,18 +14,12 @@ from collections.abc import Callable
 import torch
 
 from pipeline import distributed
-from pipeline.common import (
-    BACKBONE_FILE,
-    FEATURES_DIR,
-    PREPARED_DIR,
-    atomic_path,
-    load_torch,
-    run_stage,
-)
-from pipeline.data import SPLITS, checkpoint_transform, load_classes, loader_workers, split_dataset
+from pipeline.common import BACKBONE_FILE, FEATURES_DIR, PREPARED_DIR, atomic_path, load_torch
+from pipeline.data import SPLITS, checkpoint_transform, load_classes
+from pipeline.entry import run_stage
 from pipeline.models import load_backbone
 from pipeline.params import load_params
-from pipeline.training import extract_features, make_loader
+from pipeline.training import extract_features, inference_loader
 
 
 def split_features(
@@ -39,11 +33,7 @@ def split_features(
     amp: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One split's features and labels, in dataset order; each process computes its share."""
-    dataset = split_dataset(PREPARED_DIR, split, transform)
-    sampler = distributed.ShardSampler(len(dataset), ranks)
-    loader = make_loader(
-        dataset, batch_size, device, num_workers=loader_workers(dataset, num_workers), sampler=sampler
-    )
+    loader = inference_loader(split, transform, batch_size, num_workers, device, ranks)
     return extract_features(backbone, loader, device, amp, desc=split)
 
 

@@ -32,12 +32,13 @@ from pipeline.common import (
     METRICS_DIR,
     PREPARED_DIR,
     load_torch,
-    run_stage,
     save_torch,
     seed_everything,
     write_json,
 )
 from pipeline.data import SeededAugmentation, checkpoint_transform, loader_workers, split_dataset
+from pipeline.entry import run_stage
+from pipeline.epoch_log import EpochLog
 from pipeline.models import (
     Classifier,
     batchnorm_layers,
@@ -51,7 +52,6 @@ from pipeline.models import (
 from pipeline.params import load_params
 from pipeline.training import (
     EpochCallback,
-    EpochLog,
     balanced_class_weights,
     best_val_accuracy,
     fit,

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.common import FINETUNED_FILE, progress, resolve_device, run_tool, write_text
+from pipeline.common import FINETUNED_FILE, progress, resolve_device, write_text
 from pipeline.data import checkpoint_transform
+from pipeline.entry import run_tool
 from pipeline.errors import ParamsError, StageError
 from pipeline.images import is_image_file, read_rgb
 from pipeline.models import load_classifier

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.common import PREPARED_DIR, run_stage, seed_everything
+from pipeline.common import PREPARED_DIR, seed_everything
 from pipeline.data import cap_per_class, load_cifar, load_digits_dataset, save_prepared, stratified_split
+from pipeline.entry import run_stage
 from pipeline.errors import StageError
 from pipeline.images import scan_tree, unreadable_files
 from pipeline.params import load_params

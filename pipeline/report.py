@@ -31,11 +31,11 @@ from pipeline.common import (
     REPORT_FILE,
     atomic_path,
     file_sha256,
-    read_epoch_log,
     read_json,
-    run_stage,
     write_text,
 )
+from pipeline.entry import run_stage
+from pipeline.epoch_log import read_epoch_log
 from pipeline.errors import StageError
 from pipeline.metrics import highest_losses, most_confused_pairs
 from pipeline.params import load_params

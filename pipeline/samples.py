@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.common import PREPARED_DIR, atomic_path, run_tool
+from pipeline.common import PREPARED_DIR, atomic_path
 from pipeline.data import SPLITS, load_classes, load_split
+from pipeline.entry import run_tool
 from pipeline.errors import ParamsError
 
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import FIGURES_DIR, atomic_path, run_tool
+from pipeline.common import FIGURES_DIR, atomic_path
+from pipeline.entry import run_tool
 from pipeline.errors import StageError
 
 TEST_METRICS = "metrics/test.json"

@@ -13,28 +13,23 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.common import (
-    FEATURES_DIR,
-    HEAD_FILE,
-    LIVE_DIR,
-    load_torch,
-    run_stage,
-    save_torch,
-    seed_everything,
-)
+from pipeline.common import FEATURES_DIR, HEAD_FILE, LIVE_DIR, load_torch, save_torch, seed_everything
+from pipeline.entry import run_stage
+from pipeline.epoch_log import EpochLog
 from pipeline.params import load_params
-from pipeline.training import EpochLog, fit_new_head, lowest_val_loss
+from pipeline.training import fit_new_head, lowest_val_loss
 
 
 def head_checkpoint(
-    head: nn.Module, head_type: str, hidden_units: int, dropout: float, in_features: int, classes: list[str]
+    head: nn.Module, config: dict[str, Any], in_features: int, classes: list[str]
 ) -> dict[str, Any]:
-    """What rebuilds the head: its shape, the class names and the weights."""
+    """What rebuilds the head: its shape (from params' ``head`` section), the class names and
+    the weights."""
     return {
-        "type": head_type,
+        "type": config["type"],
         "in_features": in_features,
-        "hidden_units": hidden_units,
-        "dropout": dropout,
+        "hidden_units": config["hidden_units"],
+        "dropout": config["dropout"],
         "classes": classes,
         "state_dict": head.state_dict(),
     }
@@ -50,23 +45,14 @@ def main() -> None:
         (train["features"], train["labels"]),
         (val["features"], val["labels"]),
         len(train["classes"]),
-        head_type=config["type"],
-        hidden_units=config["hidden_units"],
-        dropout=config["dropout"],
-        lr=config["lr"],
-        weight_decay=config["weight_decay"],
-        batch_size=config["batch_size"],
-        max_epochs=config["max_epochs"],
-        patience=config["patience"],
-        seed=seed,
+        config,
+        seed,
         class_weighted=params["class_weighted_loss"],
         on_epoch=log,
     )
     best = lowest_val_loss(history)
     in_features = train["features"].shape[1]
-    checkpoint = head_checkpoint(
-        head, config["type"], config["hidden_units"], config["dropout"], in_features, train["classes"]
-    )
+    checkpoint = head_checkpoint(head, config, in_features, train["classes"])
     save_torch(HEAD_FILE, checkpoint)
     log.close(best)
     print(f"train_head: val accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}/{len(history)}")

@@ -5,14 +5,15 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
-from pipeline.common import progress
-from pipeline.distributed import gather_in_order, sum_over_ranks
+from pipeline.common import PREPARED_DIR, progress
+from pipeline.data import loader_workers, split_dataset
+from pipeline.distributed import Ranks, ShardSampler, gather_in_order, sharded, sum_over_ranks
 from pipeline.errors import StageError
 from pipeline.models import build_head
 
@@ -46,9 +47,45 @@ def make_loader(
     )
 
 
+def inference_loader(
+    split: str,
+    transform: Callable,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    ranks: Ranks | None = None,
+) -> DataLoader:
+    """A loader over this process's share of a prepared split (all of it for one process),
+    in order, its files decoded in ``num_workers`` processes: what extraction, the baseline,
+    evaluation and the export's parity check run on."""
+    dataset = split_dataset(PREPARED_DIR, split, transform)
+    sampler = ShardSampler(len(dataset), ranks or Ranks())
+    workers = loader_workers(dataset, num_workers)
+    return make_loader(dataset, batch_size, device, num_workers=workers, sampler=sampler)
+
+
 def loader_indices(loader: DataLoader) -> torch.Tensor:
     """The dataset positions an inference loader visits, in its order."""
     return torch.as_tensor(list(iter(loader.sampler)), dtype=torch.long)
+
+
+def in_dataset_order(loader: DataLoader, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """An inference loader's rows of ``tensors``, every process's share put together in
+    dataset order where the loader is sharded; the rows themselves where it is not."""
+    if not sharded(loader.sampler):
+        return tensors
+    return gather_in_order(loader_indices(loader), *tensors)
+
+
+def totals(loader: DataLoader, *values: float) -> list[float]:
+    """Sums over a loader: over every process where the loader is sharded, else this one's."""
+    return sum_over_ranks(*values) if sharded(loader.sampler) else list(values)
+
+
+def batch_sizes(loader: DataLoader) -> list[int]:
+    """How many items each batch of ``loader`` holds, in order (the last may be short)."""
+    full, rest = divmod(len(loader.sampler), loader.batch_size)
+    return [loader.batch_size] * full + ([rest] if rest else [])
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -95,7 +132,7 @@ def extract_features(
         with autocast(device, amp):
             features.append(backbone(to_device(images, device)).float().cpu())
         labels.append(targets)
-    return gather_in_order(loader_indices(loader), torch.cat(features), torch.cat(labels))
+    return in_dataset_order(loader, torch.cat(features), torch.cat(labels))
 
 
 @torch.inference_mode()
@@ -109,7 +146,7 @@ def predict_logits(
         with autocast(device, amp):
             logits.append(model(to_device(images, device)).float().cpu())
         actual.append(targets)
-    return gather_in_order(loader_indices(loader), torch.cat(logits), torch.cat(actual))
+    return in_dataset_order(loader, torch.cat(logits), torch.cat(actual))
 
 
 def warmup_cosine(
@@ -146,7 +183,9 @@ def train_epoch(
     and ``lr``: each param group's rate in the epoch's last optimizer step.
 
     With ``accumulate`` > 1 an optimizer step follows that many batches, whose gradients
-    add up (DistributedDataParallel synchronises on the last of them only). The scheduler
+    add up (DistributedDataParallel synchronises on the last of them only), each batch's
+    mean loss weighted by its share of its group's images: a group gives the gradient of
+    its mean loss, the epoch's last, shorter group included. The scheduler
     steps only after a real optimizer step: a float16 step that the scaler skips (inf or
     NaN gradients) leaves the schedule where it was. ``penalty`` (e.g. L2-SP) is added to the
     loss that trains, not to the loss reported.
@@ -155,17 +194,20 @@ def train_epoch(
     for module in frozen:
         module.eval()
     total_loss, correct, seen, rates = 0.0, 0, 0, []
+    sizes = batch_sizes(loader)
+    groups = [sum(sizes[start : start + accumulate]) for start in range(0, len(sizes), accumulate)]
     optimizer.zero_grad(set_to_none=True)
     for step, (images, targets) in enumerate(progress(loader, "train"), start=1):
         images, targets = to_device(images, device), targets.to(device, non_blocking=True)
         steps_now = step % accumulate == 0 or step == len(loader)
+        share = len(targets) / groups[(step - 1) // accumulate]  # 1.0 without accumulation
         no_sync = getattr(model, "no_sync", None)
         with contextlib.nullcontext() if steps_now or no_sync is None else no_sync():
             with autocast(device, amp):
                 logits = model(images)
                 loss = loss_fn(logits, targets)
             objective = loss if penalty is None else loss + penalty()
-            scaler.scale(objective / accumulate).backward()
+            scaler.scale(objective * share).backward()
         if steps_now:
             rates = [group["lr"] for group in optimizer.param_groups]
             scale = scaler.get_scale()
@@ -177,7 +219,7 @@ def train_epoch(
         total_loss += loss.item() * len(targets)
         correct += (logits.argmax(1) == targets).sum().item()
         seen += len(targets)
-    total_loss, correct, seen = sum_over_ranks(total_loss, correct, seen)
+    total_loss, correct, seen = totals(loader, total_loss, correct, seen)
     return {"loss": total_loss / seen, "accuracy": correct / seen, "lr": rates}
 
 
@@ -196,7 +238,7 @@ def evaluate_epoch(
         total_loss += loss.item() * len(targets)
         correct += (logits.argmax(1) == targets).sum().item()
         seen += len(targets)
-    total_loss, correct, seen = sum_over_ranks(total_loss, correct, seen)
+    total_loss, correct, seen = totals(loader, total_loss, correct, seen)
     return {"loss": total_loss / seen, "accuracy": correct / seen}
 
 
@@ -345,24 +387,29 @@ def fit_new_head(
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor],
     num_classes: int,
-    head_type: str,
-    hidden_units: int,
-    dropout: float,
-    lr: float,
-    weight_decay: float,
-    batch_size: int,
-    max_epochs: int,
-    patience: int,
+    config: dict[str, Any],
     seed: int,
     class_weighted: bool = False,
     on_epoch: EpochCallback | None = None,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
-    """Build a ``head_type`` head for these features and fit it, as train_head and the
-    random-init baseline both do."""
-    head = build_head(head_type, train[0].shape[1], num_classes, hidden_units, dropout)
+    """Build the head params' ``head`` section (``config``) describes for these features and
+    fit it, as train_head and the random-init baseline both do."""
+    head = build_head(
+        config["type"], train[0].shape[1], num_classes, config["hidden_units"], config["dropout"]
+    )
     weight = balanced_class_weights(train[1], num_classes) if class_weighted else None
     return fit_head(
-        head, train, val, lr, weight_decay, batch_size, max_epochs, patience, seed, weight, on_epoch
+        head,
+        train,
+        val,
+        config["lr"],
+        config["weight_decay"],
+        config["batch_size"],
+        config["max_epochs"],
+        config["patience"],
+        seed,
+        weight,
+        on_epoch,
     )
 
 
@@ -401,36 +448,3 @@ def best_val_accuracy(history: list[dict[str, float]]) -> dict[str, float]:
 def last_epoch(history: list[dict[str, float]]) -> dict[str, float]:
     """The latest epoch (pretraining's rule: the schedule ends at its best)."""
     return history[-1]
-
-
-class EpochLog:
-    """A stage's per-epoch log through dvclive, DVC's own logger.
-
-    Writes ``<directory>/metrics.json`` after every epoch (the latest epoch, and at the end
-    the best one: what ``dvc exp show`` and DVC Studio show while a stage runs) and one TSV
-    per metric under ``<directory>/plots/metrics/<stage>/`` (``dvc plots``). Metric names
-    start with the stage, so columns read ``finetune.val_accuracy``. dvc.yaml declares these
-    files itself (``dvcyaml=False``), and a ``dvc repro`` run is no experiment of its own
-    (``save_dvc_exp=False``).
-    """
-
-    def __init__(self, directory: Path, stage: str) -> None:
-        from dvclive import Live
-
-        self.stage = stage
-        self.live = Live(dir=str(directory), dvcyaml=False, save_dvc_exp=False, report=None)
-
-    def __call__(self, record: dict[str, float]) -> None:
-        self.live.step = int(record["epoch"])
-        for name, value in record.items():
-            if name != "epoch":
-                self.live.log_metric(f"{self.stage}/{name}", value)
-        self.live.next_step()
-
-    def close(self, best: dict[str, float]) -> None:
-        """Add the best epoch to the summary and write it."""
-        summary = self.live.summary.setdefault(self.stage, {})
-        summary["best_epoch"] = int(best["epoch"])
-        for name in ("val_loss", "val_accuracy"):
-            summary[f"best_{name}"] = best[name]
-        self.live.end()

@@ -52,7 +52,7 @@ def test_a_stage_in_a_git_repository_with_no_commit_fails_at_once_and_says_what_
 
     import pytest
 
-    from pipeline.common import run_stage
+    from pipeline.entry import run_stage
 
     ran = []
     monkeypatch.chdir(tmp_path)

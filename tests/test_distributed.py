@@ -70,13 +70,76 @@ def test_impossible_plans_are_params_errors(overrides, device, message, monkeypa
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("device", "where"), [("auto", "this machine has no CUDA GPU"), ("mps", "device is mps")]
+)
+def test_nccl_without_a_cuda_gpu_fails_as_params_for_any_device(device, where, monkeypatch):
+    """nccl on a machine with no CUDA GPU (device auto), or on Apple's GPU, would die in
+    init_process_group with a traceback: it is a params error before any process starts."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for stage in ("finetune", "extract"):
+        with pytest.raises(ParamsError) as error:
+            plan_for(stage, settings(backend="nccl", nproc_per_node=2), device)
+        assert str(error.value) == f"distributed.backend: nccl needs CUDA GPUs, but {where}; use gloo or auto"
+
+
+def test_a_worker_whose_launcher_already_died_exits_at_once():
+    """The death signal covers a launcher's death after a worker sets it; a worker that
+    finds its launcher already gone (its parent is another process) exits there and then,
+    instead of waiting for the others until timeout_s."""
+    code = "from pipeline.distributed import die_with_parent; die_with_parent(); print('carried on')"
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    results = {}
+    for name, launcher in (("alive", os.getpid()), ("dead", int(gone.stdout))):
+        env = {**subprocess_env(), distributed.LAUNCHER_PID: str(launcher)}
+        started = time.monotonic()
+        results[name] = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert time.monotonic() - started < 30
+    assert (results["alive"].returncode, results["alive"].stdout) == (0, "carried on\n")
+    assert results["dead"].returncode == 1 and "carried on" not in results["dead"].stdout
+    assert f"the launcher (pid {int(gone.stdout)}) of this worker has died" in results["dead"].stderr
+
+
 def test_the_global_batch_splits_into_shares_and_accumulation():
     assert split_batch(64, 1, 0, "k") == (64, 1)
     assert split_batch(64, 2, 0, "k") == (32, 1)
     assert split_batch(64, 2, 8, "k") == (8, 4)  # 2 processes x 8 images x 4 steps
     assert split_batch(60, 2, 7, "k") == (6, 5)  # 30 a process: 5 steps of 6
+    assert split_batch(24, 2, 32, "k") == (12, 1)  # under the cap: one step
     with pytest.raises(ParamsError, match=r"finetune\.batch_size: 64 images do not split evenly over 3"):
         split_batch(64, 3, 0, "finetune.batch_size")
+
+
+def test_a_share_that_only_splits_into_tiny_steps_is_refused_with_sizes_that_work():
+    """122 over 2 processes is 61 each, a prime: under a cap of 32 the only even split is 61
+    steps of one image. Refused, naming batch sizes that split into 16 to 32 a step."""
+    with pytest.raises(ParamsError) as error:
+        split_batch(122, 2, 32, "finetune.batch_size")
+    message = str(error.value)
+    assert message.startswith("finetune.batch_size: 122 images over 2 processes is 61 each")
+    assert "equal steps of 16 to 32 images" in message and "120 or 124" in message
+    for suggested in (120, 124):
+        per_process, steps = split_batch(suggested, 2, 32, "k")
+        assert per_process * steps * 2 == suggested and 16 <= per_process <= 32
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize(("size", "batch"), [(49, 8), (50, 8), (7, 8), (33, 4), (17, 12), (64, 16)])
+def test_every_process_yields_as_many_indices_as_it_says_and_every_image_is_seen(size, batch, world):
+    """A short last global batch (49 images in batches of 8 leave 1) is evened out over the
+    processes by repeating images, so each yields len(sampler) indices; every image is seen,
+    with fewer than ``world`` extra copies in all."""
+    batch = batch - batch % world or world  # training's global batch splits evenly
+    seen = []
+    for rank in range(world):
+        sampler = GlobalBatchSampler(size, batch, Ranks(rank, rank, world), seed=1)
+        indices = list(sampler)
+        assert len(indices) == len(sampler), (rank, len(indices), len(sampler))
+        seen += indices
+    assert set(seen) == set(range(size))
+    assert len(seen) - size < world
 
 
 def global_batches(size: int, batch: int, world: int, epoch: int = 1) -> list[set[int]]:
@@ -264,9 +327,12 @@ def test_two_processes_train_and_extract_as_one_does_and_only_rank_0_writes(tmp_
         assert torch.equal(result["labels"], alone_labels)
 
 
-def test_gradient_accumulation_trains_as_the_whole_batch_does():
+@pytest.mark.parametrize("size", [40, 44, 42])
+def test_gradient_accumulation_trains_as_the_whole_batch_does(size):
     """max_batch_per_process: 4 images at a time, 2 steps accumulated, give the weights a
-    batch of 8 gives (a model without BatchNorm, to float tolerance)."""
+    batch of 8 gives (a model without BatchNorm, to float tolerance), also where the epoch
+    ends in a short global batch (44 and 42 images: a last group of 4 or 2 images in one
+    step, whose mean loss counts whole, not halved)."""
     from pipeline.training import fit, last_epoch, make_loader
 
     results = []
@@ -274,8 +340,8 @@ def test_gradient_accumulation_trains_as_the_whole_batch_does():
         torch.manual_seed(0)
         model = nn.Linear(8, 3)
         per_process, accumulate = split_batch(8, 1, cap, "batch")
-        sampler = GlobalBatchSampler(40, 8, Ranks(), seed=3)
-        train = make_loader(data(40, 0), per_process, torch.device("cpu"), sampler=sampler)
+        sampler = GlobalBatchSampler(size, 8, Ranks(), seed=3)
+        train = make_loader(data(size, 0), per_process, torch.device("cpu"), sampler=sampler)
         val = make_loader(data(21, 1), 8, torch.device("cpu"))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         kept, _ = fit(
@@ -346,11 +412,12 @@ def test_a_killed_rank_or_stage_leaves_nothing_recorded_and_repro_then_matches_o
 
     repro = start_repro(tiny_repo)
     deadline = time.monotonic() + 300
-    while len(workers := worker_processes(tiny_repo)) < 2:
+    log = tiny_repo / "reports/live/finetune/plots/metrics/finetune/val_loss.tsv"
+    committed_log = log.stat().st_mtime_ns if log.exists() else 0
+    while len(workers := worker_processes(tiny_repo)) < 2 or not logged_an_epoch(log, committed_log):
         assert repro.poll() is None and time.monotonic() < deadline, repro.stdout.read()
-        time.sleep(0.2)
-    time.sleep(3)  # into training
-    processes = everything_under(repro)
+        time.sleep(0.1)
+    processes = everything_under(repro)  # into training: the first epoch is logged
     killed_at = time.monotonic()
     workers[1].kill()
     output, _ = repro.communicate(timeout=120)
@@ -363,7 +430,6 @@ def test_a_killed_rank_or_stage_leaves_nothing_recorded_and_repro_then_matches_o
     assert not (tiny_repo / "models/finetuned.pt").exists()
     assert (tiny_repo / "dvc.lock").read_text() == lock
 
-    log = tiny_repo / "reports/live/finetune/plots/metrics/finetune/val_loss.tsv"
     committed_log = log.stat().st_mtime_ns if log.exists() else 0
     repro = start_repro(tiny_repo)
     while not logged_an_epoch(log, committed_log):
@@ -420,3 +486,33 @@ def test_two_launchers_of_one_process_each_meet_through_the_rendezvous(tiny_repo
     assert "; best val accuracy" in outputs[0] and "; best val accuracy" not in outputs[1]
     summary = json.loads((tiny_repo / "reports/live/finetune/metrics.json").read_text())["finetune"]
     assert summary["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_baseline_and_train_head_run_with_two_processes_as_with_one(tmp_path):
+    """With 2 processes, baseline extracts a share on each rank, then rank 0 alone fits the
+    probe on the gathered features, in no collective (rank 1 has left by then); train_head,
+    a moment's work on cached features, runs in one process whatever params ask. The
+    random-init probe scores what it scores with one process, and no process is left."""
+    workspace = prepare_workspace(tmp_path / "workspace")  # params ask for 2 processes
+    outputs, scores = {}, {}
+    for world in (2, 1):
+        params = yaml.safe_load((workspace / "params.yaml").read_text())
+        params["distributed"]["nproc_per_node"] = world
+        (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+        for stage in ("train_head", "baseline"):
+            result = subprocess.run(
+                [sys.executable, "-m", f"pipeline.{stage}"],
+                cwd=workspace,
+                env=subprocess_env(),
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            outputs[stage, world] = result.stdout + result.stderr
+            assert result.returncode == 0, outputs[stage, world]
+        scores[world] = json.loads((workspace / "metrics/baseline.json").read_text())["random_init_probe"]
+    assert "baseline: 2 processes (2 here, gloo)" in outputs["baseline", 2]
+    assert "processes" not in outputs["train_head", 2]
+    assert scores[2]["accuracy"] == pytest.approx(scores[1]["accuracy"], abs=0.02)
+    assert not worker_processes(workspace)

@@ -6,15 +6,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.common import read_epoch_log
-from pipeline.training import (
-    EpochLog,
-    evaluate_epoch,
-    fit_head,
-    grad_scaler,
-    train_epoch,
-    warmup_cosine,
-)
+from pipeline.epoch_log import EpochLog, read_epoch_log
+from pipeline.training import evaluate_epoch, fit_head, grad_scaler, train_epoch, warmup_cosine
 
 
 def separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

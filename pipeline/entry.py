@@ -1,0 +1,78 @@
+"""How a stage or a tool starts: the git check, the relaunch in many processes, one-line errors.
+
+Every stage ends with ``run_stage(main, ...)`` and every command-line tool with
+``run_tool(main)``. Where params ask for more than one process, ``run_stage`` turns this
+process into the launcher of the stage's workers (pipeline.distributed); the workers run
+``main`` themselves.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+
+from pipeline.errors import ParamsError, StageError
+
+
+def check_git_has_a_commit() -> None:
+    """dvclive, which logs the epochs, fails in a git repository that has no commit yet:
+    say so before any stage works, not after the backbone has trained for minutes. Outside
+    git (or without git installed) there is nothing to check."""
+    try:
+        inside = subprocess.run(
+            ["git", "rev-parse", "--is-inside-work-tree"], capture_output=True, check=False
+        )
+        head = subprocess.run(
+            ["git", "rev-parse", "--verify", "--quiet", "HEAD"], capture_output=True, check=False
+        )
+    except FileNotFoundError:
+        return
+    if inside.returncode == 0 and head.returncode != 0:
+        raise StageError(
+            "this git repository has no commit yet, which dvclive (the epoch logger) needs; "
+            "commit first: git add -A && git commit -m 'Start', then dvc repro"
+        )
+
+
+def launched(stage: str) -> bool:
+    """Start ``stage``'s processes under torch.distributed.run if params ask for several
+    (pipeline.distributed), and wait for them; False where one process runs it here."""
+    from pipeline.distributed import in_worker, launch, plan_for
+    from pipeline.params import load_params
+
+    if in_worker():
+        return False
+    params = load_params()
+    plan = plan_for(stage, params["distributed"], params["device"])
+    if plan.world_size == 1:
+        return False
+    print(f"{stage}: {plan.world_size} processes ({plan.nproc_per_node} here, {plan.backend})")
+    launch(f"pipeline.{stage}", plan)
+    return True
+
+
+def run_tool(main: Callable[[], int | None]) -> None:
+    """Run a command-line tool's ``main`` (not a stage); exit with what it returns, or print
+    a bad-input error as one line and exit 2."""
+    try:
+        sys.exit(main() or 0)
+    except (ParamsError, StageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_stage(main: Callable[[], None], stage: str | None = None) -> None:
+    """Run a stage's ``main``; print a bad-params or missing-input error as one line, exit 2.
+
+    ``stage`` names a stage that can run in several processes: where params ask for more
+    than one, this process checks params, then launches them instead (so a bad params.yaml
+    fails once, before any process starts).
+    """
+    try:
+        check_git_has_a_commit()
+        if stage is None or not launched(stage):
+            main()
+    except (ParamsError, StageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
