@@ -152,6 +152,8 @@ def resolve_device(name: str) -> torch.device:
         raise ParamsError("device: 'cuda' asked for, but torch sees no CUDA GPU; use 'auto' or 'cpu'")
     if name == "mps" and not torch.backends.mps.is_available():
         raise ParamsError("device: 'mps' asked for, but torch sees no Apple GPU; use 'auto' or 'cpu'")
+    if name != "cpu":
+        raise ParamsError(f"device: unknown device {name!r}; choose one of: auto, cpu, cuda, mps")
     return torch.device(name)
 
 

@@ -39,6 +39,7 @@ from pipeline.params import load_params
 from pipeline.training import inference_loader
 
 ONNX_FORMAT = "dvc-transfer-learning onnx"
+ONNX_FORMAT_VERSION = 2  # 2: the sidecar pins model.onnx's own sha256
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 
@@ -101,9 +102,15 @@ def onnx_opset(path: Path) -> int | None:
 
 
 def onnx_session(path: Path | str) -> Any:
-    """An onnxruntime session on the CPU."""
+    """An onnxruntime session on the CPU; a clear error for a file onnxruntime cannot load."""
     onnxruntime = require_onnxruntime()
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise StageError(
+            f"{path}: not an ONNX model that onnxruntime can load ({reason}); rerun: dvc repro export"
+        ) from None
 
 
 def onnx_logits(session: Any, images: torch.Tensor) -> np.ndarray:
@@ -141,11 +148,15 @@ def check_parity(result: dict[str, Any], tolerance: float) -> None:
         )
 
 
-def sidecar(checkpoint: dict[str, Any], checkpoint_hash: str, opset: int | None) -> dict[str, Any]:
-    """What a caller needs to feed model.onnx and read its output."""
+def sidecar(
+    checkpoint: dict[str, Any], checkpoint_hash: str, onnx_hash: str, opset: int | None
+) -> dict[str, Any]:
+    """What a caller needs to feed model.onnx and read its output, and the sha256 of the
+    model.onnx it describes (a sidecar beside another model.onnx is refused)."""
     return {
         "format": ONNX_FORMAT,
-        "format_version": 1,
+        "format_version": ONNX_FORMAT_VERSION,
+        "onnx_sha256": onnx_hash,
         "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "channels": "RGB"},
         "output": {"name": OUTPUT_NAME, "meaning": "logits; softmax gives class probabilities"},
         **{key: checkpoint[key] for key in PREPROCESSING_KEYS},
@@ -169,6 +180,20 @@ def read_sidecar(onnx_file: Path | str) -> dict[str, Any]:
         raise StageError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(meta, dict) or meta.get("format") != ONNX_FORMAT:
         raise StageError(f"{path}: not written by this pipeline's export stage; rerun: dvc repro export")
+    if meta.get("format_version") != ONNX_FORMAT_VERSION:
+        raise StageError(
+            f"{path}: sidecar format version {meta.get('format_version')}, but this pipeline reads "
+            f"version {ONNX_FORMAT_VERSION}; rerun: dvc repro export"
+        )
+    try:
+        onnx_hash = file_sha256(onnx_file)
+    except OSError as error:
+        raise StageError(f"{onnx_file}: cannot be read ({error.strerror})") from None
+    if meta.get("onnx_sha256") != onnx_hash:
+        raise StageError(
+            f"{path} describes another model than {onnx_file} (its sha256 differs: an export "
+            "interrupted between the two files, or one of them replaced); rerun: dvc repro export"
+        )
     return meta
 
 
@@ -184,12 +209,13 @@ def main() -> None:
         params["data"]["num_workers"],
         torch.device("cpu"),
     )
-    with atomic_path(ONNX_FILE) as staged:
+    with atomic_path(ONNX_FILE) as staged:  # the model first, then the sidecar that pins its hash
         export_onnx(model, checkpoint["image_size"], staged)
         opset = onnx_opset(staged)
         result = parity(model, onnx_session(staged), loader)
         check_parity(result, tolerance)
-        write_json(sidecar_path(ONNX_FILE), sidecar(checkpoint, file_sha256(FINETUNED_FILE), opset))
+        onnx_hash = file_sha256(staged)
+    write_json(sidecar_path(ONNX_FILE), sidecar(checkpoint, file_sha256(FINETUNED_FILE), onnx_hash, opset))
     largest = float(f"{result['max_abs_logit_difference']:.3g}")  # 3 digits: diffs show real changes
     write_json(METRICS_DIR / "export.json", {**result, "max_abs_logit_difference": largest})
     print(

@@ -146,11 +146,16 @@ def starting_classifier(
 
 def finetune_time(seconds: float, epochs: int, train_images: int, world_size: int) -> dict[str, float]:
     """What ``dvc exp show`` and the strategy table report of the training loop's wall time
-    (validation included): total, per epoch, and training images per second."""
+    (validation included): total, per epoch, the images trained on, and images per second.
+    Each rate is computed from the rounded total written beside it, so the file's figures
+    agree with each other exactly: images_per_second == round(images / seconds, 1)."""
+    seconds = max(round(seconds, 3), 0.001)
+    images = epochs * train_images
     return {
-        "seconds": round(seconds, 1),
-        "seconds_per_epoch": round(seconds / epochs, 2),
-        "images_per_second": round(epochs * train_images / seconds, 1),
+        "seconds": seconds,
+        "seconds_per_epoch": round(seconds / epochs, 3),
+        "images": images,
+        "images_per_second": round(images / seconds, 1),
         "world_size": world_size,
     }
 

@@ -86,6 +86,38 @@ def build_backbone(arch: str, weights: Any = None, image_size: int | None = None
     return model, strip_classifier(model)
 
 
+def image_size_problem(arch: str, image_size: int) -> str | None:
+    """Why ``arch`` cannot take ``image_size``-pixel images, or None where it can: a forward
+    pass on torch's meta device, which builds the model and propagates shapes only (no
+    weights, no compute), so every family's own limits show (a ViT's patch size, the
+    minimum that inception_v3's or AlexNet's pooling needs) in a fraction of a second."""
+    try:
+        with torch.device("meta"):
+            model, _ = build_backbone(arch, image_size=image_size)
+            model.eval()(torch.zeros(1, 3, image_size, image_size))
+    except (RuntimeError, AssertionError, ValueError) as error:
+        return str(error).strip().splitlines()[0] or type(error).__name__
+    except (NotImplementedError, StageError, TypeError):  # a family meta tensors cannot run
+        return None
+    return None
+
+
+def next_image_size(arch: str, above: int, scan: int = 64, largest: int = 1024) -> int | None:
+    """The next size above ``above`` that ``arch`` takes: the first of the next ``scan``
+    sizes, else (sizes it takes starting at some minimum) the one bisection finds below
+    ``largest``; None where neither finds one."""
+    for size in range(above + 1, above + 1 + scan):
+        if image_size_problem(arch, size) is None:
+            return size
+    low, high = above + scan, largest
+    if image_size_problem(arch, high) is not None:
+        return None
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if image_size_problem(arch, middle) is None else (middle, high)
+    return high
+
+
 def weights_names(arch: str) -> list[str]:
     """The weights names ``backbone.weights`` accepts for ``arch``: DEFAULT and the enum's members."""
     if arch in EXTRA_ARCHS:

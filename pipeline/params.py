@@ -21,6 +21,7 @@ PARAMS_FILE = Path("params.yaml")
 
 DATASETS = ("digits", "imagefolder", "cifar10", "cifar100")
 RAW_DIR = Path("data/raw")
+WEIGHTS_DIR = Path("data/weights")  # local backbone checkpoints (backbone.weights: a path)
 HEAD_TYPES = ("linear", "mlp")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 AMP_MODES = ("auto", "bfloat16", "float16", "off")
@@ -70,10 +71,11 @@ def fraction(value: Any, key: str) -> float:
     return number
 
 
-def unit_interval(value: Any, key: str) -> float:
+def below_one(value: Any, key: str) -> float:
+    """A share that must leave something: dropout or label smoothing of 1 leaves no signal."""
     number = _number(value, key)
-    if not 0 <= number <= 1:
-        raise ParamsError(f"{key}: must be between 0 and 1, got {value!r}")
+    if not 0 <= number < 1:
+        raise ParamsError(f"{key}: must be at least 0 and below 1, got {value!r}")
     return number
 
 
@@ -100,6 +102,14 @@ def non_negative_int(value: Any, key: str) -> int:
     number = _integer(value, key)
     if number < 0:
         raise ParamsError(f"{key}: must be a whole number, 0 or more, got {value!r}")
+    return number
+
+
+def seed_value(value: Any, key: str) -> int:
+    """numpy's generator takes seeds from 0 to 2**32 - 1."""
+    number = non_negative_int(value, key)
+    if number >= 2**32:
+        raise ParamsError(f"{key}: must be below 2**32 (4294967296), got {value!r}")
     return number
 
 
@@ -211,7 +221,7 @@ def unfreeze_spec(value: Any, key: str) -> str | int:
 
 
 SCHEMA: dict[str, Any] = {
-    "seed": non_negative_int,
+    "seed": seed_value,
     "lr": positive_float,
     "device": one_of(*DEVICES),
     "amp": amp_mode,
@@ -240,7 +250,7 @@ SCHEMA: dict[str, Any] = {
     "head": {
         "type": one_of(*HEAD_TYPES),
         "hidden_units": positive_int,
-        "dropout": unit_interval,
+        "dropout": below_one,
         "lr": positive_float,
         "weight_decay": non_negative_float,
         "batch_size": positive_int,
@@ -259,7 +269,7 @@ SCHEMA: dict[str, Any] = {
         "warmup_epochs": non_negative_int,
         "weight_decay": non_negative_float,
         "l2sp": non_negative_float,
-        "label_smoothing": unit_interval,
+        "label_smoothing": below_one,
         "augment": boolean,
         "bn": one_of(*BN_MODES),
     },
@@ -315,11 +325,45 @@ def check_weights_name(backbone: dict[str, Any]) -> None:
         )
 
 
+def check_image_size(backbone: dict[str, Any]) -> None:
+    """``backbone.image_size`` is one that ``backbone.arch`` takes (a forward pass on torch's
+    meta device), so a ViT's patch size or inception_v3's minimum fails here, not mid-stage."""
+    from pipeline.models import image_size_problem, next_image_size
+
+    arch, size = backbone["arch"], backbone["image_size"]
+    problem = image_size_problem(arch, size)
+    if problem is None:
+        return
+    larger = next_image_size(arch, size)
+    hint = f"the next size up that it takes is {larger}" if larger else "try 224, ImageNet's"
+    raise ParamsError(f"backbone.image_size: {arch} cannot take {size}-pixel images ({problem}); {hint}")
+
+
 def check_backbone_model(backbone: dict[str, Any]) -> None:
-    """``backbone.arch`` is a model torchvision (or the lite extra) builds, and a weights name
-    is one of its own. This imports torchvision, the slow part of loading params."""
+    """``backbone.arch`` is a model torchvision (or the lite extra) builds, a weights name is
+    one of its own, and it takes ``backbone.image_size``. This imports torchvision, the slow
+    part of loading params."""
     architecture(backbone["arch"], "backbone.arch")
     check_weights_name(backbone)
+    check_image_size(backbone)
+
+
+def is_weights_file(weights: str) -> bool:
+    """Whether ``backbone.weights`` names a local checkpoint rather than a built-in source
+    or a torchvision weights name."""
+    return weights not in BUILTIN_WEIGHTS and not re.fullmatch(r"[A-Z][A-Z0-9_]*", weights)
+
+
+def check_weights_file(weights: str) -> None:
+    """A local checkpoint lives under data/raw/weights/, which the backbone stage depends on:
+    DVC then reruns it when the file's bytes change, and the run-cache never restores a
+    backbone made from other bytes."""
+    if is_weights_file(weights) and WEIGHTS_DIR not in Path(weights).parents:
+        raise ParamsError(
+            f"backbone.weights: {weights!r} must be a file under {WEIGHTS_DIR}/ (the backbone stage "
+            f"depends on that folder, so DVC reruns it when the checkpoint changes); copy it "
+            f"there, track it with `dvc add`, and set backbone.weights: {WEIGHTS_DIR}/{Path(weights).name}"
+        )
 
 
 def cross_check(params: dict[str, Any]) -> None:
@@ -330,6 +374,13 @@ def cross_check(params: dict[str, Any]) -> None:
             f"distributed.node_rank: {distributed['node_rank']} is not below distributed.nnodes "
             f"({distributed['nnodes']}); ranks run from 0 (the head node) to nnodes - 1"
         )
+    finetune = params["finetune"]
+    if finetune["warmup_epochs"] >= finetune["epochs"]:
+        raise ParamsError(
+            f"finetune.warmup_epochs: {finetune['warmup_epochs']} leaves no epoch for the cosine decay "
+            f"of finetune.epochs: {finetune['epochs']}; use fewer warmup epochs (0 for none)"
+        )
+    check_weights_file(params["backbone"]["weights"])
     data = params["data"]
     if data["dataset"] != "digits":
         path = Path(data["path"])

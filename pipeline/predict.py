@@ -30,6 +30,7 @@ from pipeline.entry import run_tool
 from pipeline.errors import ParamsError, StageError
 from pipeline.images import is_image_file, read_rgb
 from pipeline.models import load_classifier
+from pipeline.params import DEVICES
 
 
 def image_files(paths: list[str]) -> tuple[list[Path], int]:
@@ -133,7 +134,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=3, help="classes per image, likeliest first (default 3)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes (default 2)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (PyTorch model only)")
+    parser.add_argument(
+        "--device", default="auto", choices=DEVICES, help="auto | cpu | cuda | mps (PyTorch model only)"
+    )
     return parser.parse_args(argv)
 
 

@@ -21,10 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import FIGURES_DIR, atomic_path
+from pipeline.common import atomic_path
 from pipeline.entry import run_tool
 from pipeline.errors import StageError
 
+# Beside the report, not in reports/figures/: that folder is the report stage's output,
+# which the next `dvc repro` replaces whole.
+STRATEGIES_FILE = Path("reports/strategies.md")
+STRATEGIES_FIGURE = Path("reports/strategies.png")
 TEST_METRICS = "metrics/test.json"
 FINETUNE_SUMMARY = "reports/live/finetune/metrics.json"
 FINETUNE_TIME = "metrics/finetune_time.json"
@@ -227,8 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m pipeline.strategies", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--json", type=Path, help="a saved `dvc exp show --json` (default: run it here)")
-    parser.add_argument("--out", type=Path, default=Path("reports/strategies.md"))
-    parser.add_argument("--figure", type=Path, default=FIGURES_DIR / "strategies.png")
+    parser.add_argument("--out", type=Path, default=STRATEGIES_FILE)
+    parser.add_argument("--figure", type=Path, default=STRATEGIES_FIGURE)
     args = parser.parse_args(argv)
     show = json.loads(args.json.read_text()) if args.json else exp_show_json()
     base, runs = experiment_runs(show)

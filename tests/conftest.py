@@ -20,8 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 import yaml
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +98,8 @@ def make_pipeline_repo(path: Path, params: dict[str, Any]) -> Path:
     shutil.copytree(ROOT / "pipeline", path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / ".ci", path / ".ci")
     shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
-    shutil.copytree(ROOT / "data" / "raw", path / "data" / "raw")
+    for folder in ("raw", "weights"):
+        shutil.copytree(ROOT / "data" / folder, path / "data" / folder)
     write_params(path, params)
     run(path, "git", "init", "-q", "-b", "main")
     run(path, "dvc", "init", "-q")
@@ -195,3 +200,66 @@ def lr_sweep(tiny_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     rates = {row["Experiment"]: float(row["lr"]) for row in rows if row["typ"] != "baseline"}
     yield Sweep(repo, logs, rates, rows, seconds)
     run(repo, "dvc", "queue", "stop", check=False)  # the idle worker exits now, not in 10 s
+
+
+def declared_outputs() -> Iterator[str]:
+    """Every path dvc.yaml declares as a stage's out, metric or plot."""
+    for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                yield entry if isinstance(entry, str) else next(iter(entry))
+
+
+def odd_images(rng: np.random.Generator, size: tuple[int, int]) -> dict[str, Image.Image]:
+    """One image per troublesome mode, with content that depends on the class."""
+    rgb = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    paletted = rgb.convert("P")
+    paletted.info["transparency"] = 0
+    return {
+        "rgb.jpg": rgb,
+        "grey.png": rgb.convert("L"),
+        "grey_alpha.png": rgb.convert("LA"),
+        "paletted.png": paletted,
+        "rgba.png": rgb.convert("RGBA"),
+        "cmyk.jpg": rgb.convert("CMYK"),
+        "sixteen_bit.png": Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257),
+    }
+
+
+def make_tree(root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 4) -> Path:
+    rng = np.random.default_rng(0)
+    for name in classes:
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            size = (int(rng.integers(9, 90)), int(rng.integers(9, 90)))
+            for filename, image in odd_images(rng, size).items():
+                image.save(folder / f"{i}_{filename}")
+        (folder / "notes.txt").write_text("not an image")
+        (folder / ".DS_Store").write_bytes(b"\x00\x01")
+    return root
+
+
+def random_image_loader(seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    images, labels = torch.randn(24, 3, 8, 8, generator=generator) * 3 + 1, torch.arange(24) % 3
+    return DataLoader(TensorDataset(images, labels), batch_size=8)
+
+
+def fine_tune_briefly(model: torch.nn.Module, **settings) -> None:
+    """Fine-tune ``model`` (a Classifier) on a few random images: a small plain recipe,
+    with ``settings`` (any of finetune's keyword arguments) in place of its values."""
+    from pipeline.finetune import finetune
+
+    recipe = dict(
+        lr=0.01,
+        epochs=2,
+        backbone_lr_ratio=1.0,
+        warmup_epochs=0,
+        weight_decay=0.0,
+        label_smoothing=0.0,
+        amp="off",
+    )
+    finetune(
+        model, random_image_loader(0), random_image_loader(1), torch.device("cpu"), **{**recipe, **settings}
+    )

@@ -6,7 +6,7 @@ from torch.nn.utils import parametrize
 from pipeline.adapters import add_adapters, fold_adapters
 from pipeline.errors import StageError
 from pipeline.models import Classifier, build_backbone
-from tests.test_finetune import run
+from tests.conftest import fine_tune_briefly
 
 
 def test_adapters_start_from_the_pretrained_function_and_fold_back_exactly():
@@ -51,7 +51,7 @@ def test_training_adapters_leaves_every_backbone_weight_bit_identical():
         (4, 3, 1, 1),
         (4, 1, 1, 1),
     ]  # depthwise: a per-channel scale
-    run(model, lr=0.05)
+    fine_tune_briefly(model, lr=0.05)
     assert all(adapter.abs().sum() > 0 for adapter in adapters)
     assert torch.equal(backbone[0].parametrizations.weight.original, weights["0.weight"])
     assert torch.equal(backbone[3].parametrizations.weight.original, weights["3.weight"])

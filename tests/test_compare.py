@@ -90,7 +90,10 @@ def test_finetune_only_change_reruns_finetune_onward_and_leaves_upstream_deltas_
         _, old, new, change = metric_row(markdown, label)
         assert old == new and change in ("+0.00 pp", "+0.0000"), (label, old, new, change)
     _, old, new, change = metric_row(markdown, "fine-tuned accuracy")
-    assert change.endswith(" pp") and change[0] in "+-"
+    head = json.loads((diff.repo / "metrics/test.json").read_text())["finetuned"]["accuracy"]
+    assert new == f"{head:.2%}"  # this branch's own result
+    assert change.endswith(" pp"), change  # the change, from unrounded values, in points:
+    assert float(change[:-3]) == pytest.approx(float(new[:-1]) - float(old[:-1]), abs=0.011), (old, new)
     assert "| `finetune.epochs` | `2` | `3` |" in markdown
     assert "No change" not in markdown
     for side_name in ("base", "head"):

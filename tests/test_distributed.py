@@ -275,7 +275,7 @@ def prepare_workspace(path: Path) -> Path:
     params["data"]["max_train_per_class"] = 4
     params["backbone"].update(weights="none")
     params["head"].update(max_epochs=2)
-    params["finetune"].update(epochs=1, batch_size=8)
+    params["finetune"].update(epochs=1, warmup_epochs=0, batch_size=8)
     params["distributed"]["nproc_per_node"] = 2
     path.mkdir()
     (path / "params.yaml").write_text(yaml.safe_dump(params))

@@ -10,7 +10,8 @@ import yaml
 
 from pipeline.common import file_sha256
 from pipeline.errors import StageError
-from pipeline.export import check_parity, read_sidecar
+from pipeline.export import check_parity, read_sidecar, sidecar
+from pipeline.models import PREPROCESSING_KEYS
 from tests.conftest import Run, copy_repo, run
 
 
@@ -42,6 +43,23 @@ def test_a_sidecar_not_written_by_the_export_stage_is_refused(tmp_path):
         read_sidecar(tmp_path / "model.onnx")
 
 
+def test_a_sidecar_beside_another_model_is_refused(tmp_path):
+    """An export killed between its two renames, or a model.onnx replaced by hand, leaves a
+    sidecar that describes other bytes: readers refuse it instead of mislabelling outputs."""
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"the exported graph")
+    checkpoint = {key: 0 for key in PREPROCESSING_KEYS} | {"classes": ["a", "b"]}
+    meta = sidecar(checkpoint, "0" * 64, file_sha256(onnx_file), 18)
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    assert read_sidecar(onnx_file)["classes"] == ["a", "b"]
+    onnx_file.write_bytes(b"another export's graph")
+    with pytest.raises(StageError, match=r"model\.json describes another model than .*model\.onnx"):
+        read_sidecar(onnx_file)
+    (tmp_path / "model.json").write_text(json.dumps({**meta, "format_version": 1}))
+    with pytest.raises(StageError, match="sidecar format version 1, but this pipeline reads version 2"):
+        read_sidecar(onnx_file)
+
+
 @pytest.mark.slow
 def test_the_tiny_run_exports_a_model_that_matches_pytorch(tiny_run: Run):
     repo = tiny_run.repo
@@ -54,6 +72,7 @@ def test_the_tiny_run_exports_a_model_that_matches_pytorch(tiny_run: Run):
     checkpoint = json.loads((repo / "metrics" / "per_class.json").read_text())
     assert meta["classes"] == checkpoint["classes"]
     assert meta["source_sha256"] == file_sha256(repo / "models" / "finetuned.pt")
+    assert meta["onnx_sha256"] == file_sha256(repo / "models" / "model.onnx")
     assert meta["image_size"] == 16 and meta["mean"] == [0.5] * 3
     assert b"pipeline/models.py" not in (repo / "models" / "model.onnx").read_bytes()  # no stack traces
     report = (repo / "reports" / "report.md").read_text()

@@ -6,13 +6,11 @@ import pytest
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline import finetune as stage
 from pipeline.data import load_split
-from pipeline.finetune import finetune
 from pipeline.models import Classifier
-from tests.conftest import Run
+from tests.conftest import Run, fine_tune_briefly
 
 
 def small_classifier() -> Classifier:
@@ -23,34 +21,13 @@ def small_classifier() -> Classifier:
     return Classifier(backbone, nn.Linear(4, 3))
 
 
-def loader(seed: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    images, labels = torch.randn(24, 3, 8, 8, generator=generator) * 3 + 1, torch.arange(24) % 3
-    return DataLoader(TensorDataset(images, labels), batch_size=8)
-
-
-def run(model: Classifier, **settings) -> None:
-    """Fine-tune ``model`` on a few random images: a small plain recipe, with ``settings``
-    (any of finetune's keyword arguments) in place of its values."""
-    recipe = dict(
-        lr=0.01,
-        epochs=2,
-        backbone_lr_ratio=1.0,
-        warmup_epochs=0,
-        weight_decay=0.0,
-        label_smoothing=0.0,
-        amp="off",
-    )
-    finetune(model, loader(0), loader(1), torch.device("cpu"), **{**recipe, **settings})
-
-
 @pytest.mark.parametrize("bn", ["train", "frozen"])
 def test_bn_frozen_keeps_running_statistics_while_its_scale_trains(bn):
     model = small_classifier()
     norm = model.backbone[1]
     before = {name: value.clone() for name, value in norm.named_buffers()}
     weight = norm.weight.detach().clone()
-    run(model, bn=bn)
+    fine_tune_briefly(model, bn=bn)
     unchanged = [torch.equal(before[name], value) for name, value in norm.named_buffers()]
     assert all(unchanged) == (bn == "frozen")
     assert not torch.equal(norm.weight, weight)
@@ -61,7 +38,7 @@ def test_l2sp_keeps_the_backbone_nearer_its_start_than_weight_decay_does():
     for l2sp in (0.0, 50.0):
         model = small_classifier()
         start = [p.detach().clone() for p in model.backbone.parameters()]
-        run(model, lr=0.05, epochs=3, weight_decay=0.1, optimizer="sgd", l2sp=l2sp)
+        fine_tune_briefly(model, lr=0.05, epochs=3, weight_decay=0.1, optimizer="sgd", l2sp=l2sp)
         drift[l2sp] = sum(
             ((p - p0) ** 2).sum().item() for p, p0 in zip(model.backbone.parameters(), start, strict=True)
         )
@@ -86,6 +63,17 @@ def test_a_fresh_head_is_new_and_seeded_and_a_probe_head_is_the_trained_one(monk
     assert torch.equal(heads["probe"].weight, head[1].weight)
     assert not torch.equal(heads["fresh"].weight, head[1].weight)
     assert torch.equal(heads["fresh"].weight, heads["again"].weight)
+
+
+@pytest.mark.parametrize("seconds", [0.7549, 0.75, 12.3456, 1e-5])
+def test_the_time_file_s_figures_agree_exactly_whatever_the_rounding(seconds):
+    """Rates come from the rounded total written beside them: a fast run (0.7549 s, which
+    rounds to 0.755) cannot give a rate 5% off the one its own seconds imply."""
+    timing = stage.finetune_time(seconds, epochs=2, train_images=100, world_size=1)
+    assert timing["images"] == 200
+    assert timing["images_per_second"] == round(200 / timing["seconds"], 1)
+    assert timing["seconds_per_epoch"] == round(timing["seconds"] / 2, 3)
+    assert abs(timing["seconds"] - seconds) <= 0.001
 
 
 STRATEGIES = {
@@ -116,7 +104,7 @@ def test_each_strategy_runs_end_to_end_on_the_tiny_config(name, tiny_workspace, 
 
     workspace = Path(shutil.copytree(tiny_workspace, tmp_path / "workspace"))
     params = yaml.safe_load((workspace / "params.yaml").read_text())
-    params["finetune"].update(epochs=1, **STRATEGIES[name])
+    params["finetune"].update(epochs=1, warmup_epochs=0, **STRATEGIES[name])
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(workspace)
     stage.main()
@@ -132,7 +120,8 @@ def test_each_strategy_runs_end_to_end_on_the_tiny_config(name, tiny_workspace, 
     timing = json.loads((workspace / "metrics/finetune_time.json").read_text())["finetune"]
     train_images = len(load_split(workspace / "data/prepared", "train")[1])
     assert timing["seconds"] > 0 and timing["world_size"] == 1
-    assert timing["images_per_second"] == pytest.approx(train_images / timing["seconds"], rel=0.05)
+    assert timing["images"] == params["finetune"]["epochs"] * train_images
+    assert timing["images_per_second"] == round(timing["images"] / timing["seconds"], 1)
     finetuned = torch.load(workspace / "models/finetuned.pt", weights_only=True)
     assert finetuned["params"]["strategy"] == params["finetune"]["strategy"]
     assert {key.split(".")[0] for key in finetuned["state_dict"]} == {"backbone", "head"}

@@ -14,37 +14,7 @@ from PIL import Image
 from pipeline import backbone, baseline, evaluate, export, extract, finetune, prepare, report, train_head
 from pipeline.errors import StageError
 from pipeline.images import read_rgb, scan_tree, unreadable_files
-from tests.conftest import tiny_params
-
-
-def odd_images(rng: np.random.Generator, size: tuple[int, int]) -> dict[str, Image.Image]:
-    """One image per troublesome mode, with content that depends on the class."""
-    rgb = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-    paletted = rgb.convert("P")
-    paletted.info["transparency"] = 0
-    return {
-        "rgb.jpg": rgb,
-        "grey.png": rgb.convert("L"),
-        "grey_alpha.png": rgb.convert("LA"),
-        "paletted.png": paletted,
-        "rgba.png": rgb.convert("RGBA"),
-        "cmyk.jpg": rgb.convert("CMYK"),
-        "sixteen_bit.png": Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257),
-    }
-
-
-def make_tree(root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 4) -> Path:
-    rng = np.random.default_rng(0)
-    for name in classes:
-        folder = root / name
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            size = (int(rng.integers(9, 90)), int(rng.integers(9, 90)))
-            for filename, image in odd_images(rng, size).items():
-                image.save(folder / f"{i}_{filename}")
-        (folder / "notes.txt").write_text("not an image")
-        (folder / ".DS_Store").write_bytes(b"\x00\x01")
-    return root
+from tests.conftest import make_tree, odd_images, tiny_params
 
 
 def test_every_mode_reads_as_rgb_uint8(tmp_path):
@@ -104,7 +74,7 @@ def imagefolder_params(skip: bool) -> dict:
     params["data"].update(val_fraction=0.25, test_fraction=0.25, max_train_per_class=0)
     params["backbone"].update(weights="none", image_size=32)
     params["head"].update(max_epochs=3)
-    params["finetune"].update(epochs=1, batch_size=8)
+    params["finetune"].update(epochs=1, warmup_epochs=0, batch_size=8)
     params["class_weighted_loss"] = True
     return params
 

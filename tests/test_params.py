@@ -44,6 +44,10 @@ def test_lr_as_dvc_writes_it_is_read_as_a_number(tmp_path):
         ("finetune", "augment", "yes", "finetune.augment: expected true or false"),
         ("finetune", "bn", "eval", "finetune.bn: unknown value 'eval'; choose one of: train, frozen"),
         ("data", "val_fraction", 1.5, "data.val_fraction: must be between 0 and 1"),
+        (None, "seed", 2**32, "seed: must be below 2**32 (4294967296), got 4294967296"),
+        ("head", "dropout", 1.0, "head.dropout: must be at least 0 and below 1, got 1.0"),
+        ("finetune", "label_smoothing", 1.0, "finetune.label_smoothing: must be at least 0 and below 1"),
+        ("finetune", "warmup_epochs", 8, "finetune.warmup_epochs: 8 leaves no epoch for the cosine decay"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(tmp_path, section, key, value, message):
@@ -186,3 +190,45 @@ def test_a_node_rank_must_be_below_the_number_of_nodes(tmp_path):
         load_params(write(tmp_path, params))
     params["distributed"].update(node_rank=1, nproc_per_node="auto", rdzv_endpoint="node001:29400")
     assert load_params(write(tmp_path, params))["distributed"]["rdzv_endpoint"] == "node001:29400"
+
+
+@pytest.mark.parametrize(
+    ("arch", "size", "problem", "larger"),
+    [
+        ("vit_b_16", 30, "Input shape indivisible by patch size!", 32),
+        ("inception_v3", 60, "Kernel size can't be greater than actual input size", 75),
+        ("alexnet", 16, "Output size is too small", 63),
+    ],
+)
+def test_an_image_size_the_architecture_cannot_take_fails_the_params_check(
+    tmp_path, arch, size, problem, larger
+):
+    """A size each family refuses in its own way fails before any stage builds the model,
+    naming the next size up that it takes (which then passes)."""
+    params = default_params()
+    params["backbone"].update(arch=arch, image_size=size)
+    with pytest.raises(ParamsError) as error:
+        load_params(write(tmp_path, params))
+    message = str(error.value)
+    assert f"backbone.image_size: {arch} cannot take {size}-pixel images (" in message and problem in message
+    assert message.endswith(f"the next size up that it takes is {larger}")
+    params["backbone"]["image_size"] = larger
+    assert load_params(write(tmp_path, params))["backbone"]["image_size"] == larger
+
+
+def test_a_local_checkpoint_must_live_under_data_weights(tmp_path, monkeypatch):
+    """The backbone stage depends on data/weights/, so a checkpoint elsewhere (whose bytes DVC
+    would not watch) is refused, saying where to put it."""
+    monkeypatch.chdir(tmp_path)
+    params = default_params()
+    elsewhere = tmp_path / "resnet18.pt"
+    elsewhere.write_bytes(b"")
+    params["backbone"]["weights"] = str(elsewhere)
+    with pytest.raises(ParamsError) as error:
+        load_params(write(tmp_path, params))
+    assert f"backbone.weights: {str(elsewhere)!r} must be a file under data/weights/" in str(error.value)
+    assert "backbone.weights: data/weights/resnet18.pt" in str(error.value)
+    (tmp_path / "data" / "weights").mkdir(parents=True)
+    (tmp_path / "data" / "weights" / "resnet18.pt").write_bytes(b"")
+    params["backbone"]["weights"] = "data/weights/resnet18.pt"
+    assert load_params(write(tmp_path, params))["backbone"]["weights"] == "data/weights/resnet18.pt"

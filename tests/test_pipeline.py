@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,9 @@ from tests.conftest import (
     ROOT,
     STAGES,
     copy_repo,
+    declared_outputs,
     make_pipeline_repo,
+    make_tree,
     ran_stages,
     read_params,
     restored_stages,
@@ -26,14 +27,6 @@ from tests.conftest import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-def declared_outputs() -> Iterator[str]:
-    """Every path dvc.yaml declares as a stage's out, metric or plot."""
-    for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind, []):
-                yield entry if isinstance(entry, str) else next(iter(entry))
 
 
 def snapshot(repo: Path) -> dict[str, bytes]:
@@ -56,13 +49,42 @@ def confusion_accuracy(path: Path) -> float:
     return sum(row["actual"] == row["predicted"] for row in rows) / len(rows)
 
 
+def read_back(path: Path) -> None:
+    """Open an output as what its kind must be, and check it holds something: JSON a
+    non-empty mapping, torch files our dicts of tensors, tables a header and rows, figures a
+    PNG, the ONNX export a model onnx checks; a folder, each of its files."""
+    if path.is_dir():
+        files = [file for file in path.rglob("*") if file.is_file()]
+        assert files, f"{path}: an empty folder"
+        for file in files:
+            read_back(file)
+        return
+    assert path.is_file() and path.stat().st_size > 0, path
+    if path.suffix == ".json":
+        assert isinstance(content := json.loads(path.read_text()), dict) and content, path
+    elif path.suffix == ".pt":
+        content = torch.load(path, weights_only=True)
+        assert {"state_dict"} <= content.keys() or {"features", "labels", "classes"} <= content.keys(), path
+    elif path.suffix in (".csv", ".tsv"):
+        rows = list(csv.reader(path.open(newline=""), delimiter="\t" if path.suffix == ".tsv" else ","))
+        assert len(rows) >= 2 and all(len(row) == len(rows[0]) for row in rows), path
+    elif path.suffix == ".png":
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    elif path.suffix == ".onnx":
+        import onnx
+
+        onnx.checker.check_model(str(path))
+    elif path.suffix == ".md":
+        assert path.read_text().startswith("# "), path
+    else:
+        raise AssertionError(f"{path}: an output of a kind this test does not know; add it here")
+
+
 def test_full_run_writes_every_declared_output_and_fills_the_run_cache(tiny_run):
     repo = tiny_run.repo
     assert sorted(ran_stages(tiny_run.output)) == sorted(STAGES)
-    outputs = list(declared_outputs())
-    assert len(outputs) == 22
-    for path in map(repo.joinpath, outputs):
-        assert path.is_file() or (path.is_dir() and any(path.rglob("*.*"))), path
+    for path in map(repo.joinpath, declared_outputs()):
+        read_back(path)
     assert run_cache_commands(repo) == {
         f"python -m pipeline.{stage}" for stage in STAGES if stage != "report"
     }
@@ -201,8 +223,6 @@ def test_pull_on_a_second_clone_restores_every_stage_without_running_it(tiny_run
 def test_own_image_folder_tracked_with_dvc_add_runs_and_reruns_when_images_change(tiny_repo):
     """The DVC side of bringing your own images: the stages that read data/raw rerun when
     its files change (every stage on an image folder: tests/test_images.py)."""
-    from tests.test_images import make_tree
-
     make_tree(tiny_repo / "data" / "raw" / "images", classes=("cat", "dog"), per_class=3)
     run(tiny_repo, "dvc", "add", "data/raw/images")
     run(tiny_repo, "git", "add", "-A")
@@ -224,3 +244,34 @@ def test_own_image_folder_tracked_with_dvc_add_runs_and_reruns_when_images_chang
     (tiny_repo / "data/raw/images/cat/0_grey.png").unlink()
     status = json.loads(run(tiny_repo, "dvc", "status", "extract", "--with-deps", "--json").stdout)
     assert {"prepare", "extract"} <= set(status)
+
+
+def test_a_local_checkpoint_is_a_dependency_whose_bytes_rerun_the_backbone(tiny_repo):
+    """backbone.weights: a file under data/weights/, which the backbone stage depends on: new
+    bytes rerun the stage (the run-cache does not restore a backbone made from the old
+    ones), and the backbone it writes holds the new weights; the old bytes back restore."""
+    import torchvision
+
+    checkpoint = tiny_repo / "data/weights/start.pt"
+    states = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        states.append(torchvision.models.resnet18(weights=None).state_dict())
+    torch.save(states[0], checkpoint)
+    params = read_params(tiny_repo)
+    params["backbone"]["weights"] = "data/weights/start.pt"
+    write_params(tiny_repo, params)
+    assert ran_stages(run(tiny_repo, "dvc", "repro", "backbone").stdout) == ["backbone"]
+
+    torch.save(states[1], checkpoint)
+    status = json.loads(run(tiny_repo, "dvc", "status", "backbone", "--json").stdout)
+    assert {"changed deps": {"data/weights": "modified"}} in status["backbone"]
+    assert ran_stages(run(tiny_repo, "dvc", "repro", "backbone").stdout) == ["backbone"]
+    backbone = torch.load(tiny_repo / "models/backbone.pt", weights_only=True)
+    assert torch.equal(backbone["state_dict"]["conv1.weight"], states[1]["conv1.weight"])
+
+    torch.save(states[0], checkpoint)
+    result = run(tiny_repo, "dvc", "repro", "backbone")
+    assert ran_stages(result.stdout) == [] and restored_stages(result.stdout) == ["backbone"]
+    backbone = torch.load(tiny_repo / "models/backbone.pt", weights_only=True)
+    assert torch.equal(backbone["state_dict"]["conv1.weight"], states[0]["conv1.weight"])

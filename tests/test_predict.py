@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import subprocess
 import sys
@@ -139,6 +140,33 @@ def test_bad_arguments_fail_before_any_work(tmp_path, model_file, monkeypatch, a
     monkeypatch.chdir(tmp_path)
     with pytest.raises((ParamsError, StageError), match=re.escape(message)):
         predict.main([*args, "--model", str(model_file)])
+
+
+def test_an_unknown_device_and_an_unreadable_onnx_file_are_one_line_errors(tmp_path, model_file):
+    """``--device bogus`` is refused by the argument parser, naming the choices; an ONNX file
+    that onnxruntime cannot load (beside a sidecar that matches its bytes) is a one-line
+    error with exit 2: neither ends in a traceback."""
+    from pipeline.common import file_sha256
+    from pipeline.export import sidecar
+    from pipeline.models import PREPROCESSING_KEYS
+
+    image = write_image(tmp_path / "x.png", 5)
+    code, _, stderr = predict_csv(str(image), "--model", str(model_file), "--device", "bogus")
+    assert code == 2 and "argument --device: invalid choice: 'bogus'" in stderr
+    assert "(choose from 'auto', 'cpu', 'cuda', 'mps')" in stderr and "Traceback" not in stderr
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"not a protobuf at all")
+    checkpoint = torch.load(model_file, weights_only=True)
+    meta = sidecar(
+        {key: checkpoint[key] for key in PREPROCESSING_KEYS} | {"classes": CLASSES},
+        "0",
+        file_sha256(onnx_file),
+        18,
+    )
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    code, _, stderr = predict_csv(str(image), "--onnx", str(onnx_file))
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.startswith(f"error: {onnx_file}: not an ONNX model that onnxruntime can load (")
 
 
 def test_model_files_that_are_not_ours_or_are_older_say_so(tmp_path, model_file):

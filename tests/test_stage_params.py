@@ -27,8 +27,7 @@ from pipeline import (
     report,
     train_head,
 )
-from tests.conftest import ROOT, tiny_params
-from tests.test_images import make_tree
+from tests.conftest import ROOT, make_tree, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +116,7 @@ def test_every_stage_reads_only_declared_params_and_every_declared_param_somewhe
     config = tiny_params()
     config["data"]["max_train_per_class"] = 5
     config["backbone"].update(pretrain_images=200)
-    config["finetune"].update(epochs=1)
+    config["finetune"].update(epochs=1, warmup_epochs=0)
     monkeypatch.chdir(tmp_path)
     reads = run_recording(list(MODULES), config, monkeypatch)
     assert json.loads(Path("metrics/test.json").read_text())  # the stages did run

@@ -1,9 +1,11 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from pipeline import strategies
 from pipeline.errors import StageError
+from tests.conftest import declared_outputs
 
 BASE = {"seed": 1, "lr": 0.001, "finetune": {"strategy": "full", "l2sp": 0.0, "optimizer": "adamw"}}
 
@@ -89,3 +91,20 @@ def test_no_finished_experiment_says_what_to_run(tmp_path):
         strategies.main(
             ["--json", str(saved), "--out", str(tmp_path / "s.md"), "--figure", str(tmp_path / "s.png")]
         )
+
+
+def test_the_tools_write_outside_every_output_that_dvc_repro_replaces():
+    """strategies' table and figure and compare's diff are written where no stage's out lies:
+    the next `dvc repro` deletes a stage's outs before it runs (the report stage's
+    reports/figures/ among them), and would take a figure written there with it."""
+    from pipeline import compare
+
+    outs = [Path(out) for out in declared_outputs()]
+    for path in (
+        strategies.STRATEGIES_FILE,
+        strategies.STRATEGIES_FIGURE,
+        compare.COMPARE_FILE,
+        compare.COMPARE_DIR,
+    ):
+        clashes = [out for out in outs if out == path or out in path.parents]
+        assert not clashes, (path, clashes)

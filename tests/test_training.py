@@ -132,23 +132,33 @@ def test_balanced_class_weights_favour_rare_classes():
 
     weights = balanced_class_weights(torch.tensor([0, 0, 0, 1]), num_classes=3)
     assert weights.tolist() == pytest.approx([4 / 9, 4 / 3, 4 / 3])  # an absent class counts as one
-    torch.manual_seed(0)
-    features, labels = separable(300, 0)
-    keep = (labels != 2) | (torch.arange(300) % 10 == 0)  # class 2 becomes rare
-    train = (features[keep], labels[keep])
-    head, _ = fit_head(
-        nn.Linear(8, 3),
-        train,
-        separable(60, 1),
-        0.05,
-        0.0,
-        32,
-        30,
-        30,
-        seed=0,
-        class_weight=balanced_class_weights(train[1], 3),
-    )
-    assert head(separable(200, 2)[0]).argmax(1).eq(2).any()
+
+    def overlapping(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, 3, (n,), generator=generator)
+        return torch.eye(3, 8)[labels] * 1.5 + torch.randn(n, 8, generator=generator), labels
+
+    features, labels = overlapping(600, 0)
+    keep = (labels != 2) | (torch.arange(600) % 10 == 0)  # class 2 a tenth as frequent
+    train, (test_features, test_labels) = (features[keep], labels[keep]), overlapping(600, 2)
+    recall = {}
+    for weighted in (False, True):
+        torch.manual_seed(0)
+        head, _ = fit_head(
+            nn.Linear(8, 3),
+            train,
+            overlapping(60, 1),
+            0.05,
+            0.0,
+            32,
+            30,
+            30,
+            seed=0,
+            class_weight=balanced_class_weights(train[1], 3) if weighted else None,
+        )
+        predicted = head(test_features).argmax(1)
+        recall[weighted] = (predicted[test_labels == 2] == 2).float().mean().item()
+    assert recall[True] > recall[False] + 0.2, recall  # the weights are what finds the rare class
 
 
 def fit_on(history_rule, patience=None, epochs=6):
