@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.export import export_onnx, onnx_logits, require_onnxruntime
+from pipeline.export import export_onnx
 from pipeline.models import Classifier, build_backbone, build_head
+from pipeline.onnx_model import onnx_logits, require_onnxruntime
 
 MODELS = (("resnet18", 32), ("resnet18", 224), ("efficientnet_lite0", 224))
 THROUGHPUT_BATCH = 64

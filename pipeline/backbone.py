@@ -13,12 +13,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline import distributed
+from pipeline.checkpoints import BackboneCheckpoint, backbone_checkpoint
 from pipeline.common import BACKBONE_FILE, METRICS_DIR, save_torch, seed_everything, write_json
 from pipeline.data import ImageArrayDataset, image_transform
 from pipeline.entry import run_stage
@@ -96,7 +96,7 @@ def pretrain_on_glyphs(
 
 def materialize(
     arch: str, weights: str, image_size: int, pretrain: Callable[[], tuple[nn.Module, int, float]]
-) -> tuple[dict[str, Any], dict[str, float]]:
+) -> tuple[BackboneCheckpoint, dict[str, float]]:
     """The backbone checkpoint and its metrics for ``weights``; ``pretrain`` trains one on the
     glyph task (weights: pretrain)."""
     mean, std, resize, metrics = PLAIN_MEAN, PLAIN_STD, image_size, {}
@@ -112,16 +112,9 @@ def materialize(
         mean, std = preprocessing["mean"], preprocessing["std"]
         resize = round(image_size * preprocessing["resize_ratio"])
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
-    checkpoint = {
-        "arch": arch,
-        "weights": weights,
-        "state_dict": model.state_dict(),
-        "feature_dim": features,
-        "image_size": image_size,
-        "resize_size": resize,
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-    }
+    checkpoint = backbone_checkpoint(
+        arch, weights, model.state_dict(), features, image_size, resize, mean, std
+    )
     return checkpoint, metrics
 
 

@@ -21,15 +21,14 @@ import numpy as np
 import torch
 
 from pipeline import distributed
+from pipeline.checkpoints import HeadCheckpoint, read_features, read_head
 from pipeline.common import (
     FEATURES_DIR,
     FINETUNED_FILE,
-    HEAD_FILE,
     METRICS_DIR,
     PLOTS_DIR,
     PREDICTIONS_FILE,
     PREPARED_DIR,
-    load_torch,
     write_json,
     write_text,
 )
@@ -42,10 +41,12 @@ from pipeline.training import inference_loader, predict_logits
 
 
 @torch.inference_mode()
-def linear_probe_logits(head_checkpoint: dict, features_file: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_probe_logits(
+    head_checkpoint: HeadCheckpoint, features_dir: Path
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The probe's logits on the cached test features (the frozen backbone's output), and labels."""
     head = load_head(head_checkpoint).eval()
-    test = load_torch(features_file)
+    test = read_features("test", features_dir)
     return head(test["features"]).float(), test["labels"]
 
 
@@ -95,10 +96,10 @@ def main() -> None:
     )
     if not ranks.main:
         return
-    head_checkpoint = load_torch(HEAD_FILE)
+    head_checkpoint = read_head()
     classes = head_checkpoint["classes"]
     logits = {
-        "linear_probe": linear_probe_logits(head_checkpoint, FEATURES_DIR / "test.pt"),
+        "linear_probe": linear_probe_logits(head_checkpoint, FEATURES_DIR),
         "finetuned": finetuned,
     }
     summary, details = {}, {"classes": classes}

@@ -15,13 +15,13 @@ Run: ``python -m pipeline.export``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.checkpoints import ONNX_INPUT, ONNX_OUTPUT, onnx_sidecar, sidecar_path
 from pipeline.common import (
     FINETUNED_FILE,
     METRICS_DIR,
@@ -34,28 +34,10 @@ from pipeline.common import (
 from pipeline.data import checkpoint_transform
 from pipeline.entry import run_stage
 from pipeline.errors import StageError
-from pipeline.models import PREPROCESSING_KEYS, load_classifier
+from pipeline.models import load_classifier
+from pipeline.onnx_model import onnx_logits, onnx_session, require_onnxruntime
 from pipeline.params import load_params
 from pipeline.training import inference_loader
-
-ONNX_FORMAT = "dvc-transfer-learning onnx"
-ONNX_FORMAT_VERSION = 2  # 2: the sidecar pins model.onnx's own sha256
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
-
-
-def sidecar_path(onnx_file: Path | str) -> Path:
-    """models/model.onnx's description: models/model.json."""
-    return Path(onnx_file).with_suffix(".json")
-
-
-def require_onnxruntime() -> Any:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise StageError(
-            "ONNX needs the export extra (onnx, onnxscript, onnxruntime): pip install -e '.[export]'"
-        ) from None
-    return onnxruntime
 
 
 def export_onnx(model: torch.nn.Module, image_size: int, path: Path) -> None:
@@ -71,8 +53,8 @@ def export_onnx(model: torch.nn.Module, image_size: int, path: Path) -> None:
     program = torch.onnx.export(
         model,
         (example,),
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
+        input_names=[ONNX_INPUT],
+        output_names=[ONNX_OUTPUT],
         dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
         dynamo=True,
         verbose=False,
@@ -99,22 +81,6 @@ def onnx_opset(path: Path) -> int | None:
 
     imports = onnx.load(str(path), load_external_data=False).opset_import
     return next((entry.version for entry in imports if entry.domain in ("", "ai.onnx")), None)
-
-
-def onnx_session(path: Path | str) -> Any:
-    """An onnxruntime session on the CPU; a clear error for a file onnxruntime cannot load."""
-    onnxruntime = require_onnxruntime()
-    try:
-        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as error:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise StageError(
-            f"{path}: not an ONNX model that onnxruntime can load ({reason}); rerun: dvc repro export"
-        ) from None
-
-
-def onnx_logits(session: Any, images: torch.Tensor) -> np.ndarray:
-    return session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy().astype(np.float32, copy=False)})[0]
 
 
 @torch.inference_mode()
@@ -148,55 +114,6 @@ def check_parity(result: dict[str, Any], tolerance: float) -> None:
         )
 
 
-def sidecar(
-    checkpoint: dict[str, Any], checkpoint_hash: str, onnx_hash: str, opset: int | None
-) -> dict[str, Any]:
-    """What a caller needs to feed model.onnx and read its output, and the sha256 of the
-    model.onnx it describes (a sidecar beside another model.onnx is refused)."""
-    return {
-        "format": ONNX_FORMAT,
-        "format_version": ONNX_FORMAT_VERSION,
-        "onnx_sha256": onnx_hash,
-        "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "channels": "RGB"},
-        "output": {"name": OUTPUT_NAME, "meaning": "logits; softmax gives class probabilities"},
-        **{key: checkpoint[key] for key in PREPROCESSING_KEYS},
-        "classes": checkpoint["classes"],
-        "opset": opset,
-        "source": str(FINETUNED_FILE),
-        "source_sha256": checkpoint_hash,
-    }
-
-
-def read_sidecar(onnx_file: Path | str) -> dict[str, Any]:
-    """models/model.json for ``onnx_file``, checked to be one the export stage wrote."""
-    path = sidecar_path(onnx_file)
-    if not Path(onnx_file).is_file():
-        raise StageError(f"{onnx_file}: not found; run the export stage first (dvc repro export)")
-    if not path.is_file():
-        raise StageError(f"{path}: not found beside {onnx_file}; the export stage writes both")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise StageError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(meta, dict) or meta.get("format") != ONNX_FORMAT:
-        raise StageError(f"{path}: not written by this pipeline's export stage; rerun: dvc repro export")
-    if meta.get("format_version") != ONNX_FORMAT_VERSION:
-        raise StageError(
-            f"{path}: sidecar format version {meta.get('format_version')}, but this pipeline reads "
-            f"version {ONNX_FORMAT_VERSION}; rerun: dvc repro export"
-        )
-    try:
-        onnx_hash = file_sha256(onnx_file)
-    except OSError as error:
-        raise StageError(f"{onnx_file}: cannot be read ({error.strerror})") from None
-    if meta.get("onnx_sha256") != onnx_hash:
-        raise StageError(
-            f"{path} describes another model than {onnx_file} (its sha256 differs: an export "
-            "interrupted between the two files, or one of them replaced); rerun: dvc repro export"
-        )
-    return meta
-
-
 def main() -> None:
     params = load_params()
     tolerance = params["export"]["tolerance"]
@@ -215,7 +132,9 @@ def main() -> None:
         result = parity(model, onnx_session(staged), loader)
         check_parity(result, tolerance)
         onnx_hash = file_sha256(staged)
-    write_json(sidecar_path(ONNX_FILE), sidecar(checkpoint, file_sha256(FINETUNED_FILE), onnx_hash, opset))
+    write_json(
+        sidecar_path(ONNX_FILE), onnx_sidecar(checkpoint, file_sha256(FINETUNED_FILE), onnx_hash, opset)
+    )
     largest = float(f"{result['max_abs_logit_difference']:.3g}")  # 3 digits: diffs show real changes
     write_json(METRICS_DIR / "export.json", {**result, "max_abs_logit_difference": largest})
     print(

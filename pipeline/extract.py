@@ -14,7 +14,8 @@ from collections.abc import Callable
 import torch
 
 from pipeline import distributed
-from pipeline.common import BACKBONE_FILE, FEATURES_DIR, PREPARED_DIR, atomic_path, load_torch
+from pipeline.checkpoints import read_backbone
+from pipeline.common import FEATURES_DIR, PREPARED_DIR, atomic_path
 from pipeline.data import SPLITS, checkpoint_transform, load_classes
 from pipeline.entry import run_stage
 from pipeline.models import load_backbone
@@ -40,7 +41,7 @@ def split_features(
 def main() -> None:
     params = load_params()
     _, ranks, device = distributed.start("extract", params["distributed"], params["device"])
-    checkpoint = load_torch(BACKBONE_FILE)
+    checkpoint = read_backbone()
     backbone = load_backbone(checkpoint)
     transform = checkpoint_transform(checkpoint)
     classes = load_classes(PREPARED_DIR)

@@ -24,14 +24,18 @@ from torch import nn
 
 from pipeline import distributed
 from pipeline.adapters import add_adapters, fold_adapters
+from pipeline.checkpoints import (
+    BackboneCheckpoint,
+    HeadCheckpoint,
+    classifier_checkpoint,
+    read_backbone,
+    read_head,
+)
 from pipeline.common import (
-    BACKBONE_FILE,
     FINETUNED_FILE,
-    HEAD_FILE,
     LIVE_DIR,
     METRICS_DIR,
     PREPARED_DIR,
-    load_torch,
     save_torch,
     seed_everything,
     write_json,
@@ -42,7 +46,6 @@ from pipeline.epoch_log import EpochLog
 from pipeline.models import (
     Classifier,
     batchnorm_layers,
-    classifier_checkpoint,
     frozen_modules,
     head_from_config,
     load_backbone,
@@ -127,7 +130,11 @@ def finetune(
 
 
 def starting_classifier(
-    backbone_checkpoint: dict, head_checkpoint: dict, strategy: str, unfreeze: str | int, head_init: str
+    backbone_checkpoint: BackboneCheckpoint,
+    head_checkpoint: HeadCheckpoint,
+    strategy: str,
+    unfreeze: str | int,
+    head_init: str,
 ) -> Classifier:
     """The backbone with the trained linear probe (``probe``) or a new head (``fresh``, drawn
     from the seeded generator), set up for ``strategy``: ``full`` trains the last ``unfreeze``
@@ -172,7 +179,7 @@ def main() -> None:
         config["batch_size"], ranks.world_size, settings["max_batch_per_process"], "finetune.batch_size"
     )
     seed_everything(seed)
-    backbone_checkpoint, head_checkpoint = load_torch(BACKBONE_FILE), load_torch(HEAD_FILE)
+    backbone_checkpoint, head_checkpoint = read_backbone(), read_head()
     classifier = starting_classifier(
         backbone_checkpoint, head_checkpoint, config["strategy"], config["unfreeze"], config["head_init"]
     )
@@ -233,7 +240,7 @@ def main() -> None:
     save_torch(
         FINETUNED_FILE,
         classifier_checkpoint(
-            classifier,
+            classifier.state_dict(),
             backbone_checkpoint,
             head_checkpoint,
             params={"lr": lr, "seed": seed, "amp": params["amp"], **config},

@@ -10,6 +10,7 @@ from torch import nn
 from torchvision import models as tv_models
 from torchvision.models.vision_transformer import interpolate_embeddings
 
+from pipeline.checkpoints import ClassifierCheckpoint, read_classifier
 from pipeline.errors import StageError
 
 # Preprocessing for backbones without torchvision weights (pretrain, none): images in [0, 1].
@@ -182,64 +183,6 @@ def load_head(checkpoint: dict[str, Any]) -> nn.Module:
     return head
 
 
-# models/finetuned.pt says what it is, so that predict and export can tell a model of ours
-# from any other file, and an older layout from a newer one.
-CLASSIFIER_FORMAT = "dvc-transfer-learning classifier"
-CLASSIFIER_VERSION = 1
-PREPROCESSING_KEYS = ("arch", "weights", "image_size", "resize_size", "mean", "std")
-
-
-def classifier_checkpoint(
-    model: Classifier, backbone_checkpoint: dict[str, Any], head_checkpoint: dict[str, Any], **extra: Any
-) -> dict[str, Any]:
-    """What models/finetuned.pt holds: the weights, the preprocessing its backbone expects,
-    the class names and the head's shape, so that loading it needs no params."""
-    return {
-        "format": CLASSIFIER_FORMAT,
-        "format_version": CLASSIFIER_VERSION,
-        **{key: backbone_checkpoint[key] for key in PREPROCESSING_KEYS},
-        "classes": head_checkpoint["classes"],
-        "head": {key: value for key, value in head_checkpoint.items() if key != "state_dict"},
-        **extra,
-        "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
-    }
-
-
-def read_classifier_checkpoint(path: Path | str) -> dict[str, Any]:
-    """A classifier checkpoint this pipeline wrote; a clear error for any other file."""
-    path = Path(path)
-    if not path.is_file():
-        raise StageError(f"{path}: not found; run the pipeline first (dvc repro) or give a model file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # not a torch file, or one that pickles code: not ours either way
-        raise StageError(
-            f"{path}: not a model written by this pipeline (torch.load failed: {type(error).__name__}); "
-            "give models/finetuned.pt from dvc repro"
-        ) from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CLASSIFIER_FORMAT:
-        ours = isinstance(checkpoint, dict) and {"arch", "classes", "state_dict"} <= checkpoint.keys()
-        if ours and "format" not in checkpoint:
-            raise StageError(
-                f"{path}: written by an older version of this pipeline (no format version; this one "
-                f"reads version {CLASSIFIER_VERSION}); rerun the finetune stage: dvc repro finetune"
-            )
-        raise StageError(
-            f"{path}: not a model written by this pipeline's finetune stage (it holds "
-            f"{type(checkpoint).__name__}{' without a format' if isinstance(checkpoint, dict) else ''}); "
-            "give models/finetuned.pt from dvc repro"
-        )
-    version = checkpoint.get("format_version")
-    if version != CLASSIFIER_VERSION:
-        newer = isinstance(version, int) and version > CLASSIFIER_VERSION
-        raise StageError(
-            f"{path}: classifier format version {version}, but this pipeline reads version "
-            f"{CLASSIFIER_VERSION}; "
-            + ("update this project (git pull, pip install -e .)" if newer else "rerun: dvc repro finetune")
-        )
-    return checkpoint
-
-
 def classifier_from_checkpoint(checkpoint: dict[str, Any]) -> Classifier:
     backbone, _ = build_backbone(checkpoint["arch"], image_size=checkpoint["image_size"])
     model = Classifier(backbone, head_from_config(checkpoint["head"], len(checkpoint["classes"])))
@@ -247,9 +190,9 @@ def classifier_from_checkpoint(checkpoint: dict[str, Any]) -> Classifier:
     return model
 
 
-def load_classifier(path: Path | str) -> tuple[Classifier, dict[str, Any]]:
+def load_classifier(path: Path | str) -> tuple[Classifier, ClassifierCheckpoint]:
     """The fine-tuned classifier saved at ``path`` and its checkpoint's metadata."""
-    checkpoint = read_classifier_checkpoint(path)
+    checkpoint = read_classifier(path)
     return classifier_from_checkpoint(checkpoint), checkpoint
 
 

@@ -91,7 +91,8 @@ def torch_predictor(model_file: Path, device_name: str) -> tuple[dict[str, Any],
 def onnx_predictor(onnx_file: Path) -> tuple[dict[str, Any], Callable]:
     """The export's sidecar (classes, preprocessing), and a function from an image batch to
     probabilities through onnxruntime."""
-    from pipeline.export import onnx_logits, onnx_session, read_sidecar
+    from pipeline.checkpoints import read_sidecar
+    from pipeline.onnx_model import onnx_logits, onnx_session
 
     meta = read_sidecar(onnx_file)
     session = onnx_session(onnx_file)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -49,7 +50,9 @@ STAGES = [
     "export",
     "report",
 ]
-SWEEP = "lr=1e-3,1e-4,1e-5"  # as the README writes it; 1e-3 is the committed rate
+# The README's sweep syntax, with two of its three rates (each rate that runs costs the suite
+# half a minute): 1e-3 is the committed rate, restored whole; 1e-5 reruns finetune onward.
+SWEEP = "lr=1e-3,1e-5"
 
 
 def default_params() -> dict[str, Any]:
@@ -82,6 +85,26 @@ def run(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
             f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
         )
     return result
+
+
+def stale_stages(repo: Path) -> dict[str, list[str]]:
+    """What in ``repo``'s dvc.lock does not describe its work tree: a stage's code or params
+    changed since, or a metric or report kept in git that is not the locked one. Outputs
+    kept in the DVC cache may be absent (a fresh clone has no cache)."""
+    status = json.loads(run(repo, "dvc", "status", "--json").stdout or "{}")
+    stale: dict[str, list[str]] = {}
+    for stage, changes in status.items():
+        for change in changes:
+            if not isinstance(change, dict):
+                stale.setdefault(stage, []).append(change)
+                continue
+            for dep, state in change.get("changed deps", {}).items():
+                if dep.startswith(("pipeline/", "params.yaml")) or state != "deleted":
+                    stale.setdefault(stage, []).append(f"{dep}: {state}")
+            for out, state in change.get("changed outs", {}).items():
+                if state == "modified":  # a committed metric or report that is not the locked one
+                    stale.setdefault(stage, []).append(f"{out}: {state}")
+    return stale
 
 
 def write_params(repo: Path, params: dict[str, Any]) -> None:
@@ -184,7 +207,7 @@ class Sweep:
 
 @pytest.fixture(scope="session")
 def lr_sweep(tiny_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sweep]:
-    """``dvc exp run --queue -S lr=1e-3,1e-4,1e-5`` then ``dvc queue start`` on a copy of
+    """``dvc exp run --queue -S lr=1e-3,1e-5`` then ``dvc queue start`` on a copy of
     the tiny run, waited for until every experiment has finished."""
     repo = copy_repo(tiny_run.repo, tmp_path_factory.mktemp("sweep") / "repo")
     start = time.perf_counter()

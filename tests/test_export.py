@@ -8,10 +8,10 @@ import sys
 import pytest
 import yaml
 
+from pipeline.checkpoints import PREPROCESSING_KEYS, onnx_sidecar, read_sidecar
 from pipeline.common import file_sha256
 from pipeline.errors import StageError
-from pipeline.export import check_parity, read_sidecar, sidecar
-from pipeline.models import PREPROCESSING_KEYS
+from pipeline.export import check_parity
 from tests.conftest import Run, copy_repo, run
 
 
@@ -49,7 +49,7 @@ def test_a_sidecar_beside_another_model_is_refused(tmp_path):
     onnx_file = tmp_path / "model.onnx"
     onnx_file.write_bytes(b"the exported graph")
     checkpoint = {key: 0 for key in PREPROCESSING_KEYS} | {"classes": ["a", "b"]}
-    meta = sidecar(checkpoint, "0" * 64, file_sha256(onnx_file), 18)
+    meta = onnx_sidecar(checkpoint, "0" * 64, file_sha256(onnx_file), 18)
     (tmp_path / "model.json").write_text(json.dumps(meta))
     assert read_sidecar(onnx_file)["classes"] == ["a", "b"]
     onnx_file.write_bytes(b"another export's graph")

@@ -104,7 +104,7 @@ def test_each_strategy_runs_end_to_end_on_the_tiny_config(name, tiny_workspace, 
 
     workspace = Path(shutil.copytree(tiny_workspace, tmp_path / "workspace"))
     params = yaml.safe_load((workspace / "params.yaml").read_text())
-    params["finetune"].update(epochs=1, warmup_epochs=0, **STRATEGIES[name])
+    params["finetune"].update({"epochs": 1, "warmup_epochs": 0, **STRATEGIES[name]})
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(workspace)
     stage.main()

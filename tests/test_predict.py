@@ -20,13 +20,12 @@ import torch
 from PIL import Image
 
 from pipeline import predict
+from pipeline.checkpoints import classifier_checkpoint, read_classifier
 from pipeline.errors import ParamsError, StageError
 from pipeline.models import (
     Classifier,
     build_backbone,
     build_head,
-    classifier_checkpoint,
-    read_classifier_checkpoint,
 )
 from tests.conftest import Run, run, subprocess_env
 
@@ -41,7 +40,7 @@ def save_classifier(path: Path, image_size: int = 16) -> Path:
     meta = {"arch": "resnet18", "weights": "none", "image_size": image_size, "resize_size": image_size}
     backbone_checkpoint = {**meta, "mean": [0.5] * 3, "std": [0.5] * 3}
     head = {"type": "linear", "in_features": features, "hidden_units": 8, "dropout": 0.0, "classes": CLASSES}
-    torch.save(classifier_checkpoint(model, backbone_checkpoint, head), path)
+    torch.save(classifier_checkpoint(model.state_dict(), backbone_checkpoint, head), path)
     return path
 
 
@@ -142,31 +141,32 @@ def test_bad_arguments_fail_before_any_work(tmp_path, model_file, monkeypatch, a
         predict.main([*args, "--model", str(model_file)])
 
 
-def test_an_unknown_device_and_an_unreadable_onnx_file_are_one_line_errors(tmp_path, model_file):
+def test_an_unknown_device_and_an_unreadable_onnx_file_are_one_line_errors(tmp_path, model_file, capsys):
     """``--device bogus`` is refused by the argument parser, naming the choices; an ONNX file
     that onnxruntime cannot load (beside a sidecar that matches its bytes) is a one-line
     error with exit 2: neither ends in a traceback."""
+    from pipeline.checkpoints import PREPROCESSING_KEYS, onnx_sidecar
     from pipeline.common import file_sha256
-    from pipeline.export import sidecar
-    from pipeline.models import PREPROCESSING_KEYS
+    from pipeline.entry import run_tool
 
-    image = write_image(tmp_path / "x.png", 5)
-    code, _, stderr = predict_csv(str(image), "--model", str(model_file), "--device", "bogus")
-    assert code == 2 and "argument --device: invalid choice: 'bogus'" in stderr
-    assert "(choose from 'auto', 'cpu', 'cuda', 'mps')" in stderr and "Traceback" not in stderr
+    image = str(write_image(tmp_path / "x.png", 5))
+    with pytest.raises(SystemExit) as exit_info:
+        run_tool(lambda: predict.main([image, "--model", str(model_file), "--device", "bogus"]))
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --device: invalid choice: 'bogus'" in stderr
+    assert "(choose from 'auto', 'cpu', 'cuda', 'mps')" in stderr
     onnx_file = tmp_path / "model.onnx"
     onnx_file.write_bytes(b"not a protobuf at all")
     checkpoint = torch.load(model_file, weights_only=True)
-    meta = sidecar(
-        {key: checkpoint[key] for key in PREPROCESSING_KEYS} | {"classes": CLASSES},
-        "0",
-        file_sha256(onnx_file),
-        18,
-    )
+    preprocessing = {key: checkpoint[key] for key in PREPROCESSING_KEYS}
+    meta = onnx_sidecar({**preprocessing, "classes": CLASSES}, "0", file_sha256(onnx_file), 18)
     (tmp_path / "model.json").write_text(json.dumps(meta))
-    code, _, stderr = predict_csv(str(image), "--onnx", str(onnx_file))
-    assert code == 2 and "Traceback" not in stderr
+    with pytest.raises(SystemExit) as exit_info:
+        run_tool(lambda: predict.main([image, "--onnx", str(onnx_file)]))
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2
     assert stderr.startswith(f"error: {onnx_file}: not an ONNX model that onnxruntime can load (")
+    assert len(stderr.strip().splitlines()) == 1
 
 
 def test_model_files_that_are_not_ours_or_are_older_say_so(tmp_path, model_file):
@@ -183,10 +183,10 @@ def test_model_files_that_are_not_ours_or_are_older_say_so(tmp_path, model_file)
     for name, (content, message) in cases.items():
         torch.save(content, tmp_path / name)
         with pytest.raises(StageError, match=re.escape(message)):
-            read_classifier_checkpoint(tmp_path / name)
+            read_classifier(tmp_path / name)
     (tmp_path / "notes.pt").write_text("hello")
     with pytest.raises(StageError, match="not a model written by this pipeline"):
-        read_classifier_checkpoint(tmp_path / "notes.pt")
+        read_classifier(tmp_path / "notes.pt")
 
 
 @pytest.mark.slow
