@@ -161,11 +161,9 @@ def timed(repo: Path, *args: str) -> Run:
     return Run(repo, result.stdout + result.stderr, time.perf_counter() - start)
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    """The tiny pipeline run once, committed, and pushed with its run-cache to a local DVC
-    remote (a directory; the same commands work for S3, GCS, Azure or SSH)."""
-    root = tmp_path_factory.mktemp("tiny")
+def make_tiny_run(root: Path) -> Run:
+    """The tiny pipeline run, committed, and pushed with its run-cache to a local DVC remote
+    (a directory; the same commands work for S3, GCS, Azure or SSH)."""
     repo = make_pipeline_repo(root / "repo", tiny_params())
     run(repo, "dvc", "remote", "add", "-d", "storage", str(root / "remote"))
     run(repo, "git", "commit", "-q", "-am", "Add a DVC remote")
@@ -174,6 +172,27 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     run(repo, "git", "commit", "-q", "-m", "run")
     run(repo, "dvc", "push", "--run-cache")
     return full
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Run:
+    """The tiny pipeline, run once for the whole session. Under pytest-xdist (the suite's
+    two workers, pyproject.toml) the first worker to need it runs it in the session's
+    shared temporary folder while the other waits on a file lock, then both read it; tests
+    that change it work on a copy (``tiny_repo``)."""
+    if worker_id == "master":  # no xdist: this process alone
+        return make_tiny_run(tmp_path_factory.mktemp("tiny"))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "tiny"
+    record = shared / "run.json"
+    with FileLock(str(shared) + ".lock"):
+        if not record.is_file():
+            shared.mkdir()
+            made = make_tiny_run(shared)
+            record.write_text(json.dumps({"output": made.output, "seconds": made.seconds}))
+    made = json.loads(record.read_text())
+    return Run(shared / "repo", made["output"], made["seconds"])
 
 
 @pytest.fixture
