@@ -306,12 +306,13 @@ def split_batch(global_batch: int, world_size: int, max_per_process: int, key: s
             for size in range(max(world_size, global_batch - 8 * world_size), global_batch + 9 * world_size)
             if size % world_size == 0 and accumulation_steps(size // world_size, max_per_process)
         ]
-        closest = sorted(nearby, key=lambda size: (abs(size - global_batch), size))[:4]
+        closest = sorted(sorted(nearby, key=lambda size: (abs(size - global_batch), size))[:4])
+        instead = f"{' or '.join(map(str, closest))}, or " if closest else ""
         raise ParamsError(
             f"{key}: {global_batch} images over {world_size} processes is {share} each, which does "
             f"not split into equal steps of {max_per_process // 2 + max_per_process % 2} to "
-            f"{max_per_process} images (distributed.max_batch_per_process); use "
-            f"{' or '.join(map(str, sorted(closest)))}, or another max_batch_per_process"
+            f"{max_per_process} images (distributed.max_batch_per_process); use {instead}"
+            "another max_batch_per_process"
         )
     return share // steps, steps
 
