@@ -26,21 +26,28 @@ if TYPE_CHECKING:
 
 StateDict = dict[str, "torch.Tensor"]
 
-# What a model needs to be fed like its backbone was: the same keys in every format below.
-PREPROCESSING_KEYS = ("arch", "weights", "image_size", "resize_size", "mean", "std")
 
-
-class BackboneCheckpoint(TypedDict):
-    """models/backbone.pt: the backbone without its classifier, and its preprocessing."""
+class Preprocessing(TypedDict):
+    """What a model needs to be fed as its backbone was; every format below carries it."""
 
     arch: str
-    weights: str  # the params' backbone.weights it came from
-    state_dict: StateDict
-    feature_dim: int
+    weights: str  # the params' backbone.weights the backbone came from
     image_size: int
     resize_size: int
     mean: list[float]
     std: list[float]
+
+
+# Preprocessing's keys in the order the files hold them (their bytes, and so their hashes
+# in dvc.lock, depend on it).
+PREPROCESSING_KEYS = ("arch", "weights", "image_size", "resize_size", "mean", "std")
+
+
+class BackboneCheckpoint(Preprocessing):
+    """models/backbone.pt: the backbone without its classifier, and its preprocessing."""
+
+    state_dict: StateDict
+    feature_dim: int
 
 
 class Features(TypedDict):
@@ -75,23 +82,17 @@ class FinetuneRun(TypedDict, total=False):
     backend: str
 
 
-class ClassifierCheckpoint(FinetuneRun):
+class ClassifierCheckpoint(FinetuneRun, Preprocessing):
     """models/finetuned.pt: everything that loads the fine-tuned model without params."""
 
     format: str
     format_version: int
-    arch: str
-    weights: str
-    image_size: int
-    resize_size: int
-    mean: list[float]
-    std: list[float]
     classes: list[str]
     head: HeadShape
     state_dict: StateDict
 
 
-class OnnxSidecar(TypedDict):
+class OnnxSidecar(Preprocessing):
     """models/model.json: how to feed models/model.onnx and read its output, and the sha256
     of the model.onnx it describes and of the checkpoint that one came from."""
 
@@ -100,12 +101,6 @@ class OnnxSidecar(TypedDict):
     onnx_sha256: str
     input: dict[str, str]
     output: dict[str, str]
-    arch: str
-    weights: str
-    image_size: int
-    resize_size: int
-    mean: list[float]
-    std: list[float]
     classes: list[str]
     opset: int | None
     source: str

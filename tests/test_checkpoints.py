@@ -48,3 +48,10 @@ def test_a_head_checkpoint_keeps_the_head_s_shape_from_params():
     head = checkpoints.head_checkpoint({"w": torch.ones(1)}, config, 8, ["a", "b"])
     assert set(head) == checkpoints.HeadCheckpoint.__required_keys__
     assert (head["type"], head["in_features"], head["hidden_units"], head["dropout"]) == ("mlp", 8, 16, 0.1)
+
+
+def test_every_format_carries_the_preprocessing_in_one_order():
+    assert set(checkpoints.PREPROCESSING_KEYS) == checkpoints.Preprocessing.__required_keys__
+    for schema in (checkpoints.BackboneCheckpoint, checkpoints.ClassifierCheckpoint, checkpoints.OnnxSidecar):
+        assert checkpoints.Preprocessing.__required_keys__ <= schema.__required_keys__, schema.__name__
+    assert "params" not in checkpoints.ClassifierCheckpoint.__required_keys__  # how it trained: optional
