@@ -72,7 +72,8 @@ def fraction(value: Any, key: str) -> float:
 
 
 def below_one(value: Any, key: str) -> float:
-    """A share that must leave something: dropout or label smoothing of 1 leaves no signal."""
+    """At least 0 and below 1: momentum, and shares that must leave something (dropout or
+    label smoothing of 1 leaves no signal)."""
     number = _number(value, key)
     if not 0 <= number < 1:
         raise ParamsError(f"{key}: must be at least 0 and below 1, got {value!r}")
@@ -148,13 +149,17 @@ def architecture(value: Any, key: str) -> str:
     return value
 
 
+def is_weights_file(weights: str) -> bool:
+    """Whether ``backbone.weights`` names a local checkpoint rather than a built-in source
+    or a torchvision weights name."""
+    return weights not in BUILTIN_WEIGHTS and not re.fullmatch(r"[A-Z][A-Z0-9_]*", weights)
+
+
 def weights_source(value: Any, key: str) -> str:
     """``pretrain``, ``none``, a torchvision weights name, or a local checkpoint path."""
     if not isinstance(value, str) or not value:
         raise ParamsError(f"{key}: expected a string, got {value!r}")
-    if value in BUILTIN_WEIGHTS or re.fullmatch(r"[A-Z][A-Z0-9_]*", value):
-        return value
-    if Path(value).is_file():
+    if not is_weights_file(value) or Path(value).is_file():
         return value
     raise ParamsError(
         f"{key}: {value!r} is neither a torchvision weights name (e.g. IMAGENET1K_V1, DEFAULT), "
@@ -200,13 +205,6 @@ def endpoint(value: Any, key: str) -> str:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ParamsError(f"{key}: expected auto or host:port (e.g. node001:29400), got {value!r}")
     return str(value)
-
-
-def momentum(value: Any, key: str) -> float:
-    number = _number(value, key)
-    if not 0 <= number < 1:
-        raise ParamsError(f"{key}: must be at least 0 and below 1, got {value!r}")
-    return number
 
 
 def unfreeze_spec(value: Any, key: str) -> str | int:
@@ -264,7 +262,7 @@ SCHEMA: dict[str, Any] = {
         "unfreeze": unfreeze_spec,
         "head_init": one_of(*HEAD_INITS),
         "optimizer": one_of(*OPTIMIZERS),
-        "momentum": momentum,
+        "momentum": below_one,
         "backbone_lr_ratio": positive_float,
         "warmup_epochs": non_negative_int,
         "weight_decay": non_negative_float,
@@ -315,7 +313,7 @@ def check_weights_name(backbone: dict[str, Any]) -> None:
     from pipeline.models import weights_names
 
     weights = backbone["weights"]
-    if weights in BUILTIN_WEIGHTS or Path(weights).is_file():
+    if weights in BUILTIN_WEIGHTS or is_weights_file(weights):  # a path: weights_source checked it
         return
     valid = weights_names(backbone["arch"])
     if weights not in valid:
@@ -346,12 +344,6 @@ def check_backbone_model(backbone: dict[str, Any]) -> None:
     architecture(backbone["arch"], "backbone.arch")
     check_weights_name(backbone)
     check_image_size(backbone)
-
-
-def is_weights_file(weights: str) -> bool:
-    """Whether ``backbone.weights`` names a local checkpoint rather than a built-in source
-    or a torchvision weights name."""
-    return weights not in BUILTIN_WEIGHTS and not re.fullmatch(r"[A-Z][A-Z0-9_]*", weights)
 
 
 def check_weights_file(weights: str) -> None:
