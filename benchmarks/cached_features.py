@@ -14,10 +14,11 @@ import time
 import torch
 from torch import nn
 
-from pipeline.common import seed_everything
-from pipeline.data import ImageArrayDataset, image_transform, load_digits_dataset, stratified_split
-from pipeline.models import PLAIN_MEAN, PLAIN_STD, build_backbone
-from pipeline.training import extract_features, fit_head, make_loader, to_device
+from pipeline.core.common import seed_everything
+from pipeline.core.data import stratified_split
+from pipeline.core.training import extract_features, fit_head, make_loader, to_device
+from pipeline.modalities.image_data import ImageArrayDataset, image_transform, load_digits_dataset
+from pipeline.modalities.image_models import PLAIN_MEAN, PLAIN_STD, build_backbone
 
 
 def datasets(image_size: int) -> dict[str, ImageArrayDataset]:

@@ -24,9 +24,10 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from pipeline.distributed import GlobalBatchSampler, Ranks, parallel, split_batch
-from pipeline.models import Classifier, build_backbone
-from pipeline.training import grad_scaler, make_loader, train_epoch
+from pipeline.core.distributed import GlobalBatchSampler, Ranks, parallel, split_batch
+from pipeline.core.models import Classifier
+from pipeline.core.training import grad_scaler, make_loader, train_epoch
+from pipeline.modalities.image_models import build_backbone
 
 
 def worker(rank: int, world: int, args: dict, init_file: str, out: str) -> None:

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
+from pipeline.core.models import Classifier, build_head
+from pipeline.core.onnx_model import onnx_logits, require_onnxruntime
 from pipeline.export import export_onnx
-from pipeline.models import Classifier, build_backbone, build_head
-from pipeline.onnx_model import onnx_logits, require_onnxruntime
+from pipeline.modalities.image_models import build_backbone
+from pipeline.modalities.images import onnx_feed
 
 MODELS = (("resnet18", 32), ("resnet18", 224), ("efficientnet_lite0", 224))
 THROUGHPUT_BATCH = 64
@@ -45,7 +47,8 @@ def measure(arch: str, size: int, repeats: int) -> dict[str, float]:
     model = Classifier(backbone, build_head("linear", features, 10, 8, 0.0)).eval()
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
-        export_onnx(model, size, path)
+        preprocessing = {"modality": "images", "image_size": size}  # all the export reads of it
+        export_onnx(model, preprocessing, path)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()  # the same cores as PyTorch
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -55,7 +58,7 @@ def measure(arch: str, size: int, repeats: int) -> dict[str, float]:
             return model(images)
 
         def ort(images: torch.Tensor):
-            return onnx_logits(session, images)
+            return onnx_logits(session, onnx_feed(images))
 
         result = {}
         for name, call in (("pytorch", eager), ("onnxruntime", ort)):

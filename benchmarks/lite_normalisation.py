@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data import image_transform
-from pipeline.images import ImageFileDataset, scan_tree
-from pipeline.models import LITE_MEAN, LITE_STD, download_backbone
+from pipeline.core.training import extract_features, make_loader
+from pipeline.modalities.image_data import ImageFileDataset, image_transform, scan_tree
+from pipeline.modalities.image_models import LITE_MEAN, LITE_STD, download_backbone
 from pipeline.samples import chosen
-from pipeline.training import extract_features, make_loader
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 

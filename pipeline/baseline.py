@@ -1,45 +1,46 @@
 """Stage baseline: the same probe on features of a random-init backbone, for comparison.
 
 Transfer is worth what the pretrained features add over an untrained network's: this stage
-extracts features with ``backbone.arch`` at random init (seeded), fits the configured head
-the way train_head does, and scores it on the test split. Reads params ``seed``, ``device``,
-``amp``, ``class_weighted_loss``, ``data.num_workers``, ``backbone.arch``,
-``backbone.image_size``, ``extract.batch_size``, ``head.*`` and
-``distributed.{nproc_per_node,backend,timeout_s}``; reads data/prepared/ (and the image files
-it lists); writes metrics/baseline.json. Run: ``python -m pipeline.baseline``.
+extracts features with ``backbone.arch`` at random init (seeded), fed as that architecture
+is fed without pretrained weights, fits the configured head the way train_head does, and
+scores it on the test split. Reads params ``seed``, ``device``, ``amp``,
+``class_weighted_loss``, ``data.num_workers``, ``backbone.arch``, ``backbone.image_size``,
+``extract.batch_size``, ``head.*`` and ``distributed.{nproc_per_node,backend,timeout_s}``;
+reads data/prepared/ (and the image files it lists); writes metrics/baseline.json.
+Run: ``python -m pipeline.baseline``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
-from pipeline import distributed
-from pipeline.common import METRICS_DIR, PREPARED_DIR, seed_everything, write_json
-from pipeline.data import SPLITS, image_transform, load_classes
-from pipeline.entry import run_stage
-from pipeline.metrics import summary_metrics
-from pipeline.models import PLAIN_MEAN, PLAIN_STD, build_backbone
-from pipeline.params import load_params
-from pipeline.training import extract_features, fit_new_head, inference_loader
+from pipeline import modalities
+from pipeline.core import distributed
+from pipeline.core.common import METRICS_DIR, PREPARED_DIR, seed_everything, write_json
+from pipeline.core.data import SPLITS, load_classes
+from pipeline.core.entry import run_stage
+from pipeline.core.metrics import summary_metrics
+from pipeline.core.params import load_params
+from pipeline.core.training import extract_features, fit_new_head
 
 
 def random_init_features(
-    arch: str,
-    image_size: int,
+    config: dict[str, Any],
     batch_size: int,
     num_workers: int,
     ranks: distributed.Ranks,
     device: torch.device,
     amp: str,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each split's features from ``arch`` at random init (seeded), and the labels, in
-    dataset order; each process extracts a share."""
-    backbone, _ = build_backbone(arch, image_size=image_size)
-    transform = image_transform(image_size, PLAIN_MEAN, PLAIN_STD)
+    """Each split's features from params' ``backbone`` architecture (``config``) at random
+    init (seeded), and the labels, in dataset order; each process extracts a share."""
+    backbone, preprocessing = modalities.for_arch(config["arch"]).random_init_backbone(config)
     features = {}
     for split in SPLITS:
-        loader = inference_loader(split, transform, batch_size, num_workers, device, ranks)
+        loader = modalities.inference_loader(split, preprocessing, batch_size, num_workers, device, ranks)
         features[split] = extract_features(backbone, loader, device, amp, desc=f"random-init {split}")
     return features
 
@@ -50,8 +51,7 @@ def main() -> None:
     _, ranks, device = distributed.start("baseline", params["distributed"], params["device"])
     seed_everything(seed)
     features = random_init_features(
-        params["backbone"]["arch"],
-        params["backbone"]["image_size"],
+        params["backbone"],
         params["extract"]["batch_size"],
         params["data"]["num_workers"],
         ranks,

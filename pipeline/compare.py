@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import FIGURES_DIR, METRICS_DIR, atomic_path, read_json, write_text
-from pipeline.entry import run_tool
-from pipeline.errors import StageError
+from pipeline.core.common import FIGURES_DIR, METRICS_DIR, atomic_path, read_json, write_text
+from pipeline.core.entry import run_tool
+from pipeline.core.errors import StageError
 
 COMPARE_FILE = Path("reports/compare.md")
 COMPARE_DIR = Path("reports/compare")

@@ -6,7 +6,7 @@ data/features/test.pt, models/head.pt and models/finetuned.pt; writes metrics/te
 (accuracy, macro-F1 and expected calibration error of both models; declared as dvc metrics),
 metrics/per_class.json (per-class precision, recall, F1, support, the confusion matrices and
 the reliability diagram's bins), metrics/test_predictions.csv (the fine-tuned model's
-prediction, probability and loss for each test image, for the report's gallery of mistakes)
+prediction, probability and loss for each test example, for the report's view of mistakes)
 and reports/plots/confusion_{linear_probe,finetuned}.csv (for dvc plots).
 Run: ``python -m pipeline.evaluate``.
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import distributed
-from pipeline.checkpoints import HeadCheckpoint, read_features, read_head
-from pipeline.common import (
+from pipeline.core import distributed
+from pipeline.core.checkpoints import HeadCheckpoint, read_features, read_head
+from pipeline.core.common import (
     FEATURES_DIR,
     FINETUNED_FILE,
     METRICS_DIR,
@@ -32,12 +32,13 @@ from pipeline.common import (
     write_json,
     write_text,
 )
-from pipeline.data import checkpoint_transform, load_split
-from pipeline.entry import run_stage
-from pipeline.metrics import calibration, per_class_metrics, summary_metrics
-from pipeline.models import load_classifier, load_head
-from pipeline.params import load_params
-from pipeline.training import inference_loader, predict_logits
+from pipeline.core.data import split_sources
+from pipeline.core.entry import run_stage
+from pipeline.core.metrics import calibration, per_class_metrics, summary_metrics
+from pipeline.core.models import load_head
+from pipeline.core.params import load_params
+from pipeline.core.training import predict_logits
+from pipeline.modalities import inference_loader, load_classifier
 
 
 @torch.inference_mode()
@@ -56,17 +57,16 @@ def finetuned_logits(
     """The fine-tuned model's logits on the test split, in order, and labels; each process
     predicts a share."""
     model, checkpoint = load_classifier(FINETUNED_FILE)
-    loader = inference_loader(
-        "test", checkpoint_transform(checkpoint), batch_size, num_workers, device, ranks
-    )
+    loader = inference_loader("test", checkpoint, batch_size, num_workers, device, ranks)
     return predict_logits(model, loader, device, amp)
 
 
 def predictions_csv(
     logits: torch.Tensor, actual: torch.Tensor, sources: list[str], classes: list[str]
 ) -> str:
-    """One row per test image: its index in the split, its file (empty for an in-memory
-    dataset), true and predicted class, the prediction's probability and the image's loss."""
+    """One row per test example: its index in the split, its source (an image's file, empty
+    for images in memory; a text's file and line), true and predicted class, the
+    prediction's probability and the example's loss."""
     log_probs = torch.log_softmax(logits.double(), dim=1)
     probability, predicted = log_probs.exp().max(dim=1)
     loss = -log_probs.gather(1, actual[:, None].long())[:, 0]
@@ -111,8 +111,7 @@ def main() -> None:
         summary[name] = {**summary_metrics(actual, predicted), "ece": reliability["ece"]}
         details[name] = {**per_class_metrics(actual, predicted, classes), "calibration": reliability}
         write_text(PLOTS_DIR / f"confusion_{name}.csv", confusion_csv(actual, predicted, classes))
-    images, _ = load_split(PREPARED_DIR, "test")
-    sources = images if isinstance(images, list) else [""] * len(images)
+    sources = split_sources(PREPARED_DIR, "test")
     write_text(PREDICTIONS_FILE, predictions_csv(*finetuned, sources, classes))
     write_json(METRICS_DIR / "test.json", summary)
     write_json(METRICS_DIR / "per_class.json", details)

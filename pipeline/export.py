@@ -2,12 +2,14 @@
 
 Reads params ``data.num_workers``, ``extract.batch_size`` and ``export.tolerance``; reads
 data/prepared/ (and image files under data/raw/) and models/finetuned.pt; writes
-models/model.onnx (a dynamic batch axis: input ``images``, N x 3 x H x W float32,
-normalised; output ``logits``), models/model.json (what a caller needs to feed it: class
-names, input size, resize, mean and std, and the sha256 of the checkpoint it came from) and
-metrics/export.json (the parity check's figures).
+models/model.onnx (dynamic axes: for images, input ``images``, N x 3 x H x W float32,
+normalised; for texts, ``input_ids`` and ``attention_mask``, N x L int64; output
+``logits``), models/model.json (what a caller needs to feed it: the inputs, class names,
+the preprocessing (input size, resize, mean and std; or the tokenizer and its length), and
+the sha256 of the checkpoint it came from) and metrics/export.json (the parity check's
+figures).
 
-The stage verifies itself: onnxruntime and PyTorch must agree on every test image, within
+The stage verifies itself: onnxruntime and PyTorch must agree on every test example, within
 ``export.tolerance`` on each logit and on the top-1 class, or the stage fails and writes
 nothing. Needs the ``export`` extra (onnx, onnxscript, onnxruntime).
 Run: ``python -m pipeline.export``.
@@ -15,14 +17,16 @@ Run: ``python -m pipeline.export``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.checkpoints import ONNX_INPUT, ONNX_OUTPUT, onnx_sidecar, sidecar_path
-from pipeline.common import (
+from pipeline import modalities
+from pipeline.core.checkpoints import ONNX_OUTPUT, onnx_sidecar, sidecar_path
+from pipeline.core.common import (
     FINETUNED_FILE,
     METRICS_DIR,
     ONNX_FILE,
@@ -31,36 +35,38 @@ from pipeline.common import (
     progress,
     write_json,
 )
-from pipeline.data import checkpoint_transform
-from pipeline.entry import run_stage
-from pipeline.errors import StageError
-from pipeline.models import load_classifier
-from pipeline.onnx_model import onnx_logits, onnx_session, require_onnxruntime
-from pipeline.params import load_params
-from pipeline.training import inference_loader
+from pipeline.core.entry import run_stage
+from pipeline.core.errors import StageError
+from pipeline.core.onnx_model import onnx_logits, onnx_session, require_onnxruntime
+from pipeline.core.params import load_params
+from pipeline.modalities import inference_loader, load_classifier
 
 
-def export_onnx(model: torch.nn.Module, image_size: int, path: Path) -> None:
+def export_onnx(model: torch.nn.Module, checkpoint: dict[str, Any], path: Path) -> list[dict[str, Any]]:
     """Write ``model`` (in eval mode, on the CPU, float32) to ``path`` through torch.export,
-    with the batch axis left dynamic."""
+    with the axes its modality names dynamic (the batch; a text's length); returns the
+    inputs' description for model.json."""
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError:
         require_onnxruntime()
         raise StageError("ONNX export needs onnxscript: pip install -e '.[export]'") from None
     model = model.eval().cpu().float()
-    example = torch.zeros(2, 3, image_size, image_size)
+    traced, example, inputs, dynamic_shapes = modalities.for_checkpoint(checkpoint).onnx_signature(
+        model, checkpoint
+    )
     program = torch.onnx.export(
-        model,
-        (example,),
-        input_names=[ONNX_INPUT],
+        traced.eval(),
+        example,
+        input_names=[spec["name"] for spec in inputs],
         output_names=[ONNX_OUTPUT],
-        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+        dynamic_shapes=dynamic_shapes,
         dynamo=True,
         verbose=False,
     )
     program.save(str(path))
     drop_debug_metadata(path)
+    return inputs
 
 
 def drop_debug_metadata(path: Path) -> None:
@@ -84,18 +90,21 @@ def onnx_opset(path: Path) -> int | None:
 
 
 @torch.inference_mode()
-def parity(model: torch.nn.Module, session: Any, loader: torch.utils.data.DataLoader) -> dict[str, Any]:
-    """Both runtimes on every image of ``loader``: the largest logit difference and how
-    many images get a different top-1 class."""
+def parity(
+    model: torch.nn.Module, session: Any, loader: torch.utils.data.DataLoader, feed: Callable
+) -> dict[str, Any]:
+    """Both runtimes on every example of ``loader`` (``feed`` turns a batch into
+    onnxruntime's inputs): the largest logit difference and how many examples get a
+    different top-1 class."""
     model.eval()
     largest, differ, count = 0.0, 0, 0
-    for images, _ in progress(loader, "parity"):
-        expected = model(images).float().numpy()
-        got = onnx_logits(session, images)
+    for inputs, _ in progress(loader, "parity"):
+        expected = model(inputs).float().numpy()
+        got = onnx_logits(session, feed(inputs))
         largest = max(largest, float(np.abs(expected - got).max()))
         differ += int((expected.argmax(1) != got.argmax(1)).sum())
-        count += len(images)
-    return {"images": count, "max_abs_logit_difference": largest, "top1_disagreements": differ}
+        count += len(inputs)
+    return {"examples": count, "max_abs_logit_difference": largest, "top1_disagreements": differ}
 
 
 def check_parity(result: dict[str, Any], tolerance: float) -> None:
@@ -105,7 +114,7 @@ def check_parity(result: dict[str, Any], tolerance: float) -> None:
     if largest > tolerance:
         problems.append(f"max |logit difference| {largest:.3g} > export.tolerance {tolerance:g}")
     if differ:
-        problems.append(f"{differ} of {result['images']} images get another top-1 class")
+        problems.append(f"{differ} of {result['examples']} test examples get another top-1 class")
     if problems:
         raise StageError(
             "export: onnxruntime and PyTorch disagree on the test split: "
@@ -121,24 +130,24 @@ def main() -> None:
     model, checkpoint = load_classifier(FINETUNED_FILE)
     loader = inference_loader(
         "test",
-        checkpoint_transform(checkpoint),
+        checkpoint,
         params["extract"]["batch_size"],
         params["data"]["num_workers"],
         torch.device("cpu"),
     )
+    feed = modalities.for_checkpoint(checkpoint).onnx_feed
     with atomic_path(ONNX_FILE) as staged:  # the model first, then the sidecar that pins its hash
-        export_onnx(model, checkpoint["image_size"], staged)
+        inputs = export_onnx(model, checkpoint, staged)
         opset = onnx_opset(staged)
-        result = parity(model, onnx_session(staged), loader)
+        result = parity(model, onnx_session(staged), loader, feed)
         check_parity(result, tolerance)
         onnx_hash = file_sha256(staged)
-    write_json(
-        sidecar_path(ONNX_FILE), onnx_sidecar(checkpoint, file_sha256(FINETUNED_FILE), onnx_hash, opset)
-    )
+    sidecar = onnx_sidecar(checkpoint, inputs, file_sha256(FINETUNED_FILE), onnx_hash, opset)
+    write_json(sidecar_path(ONNX_FILE), sidecar)
     largest = float(f"{result['max_abs_logit_difference']:.3g}")  # 3 digits: diffs show real changes
     write_json(METRICS_DIR / "export.json", {**result, "max_abs_logit_difference": largest})
     print(
-        f"export: {ONNX_FILE} (opset {opset}) agrees with PyTorch on {result['images']} test images: "
+        f"export: {ONNX_FILE} (opset {opset}) agrees with PyTorch on {result['examples']} test examples: "
         f"max |logit difference| {result['max_abs_logit_difference']:.3g} (tolerance {tolerance:g}), "
         f"{result['top1_disagreements']} top-1 disagreements"
     )

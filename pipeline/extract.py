@@ -3,30 +3,31 @@
 Reads params ``device``, ``amp``, ``data.num_workers``, ``extract.batch_size`` and
 ``distributed.{nproc_per_node,backend,timeout_s}`` (each process extracts a share); reads
 data/prepared/ (and the image files it lists, streamed by DataLoader workers) and
-models/backbone.pt; writes data/features/{train,val,test}.pt (pooled float32 features,
-labels, class names). Run: ``python -m pipeline.extract``.
+models/backbone.pt, whose preprocessing says how inputs are fed; writes
+data/features/{train,val,test}.pt (pooled float32 features, labels, class names).
+Run: ``python -m pipeline.extract``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from pipeline import distributed
-from pipeline.checkpoints import read_backbone
-from pipeline.common import FEATURES_DIR, PREPARED_DIR, atomic_path
-from pipeline.data import SPLITS, checkpoint_transform, load_classes
-from pipeline.entry import run_stage
-from pipeline.models import load_backbone
-from pipeline.params import load_params
-from pipeline.training import extract_features, inference_loader
+from pipeline.core import distributed
+from pipeline.core.checkpoints import read_backbone
+from pipeline.core.common import FEATURES_DIR, PREPARED_DIR, atomic_path
+from pipeline.core.data import SPLITS, load_classes
+from pipeline.core.entry import run_stage
+from pipeline.core.params import load_params
+from pipeline.core.training import extract_features
+from pipeline.modalities import inference_loader, load_backbone
 
 
 def split_features(
     split: str,
     backbone: torch.nn.Module,
-    transform: Callable,
+    preprocessing: dict[str, Any],
     batch_size: int,
     num_workers: int,
     ranks: distributed.Ranks,
@@ -34,7 +35,7 @@ def split_features(
     amp: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One split's features and labels, in dataset order; each process computes its share."""
-    loader = inference_loader(split, transform, batch_size, num_workers, device, ranks)
+    loader = inference_loader(split, preprocessing, batch_size, num_workers, device, ranks)
     return extract_features(backbone, loader, device, amp, desc=split)
 
 
@@ -43,13 +44,12 @@ def main() -> None:
     _, ranks, device = distributed.start("extract", params["distributed"], params["device"])
     checkpoint = read_backbone()
     backbone = load_backbone(checkpoint)
-    transform = checkpoint_transform(checkpoint)
     classes = load_classes(PREPARED_DIR)
     features = {
         split: split_features(
             split,
             backbone,
-            transform,
+            checkpoint,
             params["extract"]["batch_size"],
             params["data"]["num_workers"],
             ranks,

@@ -22,43 +22,43 @@ import time
 import torch
 from torch import nn
 
-from pipeline import distributed
-from pipeline.adapters import add_adapters, fold_adapters
-from pipeline.checkpoints import (
+from pipeline import modalities
+from pipeline.core import distributed
+from pipeline.core.checkpoints import (
     BackboneCheckpoint,
     HeadCheckpoint,
     classifier_checkpoint,
     read_backbone,
     read_head,
 )
-from pipeline.common import (
+from pipeline.core.common import (
     FINETUNED_FILE,
     LIVE_DIR,
     METRICS_DIR,
-    PREPARED_DIR,
     save_torch,
     seed_everything,
     write_json,
 )
-from pipeline.data import SeededAugmentation, checkpoint_transform, loader_workers, split_dataset
-from pipeline.entry import run_stage
-from pipeline.epoch_log import EpochLog
-from pipeline.models import (
+from pipeline.core.data import SeededAugmentation
+from pipeline.core.entry import run_stage
+from pipeline.core.epoch_log import EpochLog
+from pipeline.core.models import (
     Classifier,
     batchnorm_layers,
     frozen_modules,
     head_from_config,
-    load_backbone,
     load_head,
+    trainable_parameters,
     unfreeze_last_blocks,
 )
-from pipeline.params import load_params
-from pipeline.training import (
+from pipeline.core.params import load_params
+from pipeline.core.training import (
     EpochCallback,
     balanced_class_weights,
     best_val_accuracy,
     fit,
     l2sp_penalty,
+    loader_workers,
     make_loader,
     make_optimizer,
     optimizer_steps,
@@ -130,45 +130,40 @@ def finetune(
 
 
 def starting_classifier(
-    backbone_checkpoint: BackboneCheckpoint,
-    head_checkpoint: HeadCheckpoint,
-    strategy: str,
-    unfreeze: str | int,
-    head_init: str,
+    backbone_checkpoint: BackboneCheckpoint, head_checkpoint: HeadCheckpoint, config: dict
 ) -> Classifier:
-    """The backbone with the trained linear probe (``probe``) or a new head (``fresh``, drawn
-    from the seeded generator), set up for ``strategy``: ``full`` trains the last ``unfreeze``
-    blocks, ``adapters`` freezes the backbone and adds adapters beside its convolutions."""
-    if head_init == "probe":
+    """The backbone with the trained linear probe (``finetune.head_init: probe``) or a new
+    head (``fresh``, drawn from the seeded generator), set up for ``finetune.strategy``:
+    ``full`` trains the last ``unfreeze`` blocks, ``adapters`` freezes the backbone and adds
+    its modality's adapters."""
+    if config["head_init"] == "probe":
         head = load_head(head_checkpoint)
     else:
         head = head_from_config(head_checkpoint, len(head_checkpoint["classes"]))
-    classifier = Classifier(load_backbone(backbone_checkpoint), head)
-    if strategy == "adapters":
-        add_adapters(classifier.backbone, backbone_checkpoint["arch"])
+    modality = modalities.for_checkpoint(backbone_checkpoint)
+    classifier = Classifier(modalities.load_backbone(backbone_checkpoint), head)
+    if config["strategy"] == "adapters":
+        modality.add_adapters(classifier.backbone, backbone_checkpoint, config)
     else:
-        unfreeze_last_blocks(classifier.backbone, unfreeze)
+        unfreeze_last_blocks(classifier.backbone, modality.blocks(classifier.backbone), config["unfreeze"])
     return classifier
 
 
-def finetune_time(seconds: float, epochs: int, train_images: int, world_size: int) -> dict[str, float]:
+def finetune_time(seconds: float, epochs: int, train_examples: int, world_size: int) -> dict[str, float]:
     """What ``dvc exp show`` and the strategy table report of the training loop's wall time
-    (validation included): total, per epoch, the images trained on, and images per second.
-    Each rate is computed from the rounded total written beside it, so the file's figures
-    agree with each other exactly: images_per_second == round(images / seconds, 1)."""
+    (validation included): total, per epoch, the examples (images or texts) trained on, and
+    examples per second. Each rate is computed from the rounded total written beside it, so
+    the file's figures agree with each other exactly:
+    examples_per_second == round(examples / seconds, 1)."""
     seconds = max(round(seconds, 3), 0.001)
-    images = epochs * train_images
+    examples = epochs * train_examples
     return {
         "seconds": seconds,
         "seconds_per_epoch": round(seconds / epochs, 3),
-        "images": images,
-        "images_per_second": round(images / seconds, 1),
+        "examples": examples,
+        "examples_per_second": round(examples / seconds, 1),
         "world_size": world_size,
     }
-
-
-def trainable_parameters(model: nn.Module) -> int:
-    return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
 
 
 def main() -> None:
@@ -180,22 +175,21 @@ def main() -> None:
     )
     seed_everything(seed)
     backbone_checkpoint, head_checkpoint = read_backbone(), read_head()
-    classifier = starting_classifier(
-        backbone_checkpoint, head_checkpoint, config["strategy"], config["unfreeze"], config["head_init"]
-    )
+    modality = modalities.for_checkpoint(backbone_checkpoint)
+    classifier = starting_classifier(backbone_checkpoint, head_checkpoint, config)
     trainable, total = trainable_parameters(classifier), sum(p.numel() for p in classifier.parameters())
     classifier.to(device, memory_format=torch.channels_last)
     model = distributed.parallel(classifier, ranks, device, settings["sync_batchnorm"])
 
-    images = split_dataset(
-        PREPARED_DIR, "train", checkpoint_transform(backbone_checkpoint, config["augment"])
+    items = modalities.split_dataset("train", backbone_checkpoint, config["augment"])
+    workers = loader_workers(items, params["data"]["num_workers"])
+    train = SeededAugmentation(items, seed)
+    val = modalities.split_dataset("val", backbone_checkpoint)
+    train_sampler = distributed.GlobalBatchSampler(
+        len(train), config["batch_size"], ranks, seed, getattr(train, "lengths", None)
     )
-    workers = loader_workers(images, params["data"]["num_workers"])
-    train = SeededAugmentation(images, seed)
-    val = split_dataset(PREPARED_DIR, "val", checkpoint_transform(backbone_checkpoint))
-    train_sampler = distributed.GlobalBatchSampler(len(train), config["batch_size"], ranks, seed)
     train_loader = make_loader(train, per_process, device, num_workers=workers, sampler=train_sampler)
-    val_sampler = distributed.ShardSampler(len(val), ranks)
+    val_sampler = distributed.ShardSampler(len(val), ranks, getattr(val, "lengths", None))
     val_loader = make_loader(val, per_process, device, num_workers=workers, sampler=val_sampler)
     class_weight = None
     if params["class_weighted_loss"]:
@@ -236,7 +230,7 @@ def main() -> None:
         return
     best = best_val_accuracy(history)
     classifier.load_state_dict(best_state)
-    fold_adapters(classifier)  # a plain model: evaluate and export read it as any other
+    classifier = modality.fold_adapters(classifier)  # a plain model, read as any other
     save_torch(
         FINETUNED_FILE,
         classifier_checkpoint(

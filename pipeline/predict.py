@@ -24,13 +24,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.common import FINETUNED_FILE, progress, resolve_device, write_text
-from pipeline.data import checkpoint_transform
-from pipeline.entry import run_tool
-from pipeline.errors import ParamsError, StageError
-from pipeline.images import is_image_file, read_rgb
-from pipeline.models import load_classifier
-from pipeline.params import DEVICES
+from pipeline.core.common import FINETUNED_FILE, progress, resolve_device, write_text
+from pipeline.core.entry import run_tool
+from pipeline.core.errors import ParamsError, StageError
+from pipeline.core.params import DEVICES
+from pipeline.modalities import load_classifier
+from pipeline.modalities.image_data import checkpoint_transform, is_image_file, read_rgb
 
 
 def image_files(paths: list[str]) -> tuple[list[Path], int]:
@@ -91,14 +90,16 @@ def torch_predictor(model_file: Path, device_name: str) -> tuple[dict[str, Any],
 def onnx_predictor(onnx_file: Path) -> tuple[dict[str, Any], Callable]:
     """The export's sidecar (classes, preprocessing), and a function from an image batch to
     probabilities through onnxruntime."""
-    from pipeline.checkpoints import read_sidecar
-    from pipeline.onnx_model import onnx_logits, onnx_session
+    from pipeline.core.checkpoints import read_sidecar
+    from pipeline.core.onnx_model import onnx_logits, onnx_session
+    from pipeline.modalities import for_checkpoint
 
     meta = read_sidecar(onnx_file)
     session = onnx_session(onnx_file)
 
     def probabilities(images: torch.Tensor) -> np.ndarray:
-        return torch.softmax(torch.from_numpy(onnx_logits(session, images)), dim=1).numpy()
+        logits = onnx_logits(session, for_checkpoint(meta).onnx_feed(images))
+        return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
 
     return meta, probabilities
 

@@ -1,8 +1,9 @@
 """Stage 7, report: reports/report.md with figures, for reading on GitHub.
 
 Reads every params section (the report lists the params used), data/prepared/ (the test
-images of the gallery of mistakes; image files under data/raw/), the metrics under metrics/
-(metrics/test_predictions.csv for the gallery), the per-epoch dvclive logs under
+examples with the highest loss, which the modality shows: a figure of images, image files
+under data/raw/; a table of texts), the metrics under metrics/
+(metrics/test_predictions.csv for those examples), the per-epoch dvclive logs under
 reports/live/ and models/backbone.pt (for its hash); writes reports/report.md and
 reports/figures/*.png.
 Run: ``python -m pipeline.report``.
@@ -20,7 +21,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import yaml
 
-from pipeline.common import (
+from pipeline import modalities
+from pipeline.core.common import (
     BACKBONE_FILE,
     FIGURES_DIR,
     LIVE_DIR,
@@ -34,13 +36,13 @@ from pipeline.common import (
     read_json,
     write_text,
 )
-from pipeline.entry import run_stage
-from pipeline.epoch_log import read_epoch_log
-from pipeline.errors import StageError
-from pipeline.metrics import highest_losses, most_confused_pairs
-from pipeline.params import load_params
+from pipeline.core.entry import run_stage
+from pipeline.core.epoch_log import read_epoch_log
+from pipeline.core.errors import StageError
+from pipeline.core.metrics import highest_losses, most_confused_pairs
+from pipeline.core.params import load_params
 
-GALLERY_SIZE = 16  # test images with the highest loss shown in the report
+MISTAKES_SHOWN = 16  # test examples with the highest loss the report shows
 LABELS = {"linear_probe": "Linear probe", "finetuned": "Fine-tuned", "random_init_probe": "Random-init probe"}
 
 
@@ -144,37 +146,6 @@ def highest_loss_rows(rows: list[dict[str, str]], count: int) -> list[dict[str, 
     return [rows[i] for i in highest_losses([float(row["loss"]) for row in rows], count)]
 
 
-def test_images(rows: list[dict[str, str]]) -> list[np.ndarray]:
-    """The pixels of the test images ``rows`` name: from the prepared array, or their files."""
-    archive = PREPARED_DIR / "test.npz"
-    if archive.is_file():
-        with np.load(archive) as data:
-            images = data["images"]
-            return [images[int(row["index"])] for row in rows]
-    from pipeline.images import read_rgb  # imports torch: only datasets of image files need it
-
-    return [read_rgb(row["source"]) for row in rows]
-
-
-def gallery_figure(rows: list[dict[str, str]]) -> str:
-    """The test images with the highest loss, with true class, prediction and probability
-    (fastai's plot_top_losses)."""
-    columns = 4
-    lines = max(1, -(-len(rows) // columns))
-    fig, axes = plt.subplots(lines, columns, figsize=(2.6 * columns, 3.0 * lines), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, row, image in zip(axes.flat, rows, test_images(rows), strict=False):
-        ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
-        ax.set_title(
-            f"true: {row['actual']}\npredicted: {row['predicted']} ({float(row['probability']):.2f})\n"
-            f"loss {float(row['loss']):.2f}",
-            fontsize=9,
-            color="black" if row["actual"] == row["predicted"] else "tab:red",
-        )
-    return save_figure(fig, "top_losses.png")
-
-
 def confused_pairs_table(details: dict[str, Any]) -> str:
     pairs = most_confused_pairs(details["finetuned"]["confusion_matrix"], details["classes"])
     if not pairs:
@@ -187,11 +158,11 @@ def confused_pairs_table(details: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def export_note(result: dict[str, Any]) -> str:
+def export_note(result: dict[str, Any], items: str) -> str:
     agreement = "agrees" if not result["top1_disagreements"] else "disagrees"
     return (
         f"`{ONNX_FILE}` (described by `{ONNX_FILE.with_suffix('.json')}`) {agreement} with PyTorch on "
-        f"all {result['images']} test images: largest |logit difference| "
+        f"all {result['examples']} test {items}: largest |logit difference| "
         f"{result['max_abs_logit_difference']:.3g}, {result['top1_disagreements']} different top-1 "
         "classes. `python -m pipeline.predict --onnx models/model.onnx PATH...` runs it."
     )
@@ -227,15 +198,16 @@ def render_report(params: dict[str, Any], backbone_hash: str) -> str:
         confusion_figure(details),
         per_class_figure(details),
     )
+    modality = modalities.for_dataset(params["data"]["dataset"])
     predictions = read_predictions()
-    worst = highest_loss_rows(predictions, GALLERY_SIZE)
-    gallery, reliability = gallery_figure(worst), reliability_figure(details)
+    worst = highest_loss_rows(predictions, MISTAKES_SHOWN)
+    worst_view = modality.mistakes_view(worst, PREPARED_DIR, save_figure)
+    reliability = reliability_figure(details)
     mistakes = sum(row["actual"] != row["predicted"] for row in predictions)
     config = params["backbone"]
     skipped = read_json(PREPARED_DIR / "skipped.json")
     skipped_note = (
-        f"\n\n**{len(skipped)} unreadable image file(s) skipped** (`data.skip_bad_images: true`), "
-        f"listed in `{PREPARED_DIR}/skipped.json`."
+        f"\n\n**{len(skipped)} {modality.SKIPPED}**, listed in `{PREPARED_DIR}/skipped.json`."
         if skipped
         else ""
     )
@@ -261,7 +233,7 @@ def render_report(params: dict[str, Any], backbone_hash: str) -> str:
     return f"""# Transfer-learning report
 
 Dataset **{params["data"]["dataset"]}**, backbone **{config["arch"]}** with weights
-**{config["weights"]}** ({backbone["parameters"]:,} parameters) at {config["image_size"]} px.{notes}
+**{config["weights"]}** ({backbone["parameters"]:,} parameters) {modality.describe(config)}.{notes}
 
 ## Test results
 
@@ -286,15 +258,14 @@ random init: what the pretrained features add is the gap to the linear probe.
 
 ## What the fine-tuned model gets wrong
 
-{mistakes} of {len(predictions)} test images are misclassified. The classes most confused
+{mistakes} of {len(predictions)} test {modality.ITEMS} are misclassified. The classes most confused
 with each other:
 
 {confused_pairs_table(details)}
 
-The {len(worst)} test images with the highest loss (red: misclassified; the probability is
-the predicted class's), from `{PREDICTIONS_FILE}`:
+{worst_view}
 
-![highest-loss test images]({gallery})
+Every test example's prediction, its probability and its loss: `{PREDICTIONS_FILE}`.
 
 ## Calibration
 
@@ -306,7 +277,7 @@ calibrated: among predictions made with 80% confidence, 80% are right).
 
 ## Export
 
-{export_note(read_json(METRICS_DIR / "export.json"))}
+{export_note(read_json(METRICS_DIR / "export.json"), modality.ITEMS)}
 
 ## Reproducibility
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.common import PREPARED_DIR, atomic_path
-from pipeline.data import SPLITS, load_classes, load_split
-from pipeline.entry import run_tool
-from pipeline.errors import ParamsError
+from pipeline.core.common import PREPARED_DIR, atomic_path
+from pipeline.core.data import SPLITS, load_classes, load_split
+from pipeline.core.entry import run_tool
+from pipeline.core.errors import ParamsError
 
 
 def chosen(labels: np.ndarray, per_class: int) -> list[int]:
@@ -44,8 +44,8 @@ def write_samples(out: Path, split: str, per_class: int, prepared_dir: Path = PR
             (staged / name).mkdir(parents=True)
         for index in keep:
             folder = staged / classes[labels[index]]
-            if isinstance(images, list):
-                source = Path(images[index])
+            if isinstance(images, dict):
+                source = Path(images["paths"][index])
                 shutil.copyfile(source, folder / f"{split}-{index:05d}{source.suffix.lower()}")
             else:
                 Image.fromarray(images[index]).save(folder / f"{split}-{index:05d}.png")

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import atomic_path
-from pipeline.entry import run_tool
-from pipeline.errors import StageError
+from pipeline.core.common import atomic_path
+from pipeline.core.entry import run_tool
+from pipeline.core.errors import StageError
 
 # Beside the report, not in reports/figures/: that folder is the report stage's output,
 # which the next `dvc repro` replaces whole.

@@ -9,12 +9,12 @@ Run: ``python -m pipeline.train_head``.
 
 from __future__ import annotations
 
-from pipeline.checkpoints import head_checkpoint, read_features
-from pipeline.common import HEAD_FILE, LIVE_DIR, save_torch, seed_everything
-from pipeline.entry import run_stage
-from pipeline.epoch_log import EpochLog
-from pipeline.params import load_params
-from pipeline.training import fit_new_head, lowest_val_loss
+from pipeline.core.checkpoints import head_checkpoint, read_features
+from pipeline.core.common import HEAD_FILE, LIVE_DIR, save_torch, seed_everything
+from pipeline.core.entry import run_stage
+from pipeline.core.epoch_log import EpochLog
+from pipeline.core.params import load_params
+from pipeline.core.training import fit_new_head, lowest_val_loss
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """Shared fixtures: tiny params, and temporary git+dvc repositories that run the pipeline.
 
-The whole-pipeline tests share two runs, each made once per session: ``tiny_run`` (the tiny
-pipeline, committed and pushed to a local DVC remote) and ``lr_sweep`` (three queued
-fine-tuning rates on top of it, run by a DVC queue worker). Tests that change a repository
-work on a copy.
+The whole-pipeline tests share three runs, each made once per session: ``tiny_run`` (the
+tiny image pipeline, committed and pushed to a local DVC remote), ``lr_sweep`` (two queued
+fine-tuning rates on top of it, run by a DVC queue worker) and ``tiny_text_run`` (the
+pipeline on generated sentences with a tiny BERT, made here: no download). Tests that
+change a repository work on a copy.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,7 @@ def make_pipeline_repo(path: Path, params: dict[str, Any]) -> Path:
     shutil.copytree(ROOT / ".ci", path / ".ci")
     shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
     for folder in ("raw", "weights"):
-        shutil.copytree(ROOT / "data" / folder, path / "data" / folder)
+        shutil.copytree(ROOT / "data" / folder, path / "data" / folder, dirs_exist_ok=True)
     write_params(path, params)
     run(path, "git", "init", "-q", "-b", "main")
     run(path, "dvc", "init", "-q")
@@ -174,25 +175,30 @@ def make_tiny_run(root: Path) -> Run:
     return full
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Run:
-    """The tiny pipeline, run once for the whole session. Under pytest-xdist (the suite's
-    two workers, pyproject.toml) the first worker to need it runs it in the session's
-    shared temporary folder while the other waits on a file lock, then both read it; tests
-    that change it work on a copy (``tiny_repo``)."""
+def shared_run(name: str, make: Callable[[Path], Run], factory: pytest.TempPathFactory, worker_id: str) -> Run:
+    """A run made once for the whole session. Under pytest-xdist (the suite's two workers,
+    pyproject.toml) the first worker to need it makes it in the session's shared temporary
+    folder while the other waits on a file lock, then both read it; tests that change it
+    work on a copy."""
     if worker_id == "master":  # no xdist: this process alone
-        return make_tiny_run(tmp_path_factory.mktemp("tiny"))
+        return make(factory.mktemp(name))
     from filelock import FileLock
 
-    shared = tmp_path_factory.getbasetemp().parent / "tiny"
+    shared = factory.getbasetemp().parent / name
     record = shared / "run.json"
     with FileLock(str(shared) + ".lock"):
         if not record.is_file():
             shared.mkdir()
-            made = make_tiny_run(shared)
+            made = make(shared)
             record.write_text(json.dumps({"output": made.output, "seconds": made.seconds}))
     made = json.loads(record.read_text())
     return Run(shared / "repo", made["output"], made["seconds"])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Run:
+    """The tiny image pipeline, run once for the whole session (``tiny_repo``: a copy)."""
+    return shared_run("tiny", make_tiny_run, tmp_path_factory, worker_id)
 
 
 @pytest.fixture
@@ -305,3 +311,111 @@ def fine_tune_briefly(model: torch.nn.Module, **settings) -> None:
     finetune(
         model, random_image_loader(0), random_image_loader(1), torch.device("cpu"), **{**recipe, **settings}
     )
+
+
+# Three topics of generated sentences, each made of a subject, an event and a time; a few
+# carry a long tail, so that they exceed the tiny run's max_length and are truncated.
+TEXT_TOPICS = {
+    "sports": (
+        ["the team", "our keeper", "the striker", "a young runner"],
+        ["won the match", "scored a late goal", "lost the final", "broke the record"],
+    ),
+    "weather": (
+        ["the rain", "a cold wind", "the storm", "bright sun"],
+        ["hit the coast", "kept falling", "warmed the valley", "closed the roads"],
+    ),
+    "food": (
+        ["the soup", "fresh bread", "a spicy curry", "the cake"],
+        ["tasted of garlic", "came out of the oven", "needed more salt", "fed the family"],
+    ),
+}
+TEXT_TIMES = ["today", "on sunday", "last night", "this morning"]
+TEXT_TAIL = ", and everyone in town talked about it for days and days after"
+TINY_TEXT_OVERRIDES: dict[str, dict[str, Any]] = {
+    "data": {"dataset": "text", "path": "data/raw/texts", "val_fraction": 0.2},
+    "backbone": {"arch": "data/weights/tiny-bert", "weights": "pretrain", "max_length": 16},
+    "head": {"max_epochs": 15, "patience": 5},
+    "finetune": {"epochs": 2, "batch_size": 16},
+}
+
+
+def generated_texts(per_class: int, seed: int) -> list[tuple[str, str]]:
+    """``per_class`` (text, topic) pairs of each topic, in a seeded order."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for topic, (subjects, events) in TEXT_TOPICS.items():
+        for i in range(per_class):
+            text = f"{rng.choice(subjects)} {rng.choice(events)} {rng.choice(TEXT_TIMES)}"
+            rows.append((text + (TEXT_TAIL if i % 5 == 0 else ""), topic))
+    return [rows[i] for i in rng.permutation(len(rows))]
+
+
+def text_words() -> list[str]:
+    """Every word the generated sentences use."""
+    phrases = [*TEXT_TIMES, TEXT_TAIL] + [p for parts in TEXT_TOPICS.values() for ps in parts for p in ps]
+    return sorted({word for phrase in phrases for word in phrase.replace(",", " ,").split()})
+
+
+def write_texts_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
+
+
+def make_tiny_bert(folder: Path, seed: int = 0) -> Path:
+    """A BERT of 2 layers, width 32, its weights random (seeded), its vocabulary the
+    generated sentences' words: a model folder as the hub has them (config.json,
+    model.safetensors, tokenizer files), made with transformers' own classes."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *text_words()]) + "\n")
+    config = BertConfig(
+        vocab_size=len(vocab.read_text().split()),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(folder)
+    BertTokenizer(vocab=str(vocab)).save_pretrained(folder)
+    return folder
+
+
+def tiny_text_params() -> dict[str, Any]:
+    params = default_params()
+    for section, values in TINY_TEXT_OVERRIDES.items():
+        params[section].update(values)
+    return params
+
+
+def make_text_data(repo: Path) -> None:
+    """The tiny text run's data in ``repo``: train.csv (a val split is held out of it) and
+    test.csv of generated sentences, and the tiny BERT under data/weights/."""
+    rows = generated_texts(per_class=16, seed=0)
+    write_texts_csv(repo / "data/raw/texts/train.csv", rows[:36])
+    write_texts_csv(repo / "data/raw/texts/test.csv", rows[36:])
+    make_tiny_bert(repo / "data/weights/tiny-bert")
+
+
+def make_tiny_text_run(root: Path) -> Run:
+    """The pipeline on the tiny text data and BERT, committed."""
+    repo = root / "repo"
+    make_text_data(repo)
+    make_pipeline_repo(repo, tiny_text_params())
+    full = timed(repo, "dvc", "repro")
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-q", "-m", "run")
+    return full
+
+
+@pytest.fixture(scope="session")
+def tiny_text_run(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Run:
+    """The tiny text pipeline, run once for the whole session."""
+    return shared_run("tiny-text", make_tiny_text_run, tmp_path_factory, worker_id)

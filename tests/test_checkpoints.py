@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from pipeline import checkpoints
-from pipeline.errors import StageError
+from pipeline.core import checkpoints
+from pipeline.core.errors import StageError
 
 
 @pytest.mark.parametrize(
@@ -29,8 +29,26 @@ def test_a_checkpoint_missing_keys_is_refused_naming_them(tmp_path, reader, stag
         f"{path}: not a {complete.__name__} this pipeline wrote (missing {keys[0]}); "
         f"rerun the stage that writes it: dvc repro {stage}"
     )
-    torch.save({key: 0 for key in keys}, path)
-    assert set(reader(path)) == set(keys)
+    complete_file = {key: 0 for key in keys}
+    if "modality" in keys:  # and the modality's own preprocessing
+        complete_file |= {key: 0 for key in checkpoints.PREPROCESSING_KEYS["images"]} | {"modality": "images"}
+    torch.save(complete_file, path)
+    assert set(reader(path)) == set(complete_file)
+
+
+@pytest.mark.parametrize("modality", ["images", "text"])
+def test_a_backbone_missing_its_modality_s_preprocessing_is_refused_naming_it(tmp_path, modality):
+    path = tmp_path / "backbone.pt"
+    keys = checkpoints.PREPROCESSING_KEYS[modality]
+    own = [key for key in keys if key not in checkpoints.Preprocessing.__required_keys__]
+    saved = {key: 0 for key in [*keys, "feature_dim", "state_dict"] if key != own[-1]}
+    torch.save({**saved, "modality": modality}, path)
+    with pytest.raises(StageError) as error:
+        checkpoints.read_backbone(path)
+    assert str(error.value) == (
+        f"{path}: not a file this pipeline wrote for {modality!r} (missing {own[-1]}); "
+        "rerun the stage that writes it: dvc repro backbone"
+    )
 
 
 def test_features_are_read_by_split_and_checked(tmp_path):
@@ -51,7 +69,12 @@ def test_a_head_checkpoint_keeps_the_head_s_shape_from_params():
 
 
 def test_every_format_carries_the_preprocessing_in_one_order():
-    assert set(checkpoints.PREPROCESSING_KEYS) == checkpoints.Preprocessing.__required_keys__
+    shared = tuple(checkpoints.Preprocessing.__annotations__)
+    assert shared == ("modality", "arch", "weights")
+    for modality, keys in checkpoints.PREPROCESSING_KEYS.items():
+        assert keys[: len(shared)] == shared, modality  # the shared keys first, then the modality's
     for schema in (checkpoints.BackboneCheckpoint, checkpoints.ClassifierCheckpoint, checkpoints.OnnxSidecar):
         assert checkpoints.Preprocessing.__required_keys__ <= schema.__required_keys__, schema.__name__
+    checkpoint = {"modality": "text", **{key: key for key in checkpoints.PREPROCESSING_KEYS["text"][1:]}}
+    assert list(checkpoints.preprocessing_of({"extra": 1, **checkpoint})) == list(checkpoint)
     assert "params" not in checkpoints.ClassifierCheckpoint.__required_keys__  # how it trained: optional

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pipeline.common import atomic_path, write_json
+from pipeline.core.common import atomic_path, write_json
 
 
 def test_failed_write_leaves_the_old_file_as_it_was(tmp_path):
@@ -52,7 +52,7 @@ def test_a_stage_in_a_git_repository_with_no_commit_fails_at_once_and_says_what_
 
     import pytest
 
-    from pipeline.entry import run_stage
+    from pipeline.core.entry import run_stage
 
     ran = []
     monkeypatch.chdir(tmp_path)

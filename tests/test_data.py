@@ -2,29 +2,22 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import (
-    ImageArrayDataset,
+from pipeline.core.data import (
     SeededAugmentation,
     cap_per_class,
-    image_transform,
     load_classes,
-    load_digits_dataset,
     load_split,
     save_prepared,
+    split_given,
+    split_sources,
     stratified_split,
 )
+from pipeline.modalities.image_data import ImageArrayDataset, image_transform, load_digits_dataset
 
 
 @pytest.fixture(scope="module")
 def digits():
     return load_digits_dataset()
-
-
-def test_digits_load_offline_as_uint8_images(digits):
-    images, labels, classes = digits
-    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8
-    assert images.max() == 255 and classes == [str(i) for i in range(10)]
-    assert set(labels) == set(range(10))
 
 
 def test_split_is_disjoint_deterministic_and_stratified(digits):
@@ -65,59 +58,6 @@ def test_prepared_round_trip(tmp_path, digits):
     assert load_classes(tmp_path / "prepared") == classes
 
 
-def test_transform_makes_normalized_rgb_at_image_size(digits):
-    images, labels, _ = digits
-    dataset = ImageArrayDataset(images, labels, image_transform(24, [0.5] * 3, [0.5] * 3))
-    image, label = dataset[0]
-    assert image.shape == (3, 24, 24) and image.dtype.is_floating_point
-    assert image.min() >= -1.0 and image.max() <= 1.0
-    assert label.item() == labels[0]
-    augmented = image_transform(24, [0.5] * 3, [0.5] * 3, augment=True)(images[0])
-    assert augmented.shape == (3, 24, 24)
-
-
-def fake_cifar10(root, per_batch: int = 6) -> None:
-    """CIFAR-10's python layout, with tiny random batches."""
-    import pickle
-
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {
-            "data": rng.integers(0, 255, (per_batch, 3072), dtype=np.uint8),
-            "labels": [i % 10 for i in range(per_batch)],
-        }
-        (folder / name).write_bytes(pickle.dumps(batch))
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
-
-
-def test_cifar_uses_an_existing_copy(tmp_path, monkeypatch):
-    from pipeline.data import load_cifar
-
-    fake_cifar10(tmp_path)
-    # The fake batches have other checksums than the real files torchvision verifies.
-    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *args, **kwargs: True)
-    splits, classes = load_cifar("cifar10", tmp_path)
-    assert classes[0] == "airplane" and splits["train"][0].shape == (30, 32, 32, 3)
-    assert splits["test"][1].tolist() == list(range(6))
-
-
-def test_cifar_offline_without_a_copy_says_where_to_put_the_files(tmp_path, monkeypatch):
-    from pipeline.data import load_cifar
-    from pipeline.errors import StageError
-
-    def offline(*args, **kwargs):
-        raise OSError("network is unreachable")
-
-    monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", offline)
-    with pytest.raises(StageError) as error:
-        load_cifar("cifar100", tmp_path / "cifar100")
-    message = str(error.value)
-    assert "cifar-100-python.tar.gz" in message and str(tmp_path / "cifar100") in message
-
-
 def test_seeded_augmentation_depends_on_seed_epoch_and_index_only():
     images = np.random.default_rng(0).integers(0, 256, (4, 16, 16), dtype=np.uint8)
     dataset = SeededAugmentation(
@@ -135,3 +75,25 @@ def test_seeded_augmentation_depends_on_seed_epoch_and_index_only():
     assert not torch.equal(dataset[3][0], first)
     dataset.set_epoch(2)
     assert not torch.equal(dataset[2][0], first)
+
+
+def test_prepared_columns_round_trip_with_their_sources(tmp_path):
+    texts = {"texts": ["a b", "c", "d e f"], "sources": ["t.csv:2", "t.csv:3", "t.csv:5"]}
+    splits = {"train": (texts, np.array([0, 1, 0])), "val": (texts, np.array([1, 1, 0]))}
+    save_prepared(tmp_path / "prepared", splits, ["x", "y"])
+    columns, labels = load_split(tmp_path / "prepared", "val")
+    assert columns == texts and labels.tolist() == [1, 1, 0] and labels.dtype == np.int64
+    assert split_sources(tmp_path / "prepared", "train") == ["t.csv:2", "t.csv:3", "t.csv:5"]
+
+
+def test_split_given_keeps_the_splits_the_data_brings_and_holds_out_the_others():
+    labels = np.arange(40) % 4
+    inputs = {"texts": [f"text {i}" for i in range(40)]}
+    test = ({"texts": ["t1", "t2"]}, np.array([0, 1]))
+    splits = split_given({"train": (inputs, labels), "test": test}, 0.2, 0.25, 0, seed=1)
+    assert splits["test"] == test  # the data's own test split, whole
+    assert len(splits["val"][1]) == 8 and len(splits["train"][1]) == 32  # val from train alone
+    assert sorted(splits["train"][0]["texts"] + splits["val"][0]["texts"]) == sorted(inputs["texts"])
+    capped = split_given({"all": (inputs, labels)}, 0.2, 0.2, 3, seed=1)
+    assert np.bincount(capped["train"][1]).tolist() == [3, 3, 3, 3]
+    assert len(capped["val"][1]) == len(capped["test"][1]) == 8

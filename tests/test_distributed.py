@@ -19,9 +19,9 @@ import yaml
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from pipeline import distributed
-from pipeline.distributed import GlobalBatchSampler, Ranks, ShardSampler, plan_for, split_batch
-from pipeline.errors import ParamsError
+from pipeline.core import distributed
+from pipeline.core.distributed import GlobalBatchSampler, Ranks, ShardSampler, plan_for, split_batch
+from pipeline.core.errors import ParamsError
 from tests.conftest import default_params, ran_stages, read_params, run, subprocess_env, write_params
 
 
@@ -87,7 +87,7 @@ def test_a_worker_whose_launcher_already_died_exits_at_once():
     """The death signal covers a launcher's death after a worker sets it; a worker that
     finds its launcher already gone (its parent is another process) exits there and then,
     instead of waiting for the others until timeout_s."""
-    code = "from pipeline.distributed import die_with_parent; die_with_parent(); print('carried on')"
+    code = "from pipeline.core.distributed import die_with_parent; die_with_parent(); print('carried on')"
     gone = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
@@ -189,7 +189,7 @@ def data(n: int = 40, seed: int = 0) -> TensorDataset:
 
 def train_linear(ranks: Ranks) -> tuple[dict, list[dict]]:
     """fit() of a linear model on ``data()``, global batch 8, as ``ranks`` runs it."""
-    from pipeline.training import best_val_accuracy, fit, make_loader
+    from pipeline.core.training import best_val_accuracy, fit, make_loader
 
     torch.manual_seed(0)
     model = nn.Linear(8, 3)
@@ -206,7 +206,7 @@ def train_linear(ranks: Ranks) -> tuple[dict, list[dict]]:
 
 
 def extract_shared(ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor]:
-    from pipeline.training import extract_features, make_loader
+    from pipeline.core.training import extract_features, make_loader
 
     torch.manual_seed(1)
     backbone = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
@@ -218,7 +218,8 @@ def record_writes(rank: int, log: Path) -> None:
     """Note every output this process writes (atomically, or through dvclive) in ``log``."""
     import contextlib
 
-    from pipeline import common, evaluate, extract, finetune
+    from pipeline import evaluate, extract, finetune
+    from pipeline.core import common
 
     atomic_path = common.atomic_path
 
@@ -333,7 +334,7 @@ def test_gradient_accumulation_trains_as_the_whole_batch_does(size):
     batch of 8 gives (a model without BatchNorm, to float tolerance), also where the epoch
     ends in a short global batch (44 and 42 images: a last group of 4 or 2 images in one
     step, whose mean loss counts whole, not halved)."""
-    from pipeline.training import fit, last_epoch, make_loader
+    from pipeline.core.training import fit, last_epoch, make_loader
 
     results = []
     for cap in (0, 4):

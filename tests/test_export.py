@@ -8,25 +8,25 @@ import sys
 import pytest
 import yaml
 
-from pipeline.checkpoints import PREPROCESSING_KEYS, onnx_sidecar, read_sidecar
-from pipeline.common import file_sha256
-from pipeline.errors import StageError
+from pipeline.core.checkpoints import PREPROCESSING_KEYS, onnx_sidecar, read_sidecar
+from pipeline.core.common import file_sha256
+from pipeline.core.errors import StageError
 from pipeline.export import check_parity
 from tests.conftest import Run, copy_repo, run
 
 
 def test_parity_within_tolerance_and_on_every_top1_passes():
-    check_parity({"images": 10, "max_abs_logit_difference": 9e-5, "top1_disagreements": 0}, 1e-4)
+    check_parity({"examples": 10, "max_abs_logit_difference": 9e-5, "top1_disagreements": 0}, 1e-4)
 
 
 @pytest.mark.parametrize(
     ("result", "message"),
     [
         (
-            {"images": 10, "max_abs_logit_difference": 2e-4, "top1_disagreements": 0},
+            {"examples": 10, "max_abs_logit_difference": 2e-4, "top1_disagreements": 0},
             "0.0002 > export.tolerance",
         ),
-        ({"images": 10, "max_abs_logit_difference": 1e-6, "top1_disagreements": 1}, "1 of 10 images"),
+        ({"examples": 10, "max_abs_logit_difference": 1e-6, "top1_disagreements": 1}, "1 of 10 test examples"),
     ],
 )
 def test_parity_beyond_tolerance_or_on_another_top1_fails(result, message):
@@ -48,15 +48,18 @@ def test_a_sidecar_beside_another_model_is_refused(tmp_path):
     sidecar that describes other bytes: readers refuse it instead of mislabelling outputs."""
     onnx_file = tmp_path / "model.onnx"
     onnx_file.write_bytes(b"the exported graph")
-    checkpoint = {key: 0 for key in PREPROCESSING_KEYS} | {"classes": ["a", "b"]}
-    meta = onnx_sidecar(checkpoint, "0" * 64, file_sha256(onnx_file), 18)
+    checkpoint = {key: 0 for key in PREPROCESSING_KEYS["images"]} | {
+        "modality": "images",
+        "classes": ["a", "b"],
+    }
+    meta = onnx_sidecar(checkpoint, [], "0" * 64, file_sha256(onnx_file), 18)
     (tmp_path / "model.json").write_text(json.dumps(meta))
     assert read_sidecar(onnx_file)["classes"] == ["a", "b"]
     onnx_file.write_bytes(b"another export's graph")
     with pytest.raises(StageError, match=r"model\.json describes another model than .*model\.onnx"):
         read_sidecar(onnx_file)
     (tmp_path / "model.json").write_text(json.dumps({**meta, "format_version": 1}))
-    with pytest.raises(StageError, match="sidecar format version 1, but this pipeline reads version 2"):
+    with pytest.raises(StageError, match="sidecar format version 1, but this pipeline reads version 3"):
         read_sidecar(onnx_file)
 
 
@@ -65,7 +68,7 @@ def test_the_tiny_run_exports_a_model_that_matches_pytorch(tiny_run: Run):
     repo = tiny_run.repo
     result = json.loads((repo / "metrics" / "export.json").read_text())
     test_images = sum(1 for _ in (repo / "metrics" / "test_predictions.csv").open()) - 1
-    assert result["images"] == test_images
+    assert result["examples"] == test_images
     assert result["max_abs_logit_difference"] <= 1e-4
     assert result["top1_disagreements"] == 0
     meta = read_sidecar(repo / "models" / "model.onnx")
@@ -74,7 +77,7 @@ def test_the_tiny_run_exports_a_model_that_matches_pytorch(tiny_run: Run):
     assert meta["source_sha256"] == file_sha256(repo / "models" / "finetuned.pt")
     assert meta["onnx_sha256"] == file_sha256(repo / "models" / "model.onnx")
     assert meta["image_size"] == 16 and meta["mean"] == [0.5] * 3
-    assert b"pipeline/models.py" not in (repo / "models" / "model.onnx").read_bytes()  # no stack traces
+    assert b"pipeline/modalities/" not in (repo / "models" / "model.onnx").read_bytes()  # no stack traces
     report = (repo / "reports" / "report.md").read_text()
     assert f"agrees with PyTorch on all {test_images} test images" in report
 

@@ -8,8 +8,8 @@ import yaml
 from torch import nn
 
 from pipeline import finetune as stage
-from pipeline.data import load_split
-from pipeline.models import Classifier
+from pipeline.core.data import load_split
+from pipeline.core.models import Classifier
 from tests.conftest import Run, fine_tune_briefly
 
 
@@ -48,7 +48,7 @@ def test_l2sp_keeps_the_backbone_nearer_its_start_than_weight_decay_does():
 def test_a_fresh_head_is_new_and_seeded_and_a_probe_head_is_the_trained_one(monkeypatch):
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    monkeypatch.setattr(stage, "load_backbone", lambda checkpoint: backbone)
+    monkeypatch.setattr(stage.modalities, "load_backbone", lambda checkpoint: backbone)
     head = nn.Sequential(nn.Dropout(0.0), nn.Linear(4, 3))
     head_checkpoint = {
         **{"type": "linear", "in_features": 4, "hidden_units": 8, "dropout": 0.0},
@@ -57,9 +57,8 @@ def test_a_fresh_head_is_new_and_seeded_and_a_probe_head_is_the_trained_one(monk
     heads = {}
     for name, init in (("probe", "probe"), ("fresh", "fresh"), ("again", "fresh")):
         torch.manual_seed(1)
-        heads[name] = stage.starting_classifier({"arch": "test"}, head_checkpoint, "full", "all", init).head[
-            1
-        ]
+        config = {"strategy": "full", "unfreeze": "all", "head_init": init}
+        heads[name] = stage.starting_classifier({"modality": "images"}, head_checkpoint, config).head[1]
     assert torch.equal(heads["probe"].weight, head[1].weight)
     assert not torch.equal(heads["fresh"].weight, head[1].weight)
     assert torch.equal(heads["fresh"].weight, heads["again"].weight)
@@ -69,9 +68,9 @@ def test_a_fresh_head_is_new_and_seeded_and_a_probe_head_is_the_trained_one(monk
 def test_the_time_file_s_figures_agree_exactly_whatever_the_rounding(seconds):
     """Rates come from the rounded total written beside them: a fast run (0.7549 s, which
     rounds to 0.755) cannot give a rate 5% off the one its own seconds imply."""
-    timing = stage.finetune_time(seconds, epochs=2, train_images=100, world_size=1)
-    assert timing["images"] == 200
-    assert timing["images_per_second"] == round(200 / timing["seconds"], 1)
+    timing = stage.finetune_time(seconds, epochs=2, train_examples=100, world_size=1)
+    assert timing["examples"] == 200
+    assert timing["examples_per_second"] == round(200 / timing["seconds"], 1)
     assert timing["seconds_per_epoch"] == round(timing["seconds"] / 2, 3)
     assert abs(timing["seconds"] - seconds) <= 0.001
 
@@ -120,8 +119,8 @@ def test_each_strategy_runs_end_to_end_on_the_tiny_config(name, tiny_workspace, 
     timing = json.loads((workspace / "metrics/finetune_time.json").read_text())["finetune"]
     train_images = len(load_split(workspace / "data/prepared", "train")[1])
     assert timing["seconds"] > 0 and timing["world_size"] == 1
-    assert timing["images"] == params["finetune"]["epochs"] * train_images
-    assert timing["images_per_second"] == round(timing["images"] / timing["seconds"], 1)
+    assert timing["examples"] == params["finetune"]["epochs"] * train_images
+    assert timing["examples_per_second"] == round(timing["examples"] / timing["seconds"], 1)
     finetuned = torch.load(workspace / "models/finetuned.pt", weights_only=True)
     assert finetuned["params"]["strategy"] == params["finetune"]["strategy"]
     assert {key.split(".")[0] for key in finetuned["state_dict"]} == {"backbone", "head"}

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.metrics import (
+from pipeline.core.metrics import (
     calibration,
     highest_losses,
     most_confused_pairs,

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.params import ParamsError, load_params, validate
+from pipeline.core.params import ParamsError, load_params, validate
 from tests.conftest import ROOT, default_params
 
 

@@ -20,13 +20,10 @@ import torch
 from PIL import Image
 
 from pipeline import predict
-from pipeline.checkpoints import classifier_checkpoint, read_classifier
-from pipeline.errors import ParamsError, StageError
-from pipeline.models import (
-    Classifier,
-    build_backbone,
-    build_head,
-)
+from pipeline.core.checkpoints import classifier_checkpoint, read_classifier
+from pipeline.core.errors import ParamsError, StageError
+from pipeline.core.models import Classifier, build_head
+from pipeline.modalities.image_models import build_backbone
 from tests.conftest import Run, run, subprocess_env
 
 CLASSES = ["cat", "dog", "fox"]
@@ -37,8 +34,8 @@ def save_classifier(path: Path, image_size: int = 16) -> Path:
     torch.manual_seed(0)
     backbone, features = build_backbone("resnet18", image_size=image_size)
     model = Classifier(backbone, build_head("linear", features, len(CLASSES), 8, 0.0))
-    meta = {"arch": "resnet18", "weights": "none", "image_size": image_size, "resize_size": image_size}
-    backbone_checkpoint = {**meta, "mean": [0.5] * 3, "std": [0.5] * 3}
+    meta = {"modality": "images", "arch": "resnet18", "weights": "none", "image_size": image_size}
+    backbone_checkpoint = {**meta, "resize_size": image_size, "mean": [0.5] * 3, "std": [0.5] * 3}
     head = {"type": "linear", "in_features": features, "hidden_units": 8, "dropout": 0.0, "classes": CLASSES}
     torch.save(classifier_checkpoint(model.state_dict(), backbone_checkpoint, head), path)
     return path
@@ -145,9 +142,9 @@ def test_an_unknown_device_and_an_unreadable_onnx_file_are_one_line_errors(tmp_p
     """``--device bogus`` is refused by the argument parser, naming the choices; an ONNX file
     that onnxruntime cannot load (beside a sidecar that matches its bytes) is a one-line
     error with exit 2: neither ends in a traceback."""
-    from pipeline.checkpoints import PREPROCESSING_KEYS, onnx_sidecar
-    from pipeline.common import file_sha256
-    from pipeline.entry import run_tool
+    from pipeline.core.checkpoints import onnx_sidecar, preprocessing_of
+    from pipeline.core.common import file_sha256
+    from pipeline.core.entry import run_tool
 
     image = str(write_image(tmp_path / "x.png", 5))
     with pytest.raises(SystemExit) as exit_info:
@@ -158,8 +155,9 @@ def test_an_unknown_device_and_an_unreadable_onnx_file_are_one_line_errors(tmp_p
     onnx_file = tmp_path / "model.onnx"
     onnx_file.write_bytes(b"not a protobuf at all")
     checkpoint = torch.load(model_file, weights_only=True)
-    preprocessing = {key: checkpoint[key] for key in PREPROCESSING_KEYS}
-    meta = onnx_sidecar({**preprocessing, "classes": CLASSES}, "0", file_sha256(onnx_file), 18)
+    meta = onnx_sidecar(
+        {**preprocessing_of(checkpoint), "classes": CLASSES}, [], "0", file_sha256(onnx_file), 18
+    )
     (tmp_path / "model.json").write_text(json.dumps(meta))
     with pytest.raises(SystemExit) as exit_info:
         run_tool(lambda: predict.main([image, "--onnx", str(onnx_file)]))

@@ -22,11 +22,11 @@ from pipeline import (
     export,
     extract,
     finetune,
-    params,
     prepare,
     report,
     train_head,
 )
+from pipeline.core import params
 from tests.conftest import ROOT, make_tree, tiny_params
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import strategies
-from pipeline.errors import StageError
+from pipeline.core.errors import StageError
 from tests.conftest import declared_outputs
 
 BASE = {"seed": 1, "lr": 0.001, "finetune": {"strategy": "full", "l2sp": 0.0, "optimizer": "adamw"}}

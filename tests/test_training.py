@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.epoch_log import EpochLog, read_epoch_log
-from pipeline.training import evaluate_epoch, fit_head, grad_scaler, train_epoch, warmup_cosine
+from pipeline.core.epoch_log import EpochLog, read_epoch_log
+from pipeline.core.training import evaluate_epoch, fit_head, grad_scaler, train_epoch, warmup_cosine
 
 
 def separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +128,7 @@ def test_evaluate_epoch_neither_trains_nor_keeps_gradients():
 
 
 def test_balanced_class_weights_favour_rare_classes():
-    from pipeline.training import balanced_class_weights
+    from pipeline.core.training import balanced_class_weights
 
     weights = balanced_class_weights(torch.tensor([0, 0, 0, 1]), num_classes=3)
     assert weights.tolist() == pytest.approx([4 / 9, 4 / 3, 4 / 3])  # an absent class counts as one
@@ -163,7 +163,7 @@ def test_balanced_class_weights_favour_rare_classes():
 
 def fit_on(history_rule, patience=None, epochs=6):
     """fit() on separable data with a val set, under a selection rule."""
-    from pipeline.training import fit
+    from pipeline.core.training import fit
 
     torch.manual_seed(0)
     model = nn.Linear(8, 3)
@@ -182,7 +182,7 @@ def fit_on(history_rule, patience=None, epochs=6):
 
 
 def test_fit_keeps_the_weights_of_the_epoch_the_rule_selects():
-    from pipeline.training import best_val_accuracy, last_epoch, lowest_val_loss
+    from pipeline.core.training import best_val_accuracy, last_epoch, lowest_val_loss
 
     for rule in (lowest_val_loss, best_val_accuracy, last_epoch):
         model, (kept, history) = fit_on(rule)
@@ -204,8 +204,8 @@ def test_fit_stops_after_patience_epochs_the_rule_passed_over():
 
 
 def test_a_non_finite_val_loss_never_wins_and_the_head_says_so_when_all_are():
-    from pipeline.errors import StageError
-    from pipeline.training import lowest_val_loss
+    from pipeline.core.errors import StageError
+    from pipeline.core.training import lowest_val_loss
 
     history = [{"val_loss": float("nan")}, {"val_loss": 2.0}, {"val_loss": float("inf")}]
     assert lowest_val_loss(history) is history[1]
@@ -217,7 +217,7 @@ def test_a_non_finite_val_loss_never_wins_and_the_head_says_so_when_all_are():
 def test_bfloat16_amp_runs_autocast_on_the_cpu_for_training_and_extraction():
     """The mixed-precision path a GPU takes, run here: layers compute in bfloat16, weights
     and returned features stay float32, and no loss scaler is used (bfloat16 needs none)."""
-    from pipeline.training import extract_features
+    from pipeline.core.training import extract_features
 
     device = torch.device("cpu")
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))

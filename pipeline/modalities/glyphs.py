@@ -1,4 +1,5 @@
-"""A synthetic source task for offline pretraining: glyphs rendered from matplotlib's fonts.
+"""A synthetic source task for offline pretraining: glyphs rendered from matplotlib's fonts,
+and the pretraining of a backbone on them (``backbone.weights: pretrain`` for images).
 
 Latin and Greek letters and symbols (never digits, so the target task stays unseen), drawn
 from the TrueType fonts that matplotlib ships, with a random font, size, rotation and offset,
@@ -14,8 +15,16 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import torch
 from fontTools.ttLib import TTFont
 from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+from pipeline.core import distributed
+from pipeline.core.models import Classifier
+from pipeline.core.training import fit, last_epoch, make_loader, optimizer_steps, warmup_cosine
+from pipeline.modalities.image_data import ImageArrayDataset, image_transform
+from pipeline.modalities.image_models import PLAIN_MEAN, PLAIN_STD, build_backbone
 
 GREEK = "ΓΔΘΛΞΠΣΦΨΩαβγδεζηθικλμνξπρστυφχψω"
 SYMBOLS = "#$%&@*+=?!<>/\\{}[]()§¶~^"
@@ -87,3 +96,62 @@ def render_glyph_dataset(count: int, image_size: int, seed: int) -> tuple[np.nda
         ]
     )
     return images, labels.astype(np.int64), list(CHARACTERS)
+
+
+def pretrain_on_glyphs(
+    arch: str,
+    image_size: int,
+    images: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    amp: str,
+    ranks: distributed.Ranks,
+    sync_batchnorm: bool = False,
+    max_batch_per_process: int = 0,
+) -> tuple[nn.Module, int, float]:
+    """Train ``arch`` from scratch on rendered glyphs (``batch_size`` the global batch, shared
+    by the processes); returns backbone, feature size and the accuracy on a held-out 5%."""
+    glyphs, labels, classes = render_glyph_dataset(images, image_size, seed)
+    held_out = max(1, len(labels) // 20)
+    transform = image_transform(image_size, PLAIN_MEAN, PLAIN_STD)
+    train = ImageArrayDataset(glyphs[held_out:], labels[held_out:], transform)
+    val = ImageArrayDataset(glyphs[:held_out], labels[:held_out], transform)
+    per_process, accumulate = distributed.split_batch(
+        batch_size, ranks.world_size, max_batch_per_process, "backbone.pretrain_batch_size"
+    )
+    train_sampler = distributed.GlobalBatchSampler(len(train), batch_size, ranks, seed)
+    train_loader = make_loader(train, per_process, device, sampler=train_sampler)
+    val_loader = make_loader(val, 512, device, sampler=distributed.ShardSampler(len(val), ranks))
+
+    backbone, features = build_backbone(arch, image_size=image_size)
+    model = Classifier(backbone, nn.Linear(features, len(classes)))
+    model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
+    steps = epochs * optimizer_steps(train_loader, accumulate)
+    scheduler = warmup_cosine(optimizer, warmup_steps=max(1, steps // 10), total_steps=steps)
+
+    def report(record: dict[str, float]) -> None:
+        print(
+            f"pretrain epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.3f}, "
+            f"held-out accuracy {record['val_accuracy']:.3f}"
+        )
+
+    kept, history = fit(
+        distributed.parallel(model, ranks, device, sync_batchnorm),
+        train_loader,
+        val_loader,
+        nn.CrossEntropyLoss(),
+        optimizer,
+        epochs,
+        device,
+        select=last_epoch,
+        scheduler=scheduler,
+        amp=amp,
+        on_epoch=report,
+        accumulate=accumulate,
+    )
+    model.load_state_dict(kept)
+    return model.backbone.cpu(), features, history[-1]["val_accuracy"]

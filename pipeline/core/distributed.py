@@ -22,11 +22,12 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import ParamsError, StageError
+from pipeline.core.errors import ParamsError, StageError
 
 if TYPE_CHECKING:
     import torch
@@ -270,7 +271,7 @@ def gather_in_order(indices: torch.Tensor, *tensors: torch.Tensor) -> tuple[torc
 def start(stage: str, distributed: dict[str, Any], device_name: str) -> tuple[Plan, Ranks, torch.device]:
     """A stage's first step: its plan, this process's ranks (joining the group in a
     worker) and the device this process computes on."""
-    from pipeline.common import resolve_device
+    from pipeline.core.common import resolve_device
 
     plan = plan_for(stage, distributed, device_name)
     ranks = join(plan)
@@ -326,9 +327,14 @@ class GlobalBatchSampler:
     world size, as in the one-process run. A last, short global batch is evened out over
     the processes by repeating its images in order, as often as it takes (DDP needs as many
     steps on each): every image is seen, and fewer than ``world_size`` extra copies are added.
+
+    Given the items' ``lengths`` (tokens of each text), the shuffle is bucketed by length
+    (``length_bucketed``), so a batch pads its texts to about their own length.
     """
 
-    def __init__(self, size: int, global_batch: int, ranks: Ranks, seed: int) -> None:
+    def __init__(
+        self, size: int, global_batch: int, ranks: Ranks, seed: int, lengths: Sequence[int] | None = None
+    ) -> None:
         self.size, self.global_batch, self.ranks, self.seed, self.epoch = (
             size,
             global_batch,
@@ -336,6 +342,7 @@ class GlobalBatchSampler:
             seed,
             0,
         )
+        self.lengths = lengths
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -344,7 +351,10 @@ class GlobalBatchSampler:
         import torch
 
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(self.size, generator=generator).tolist()
+        order = torch.randperm(self.size, generator=generator).tolist()
+        if self.lengths is None:
+            return order
+        return length_bucketed(order, self.lengths, self.global_batch, generator)
 
     def __iter__(self):
         order, world, rank = self._order(), self.ranks.world_size, self.ranks.rank
@@ -360,13 +370,37 @@ class GlobalBatchSampler:
         return full * -(-self.global_batch // world) + -(-rest // world)
 
 
+def length_bucketed(
+    order: list[int], lengths: Sequence[int], batch: int, generator: torch.Generator, window: int = 50
+) -> list[int]:
+    """A shuffled ``order`` regrouped into batches of about one length: each run of
+    ``window`` batches is sorted by length and cut into batches, then the full batches are
+    shuffled (``generator``); a short last batch stays last. Each batch still holds a random
+    draw of the data, as the windows do, but pads far less (the bucketing of
+    tensor2tensor and fairseq, here with one window of 50 batches)."""
+    import torch
+
+    ordered: list[int] = []
+    for start in range(0, len(order), batch * window):
+        ordered += sorted(order[start : start + batch * window], key=lambda index: lengths[index])
+    batches = [ordered[start : start + batch] for start in range(0, len(ordered), batch)]
+    full = len(order) // batch
+    shuffled = [batches[b] for b in torch.randperm(full, generator=generator).tolist()] + batches[full:]
+    return [index for chosen in shuffled for index in chosen]
+
+
 class ShardSampler:
     """This process's share of a dataset for inference: every ``world_size``-th item from
-    its rank, no padding (each item is computed once); gather_in_order puts them back."""
+    its rank, no padding (each item is computed once); gather_in_order puts them back.
+    Given the items' ``lengths`` (tokens of each text), the share goes longest first, so a
+    batch holds texts of about one length and pads little (the longest batch, first, shows
+    at once whether memory suffices)."""
 
-    def __init__(self, size: int, ranks: Ranks) -> None:
+    def __init__(self, size: int, ranks: Ranks, lengths: Sequence[int] | None = None) -> None:
         self.ranks = ranks
         self.indices = list(range(ranks.rank, size, ranks.world_size))
+        if lengths is not None:
+            self.indices.sort(key=lambda index: -lengths[index])
 
     def __iter__(self):
         return iter(self.indices)

@@ -2,16 +2,14 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.errors import StageError
-from pipeline.models import (
-    Classifier,
+from pipeline.core.errors import StageError
+from pipeline.core.models import Classifier, build_head, unfreeze_last_blocks
+from pipeline.modalities.image_models import (
     build_backbone,
-    build_head,
     checkpoint_state_dict,
     download_backbone,
     feature_blocks,
     load_checkpoint_backbone,
-    unfreeze_last_blocks,
 )
 
 
@@ -38,11 +36,11 @@ def test_unfreeze_last_blocks_freezes_everything_before_them():
     backbone, _ = build_backbone("resnet18")
     names = [type(b).__name__ for b in feature_blocks(backbone)]
     assert names[-4:] == ["Sequential"] * 4  # layer1..layer4
-    frozen = unfreeze_last_blocks(backbone, 1)
+    frozen = unfreeze_last_blocks(backbone, feature_blocks(backbone), 1)
     trainable = {n.split(".")[0] for n, p in backbone.named_parameters() if p.requires_grad}
     assert trainable == {"layer4"}
     assert backbone.bn1 in frozen
-    assert unfreeze_last_blocks(backbone, "all") == []
+    assert unfreeze_last_blocks(backbone, feature_blocks(backbone), "all") == []
     assert all(p.requires_grad for p in backbone.parameters())
 
 
@@ -150,7 +148,7 @@ def test_every_family_gives_pooled_features_and_blocks(arch, size):
     assert len(feature_blocks(backbone)) >= 3
     with torch.inference_mode():
         assert backbone.eval()(torch.zeros(1, 3, size, size)).shape == (1, dim)
-    unfreeze_last_blocks(backbone, 1)
+    unfreeze_last_blocks(backbone, feature_blocks(backbone), 1)
     assert any(p.requires_grad for p in backbone.parameters())
     assert not all(p.requires_grad for p in backbone.parameters())
 
@@ -160,7 +158,7 @@ def test_families_with_auxiliary_classifiers_train_as_one_classifier(arch, size)
     """torchvision's googlenet and inception_v3 return auxiliary ImageNet logits beside the
     main output in training mode; the pipeline builds them without those heads, so a
     training step of the backbone plus a new head is an ordinary one."""
-    from pipeline.training import fit
+    from pipeline.core.training import fit
 
     torch.manual_seed(0)
     backbone, dim = build_backbone(arch, image_size=size)

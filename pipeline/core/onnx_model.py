@@ -4,15 +4,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from pipeline.checkpoints import ONNX_INPUT, ONNX_OUTPUT
-from pipeline.errors import StageError
-
-if TYPE_CHECKING:
-    import torch
+from pipeline.core.checkpoints import ONNX_OUTPUT
+from pipeline.core.errors import StageError
 
 
 def require_onnxruntime() -> Any:
@@ -37,5 +34,6 @@ def onnx_session(path: Path | str) -> Any:
         ) from None
 
 
-def onnx_logits(session: Any, images: torch.Tensor) -> np.ndarray:
-    return session.run([ONNX_OUTPUT], {ONNX_INPUT: images.numpy().astype(np.float32, copy=False)})[0]
+def onnx_logits(session: Any, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """The logits for one batch, given as its modality's ``onnx_feed`` names the inputs."""
+    return session.run([ONNX_OUTPUT], feed)[0]

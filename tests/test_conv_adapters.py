@@ -3,9 +3,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pipeline.adapters import add_adapters, fold_adapters
-from pipeline.errors import StageError
-from pipeline.models import Classifier, build_backbone
+from pipeline.core.errors import StageError
+from pipeline.core.models import Classifier
+from pipeline.modalities.conv_adapters import add_adapters, fold_adapters
+from pipeline.modalities.image_models import build_backbone
 from tests.conftest import fine_tune_briefly
 
 

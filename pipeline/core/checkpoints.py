@@ -18,8 +18,15 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from pipeline.common import BACKBONE_FILE, FEATURES_DIR, FINETUNED_FILE, HEAD_FILE, file_sha256, load_torch
-from pipeline.errors import StageError
+from pipeline.core.common import (
+    BACKBONE_FILE,
+    FEATURES_DIR,
+    FINETUNED_FILE,
+    HEAD_FILE,
+    file_sha256,
+    load_torch,
+)
+from pipeline.core.errors import StageError
 
 if TYPE_CHECKING:
     import torch
@@ -28,26 +35,48 @@ StateDict = dict[str, "torch.Tensor"]
 
 
 class Preprocessing(TypedDict):
-    """What a model needs to be fed as its backbone was; every format below carries it."""
+    """What a model needs to be fed as its backbone was; every format below carries it,
+    its keys at the top level: these three, then the modality's own (PREPROCESSING_KEYS)."""
 
+    modality: str  # images | text: which module of pipeline.modalities reads the rest
     arch: str
     weights: str  # the params' backbone.weights the backbone came from
+
+
+class ImagePreprocessing(Preprocessing):
     image_size: int
     resize_size: int
     mean: list[float]
     std: list[float]
 
 
-# Preprocessing's keys in the order the files hold them (their bytes, and so their hashes
-# in dvc.lock, depend on it).
-PREPROCESSING_KEYS = ("arch", "weights", "image_size", "resize_size", "mean", "std")
+class TextPreprocessing(Preprocessing):
+    config: dict[str, Any]  # the encoder's Hugging Face config: rebuilds it with no download
+    tokenizer: str  # the tokenizer, as the tokenizers library's JSON
+    max_length: int
+    truncation: str
+    padding: str
+    pooling: str
+
+
+# Each modality's preprocessing keys in the order the files hold them (their bytes, and so
+# their hashes in dvc.lock, depend on it).
+PREPROCESSING_KEYS = {
+    "images": tuple(ImagePreprocessing.__annotations__),  # the base class's keys first
+    "text": tuple(TextPreprocessing.__annotations__),
+}
+
+
+def preprocessing_of(checkpoint: dict[str, Any]) -> Preprocessing:
+    """The preprocessing keys of a checkpoint or sidecar, in their order."""
+    return {key: checkpoint[key] for key in PREPROCESSING_KEYS[checkpoint["modality"]]}
 
 
 class BackboneCheckpoint(Preprocessing):
     """models/backbone.pt: the backbone without its classifier, and its preprocessing."""
 
-    state_dict: StateDict
     feature_dim: int
+    state_dict: StateDict
 
 
 class Features(TypedDict):
@@ -99,7 +128,7 @@ class OnnxSidecar(Preprocessing):
     format: str
     format_version: int
     onnx_sha256: str
-    input: dict[str, str]
+    inputs: list[dict[str, Any]]
     output: dict[str, str]
     classes: list[str]
     opset: int | None
@@ -108,10 +137,10 @@ class OnnxSidecar(Preprocessing):
 
 
 CLASSIFIER_FORMAT = "dvc-transfer-learning classifier"
-CLASSIFIER_VERSION = 1
+CLASSIFIER_VERSION = 2  # 2: the preprocessing names its modality
 ONNX_FORMAT = "dvc-transfer-learning onnx"
-ONNX_FORMAT_VERSION = 2  # 2: the sidecar pins model.onnx's own sha256
-ONNX_INPUT, ONNX_OUTPUT = "images", "logits"
+ONNX_FORMAT_VERSION = 3  # 2: the sidecar pins model.onnx's own sha256; 3: inputs by modality
+ONNX_OUTPUT = "logits"
 
 
 def _require_keys(loaded: Any, schema: type, path: Path, stage: str) -> None:
@@ -124,31 +153,28 @@ def _require_keys(loaded: Any, schema: type, path: Path, stage: str) -> None:
 
 
 def backbone_checkpoint(
-    arch: str,
-    weights: str,
-    state_dict: StateDict,
-    feature_dim: int,
-    image_size: int,
-    resize_size: int,
-    mean: list[float],
-    std: list[float],
+    preprocessing: Preprocessing | dict[str, Any], feature_dim: int, state_dict: StateDict
 ) -> BackboneCheckpoint:
-    return {
-        "arch": arch,
-        "weights": weights,
-        "state_dict": state_dict,
-        "feature_dim": feature_dim,
-        "image_size": image_size,
-        "resize_size": resize_size,
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-    }
+    """models/backbone.pt: the preprocessing (its keys in order), the feature size, the weights."""
+    return {**preprocessing_of(preprocessing), "feature_dim": feature_dim, "state_dict": state_dict}
+
+
+def _require_preprocessing(loaded: dict[str, Any], path: Path, stage: str) -> None:
+    """The modality's own preprocessing keys are there too (the schemas hold the shared ones)."""
+    modality = loaded["modality"]
+    missing = [key for key in PREPROCESSING_KEYS.get(modality, ("(a known modality)",)) if key not in loaded]
+    if missing:
+        raise StageError(
+            f"{path}: not a file this pipeline wrote for {modality!r} (missing {', '.join(missing)}); "
+            f"rerun the stage that writes it: dvc repro {stage}"
+        )
 
 
 def read_backbone(path: Path | str = BACKBONE_FILE) -> BackboneCheckpoint:
     path = Path(path)
     loaded = load_torch(path)
     _require_keys(loaded, BackboneCheckpoint, path, "backbone")
+    _require_preprocessing(loaded, path, "backbone")
     return loaded
 
 
@@ -188,7 +214,7 @@ def classifier_checkpoint(
     return {
         "format": CLASSIFIER_FORMAT,
         "format_version": CLASSIFIER_VERSION,
-        **{key: backbone[key] for key in PREPROCESSING_KEYS},
+        **preprocessing_of(backbone),
         "classes": head["classes"],
         "head": {key: value for key, value in head.items() if key != "state_dict"},
         **extra,
@@ -231,6 +257,7 @@ def read_classifier(path: Path | str = FINETUNED_FILE) -> ClassifierCheckpoint:
             + ("update this project (git pull, pip install -e .)" if newer else "rerun: dvc repro finetune")
         )
     _require_keys(checkpoint, ClassifierCheckpoint, path, "finetune")
+    _require_preprocessing(checkpoint, path, "finetune")
     return checkpoint
 
 
@@ -240,17 +267,22 @@ def sidecar_path(onnx_file: Path | str) -> Path:
 
 
 def onnx_sidecar(
-    checkpoint: ClassifierCheckpoint | dict[str, Any], checkpoint_hash: str, onnx_hash: str, opset: int | None
+    checkpoint: ClassifierCheckpoint | dict[str, Any],
+    inputs: list[dict[str, Any]],
+    checkpoint_hash: str,
+    onnx_hash: str,
+    opset: int | None,
 ) -> OnnxSidecar:
-    """What a caller needs to feed model.onnx and read its output, and the sha256 of the
-    model.onnx it describes (a sidecar beside another model.onnx is refused)."""
+    """What a caller needs to feed model.onnx (``inputs``: each input's name, shape and
+    dtype, as the modality exports them; the preprocessing) and read its output, and the
+    sha256 of the model.onnx it describes (a sidecar beside another model.onnx is refused)."""
     return {
         "format": ONNX_FORMAT,
         "format_version": ONNX_FORMAT_VERSION,
         "onnx_sha256": onnx_hash,
-        "input": {"name": ONNX_INPUT, "layout": "NCHW", "dtype": "float32", "channels": "RGB"},
+        "inputs": inputs,
         "output": {"name": ONNX_OUTPUT, "meaning": "logits; softmax gives class probabilities"},
-        **{key: checkpoint[key] for key in PREPROCESSING_KEYS},
+        **preprocessing_of(checkpoint),
         "classes": checkpoint["classes"],
         "opset": opset,
         "source": str(FINETUNED_FILE),
@@ -287,4 +319,5 @@ def read_sidecar(onnx_file: Path | str) -> OnnxSidecar:
             "interrupted between the two files, or one of them replaced); rerun: dvc repro export"
         )
     _require_keys(meta, OnnxSidecar, path, "export")
+    _require_preprocessing(meta, path, "export")
     return meta

@@ -2,7 +2,7 @@
 
 Every stage ends with ``run_stage(main, ...)`` and every command-line tool with
 ``run_tool(main)``. Where params ask for more than one process, ``run_stage`` turns this
-process into the launcher of the stage's workers (pipeline.distributed); the workers run
+process into the launcher of the stage's workers (pipeline.core.distributed); the workers run
 ``main`` themselves.
 """
 
@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from pipeline.errors import ParamsError, StageError
+from pipeline.core.errors import ParamsError, StageError
 
 
 def check_git_has_a_commit() -> None:
@@ -37,9 +37,9 @@ def check_git_has_a_commit() -> None:
 
 def launched(stage: str) -> bool:
     """Start ``stage``'s processes under torch.distributed.run if params ask for several
-    (pipeline.distributed), and wait for them; False where one process runs it here."""
-    from pipeline.distributed import in_worker, launch, plan_for
-    from pipeline.params import load_params
+    (pipeline.core.distributed), and wait for them; False where one process runs it here."""
+    from pipeline.core.distributed import in_worker, launch, plan_for
+    from pipeline.core.params import load_params
 
     if in_worker():
         return False

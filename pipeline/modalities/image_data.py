@@ -1,5 +1,6 @@
-"""Image files on disk: decoding any image Pillow opens, scanning a class-per-folder tree,
-checking every file, and a streaming dataset over them."""
+"""Images as tensors: scikit-learn's digits and CIFAR in memory, and image files on disk
+(decoding any image Pillow opens, scanning a class-per-folder tree, checking every file);
+the transforms and the datasets over both."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from pipeline.common import progress
-from pipeline.errors import StageError
+from pipeline.core.common import progress
+from pipeline.core.errors import StageError
 
 IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
 SPLIT_FOLDERS = ("train", "val", "test")
@@ -112,6 +113,8 @@ def unreadable_files(paths: list[Path], num_workers: int) -> dict[str, str]:
 class ImageFileDataset(Dataset):
     """Images read from disk on access, so memory stays bounded whatever the dataset's size."""
 
+    reads_files = True  # DataLoader workers decode them (training.loader_workers)
+
     def __init__(self, paths: list[str], labels: list[int], transform: v2.Compose) -> None:
         self.paths = paths
         self.labels = torch.as_tensor(labels, dtype=torch.long)
@@ -122,3 +125,91 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.transform(read_rgb(self.paths[index])), self.labels[index]
+
+
+def load_digits_dataset() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """scikit-learn's bundled 8x8 handwritten digits as uint8 images (ink bright), labels, names."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images / 16.0 * 255.0).astype(np.uint8)
+    return images, digits.target.astype(np.int64), [str(name) for name in digits.target_names]
+
+
+def load_cifar(name: str, root: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """CIFAR-10 or CIFAR-100 through torchvision: train and test as HxWx3 uint8 arrays.
+
+    A copy under ``root`` is used as it is; otherwise torchvision downloads it there.
+    """
+    from torchvision import datasets
+
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    splits = {}
+    for split, train in (("train", True), ("test", False)):
+        try:
+            dataset = cls(root=str(root), train=train, download=True)  # skips a verified copy
+        except (OSError, RuntimeError) as error:
+            raise StageError(
+                f"data.dataset: {name}: no copy under {root} and the download failed ({error}). "
+                f"Offline, put {cls.filename} (from {cls.url}) or its extracted folder "
+                f"{cls.base_folder}/ in {root}/"
+            ) from None
+        splits[split] = (
+            np.asarray(dataset.data, dtype=np.uint8),
+            np.asarray(dataset.targets, dtype=np.int64),
+        )
+    return splits, list(dataset.classes)
+
+
+def image_transform(
+    image_size: int,
+    mean: list[float],
+    std: list[float],
+    augment: bool = False,
+    resize_size: int | None = None,
+) -> v2.Compose:
+    """uint8 HxW or HxWxC array -> normalized float CxHxW tensor, ``image_size`` square.
+
+    The shorter side is resized to ``resize_size`` (default ``image_size``), then the centre
+    cropped, as torchvision's weights preprocess (e.g. 256 then 224). Augmentation is a mild
+    affine jitter (no flips: they change what a glyph or digit means).
+    """
+    steps: list[v2.Transform] = [
+        v2.ToImage(),
+        v2.RGB(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Resize(resize_size or image_size, antialias=True),
+        v2.CenterCrop(image_size),
+    ]
+    if augment:
+        steps.append(v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)))
+    steps.append(v2.Normalize(mean=mean, std=std))
+    return v2.Compose(steps)
+
+
+def checkpoint_transform(checkpoint: dict, augment: bool = False) -> v2.Compose:
+    """The preprocessing a backbone checkpoint records (size, resize, mean, std)."""
+    return image_transform(
+        checkpoint["image_size"],
+        checkpoint["mean"],
+        checkpoint["std"],
+        augment,
+        checkpoint.get("resize_size"),
+    )
+
+
+class ImageArrayDataset(Dataset):
+    """Images held in one uint8 array, transformed on access."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: v2.Compose) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.images[index]), self.labels[index]

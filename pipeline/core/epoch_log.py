@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import StageError
+from pipeline.core.errors import StageError
 
 
 class EpochLog:

@@ -12,9 +12,79 @@ import yaml
 from PIL import Image
 
 from pipeline import backbone, baseline, evaluate, export, extract, finetune, prepare, report, train_head
-from pipeline.errors import StageError
-from pipeline.images import read_rgb, scan_tree, unreadable_files
+from pipeline.core.errors import StageError
+from pipeline.modalities.image_data import (
+    ImageArrayDataset,
+    image_transform,
+    load_cifar,
+    load_digits_dataset,
+    read_rgb,
+    scan_tree,
+    unreadable_files,
+)
 from tests.conftest import make_tree, odd_images, tiny_params
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_dataset()
+
+
+def test_digits_load_offline_as_uint8_images(digits):
+    images, labels, classes = digits
+    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8
+    assert images.max() == 255 and classes == [str(i) for i in range(10)]
+    assert set(labels) == set(range(10))
+
+
+def test_transform_makes_normalized_rgb_at_image_size(digits):
+    images, labels, _ = digits
+    dataset = ImageArrayDataset(images, labels, image_transform(24, [0.5] * 3, [0.5] * 3))
+    image, label = dataset[0]
+    assert image.shape == (3, 24, 24) and image.dtype.is_floating_point
+    assert image.min() >= -1.0 and image.max() <= 1.0
+    assert label.item() == labels[0]
+    augmented = image_transform(24, [0.5] * 3, [0.5] * 3, augment=True)(images[0])
+    assert augmented.shape == (3, 24, 24)
+
+
+def fake_cifar10(root, per_batch: int = 6) -> None:
+    """CIFAR-10's python layout, with tiny random batches."""
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            "data": rng.integers(0, 255, (per_batch, 3072), dtype=np.uint8),
+            "labels": [i % 10 for i in range(per_batch)],
+        }
+        (folder / name).write_bytes(pickle.dumps(batch))
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+
+
+def test_cifar_uses_an_existing_copy(tmp_path, monkeypatch):
+    fake_cifar10(tmp_path)
+    # The fake batches have other checksums than the real files torchvision verifies.
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *args, **kwargs: True)
+    splits, classes = load_cifar("cifar10", tmp_path)
+    assert classes[0] == "airplane" and splits["train"][0].shape == (30, 32, 32, 3)
+    assert splits["test"][1].tolist() == list(range(6))
+
+
+def test_cifar_offline_without_a_copy_says_where_to_put_the_files(tmp_path, monkeypatch):
+    from pipeline.core.errors import StageError
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", offline)
+    with pytest.raises(StageError) as error:
+        load_cifar("cifar100", tmp_path / "cifar100")
+    message = str(error.value)
+    assert "cifar-100-python.tar.gz" in message and str(tmp_path / "cifar100") in message
 
 
 def test_every_mode_reads_as_rgb_uint8(tmp_path):

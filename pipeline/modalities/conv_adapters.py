@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pipeline.errors import StageError
+from pipeline.core.errors import StageError
 
 
 class CentreTap(nn.Module):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.errors import ParamsError, StageError
+from pipeline.core.errors import ParamsError, StageError
 
 if TYPE_CHECKING:
     import torch

@@ -1,4 +1,5 @@
-"""Building backbones, heads and the classifier that joins them, for any torchvision model."""
+"""Image backbones: any torchvision classification model (and EfficientNet-Lite0 from the
+`lite` extra), without its classifier, with torchvision's weights or a local checkpoint."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from torch import nn
 from torchvision import models as tv_models
 from torchvision.models.vision_transformer import interpolate_embeddings
 
-from pipeline.checkpoints import ClassifierCheckpoint, read_classifier
-from pipeline.errors import StageError
+from pipeline.core.errors import StageError
 
 # Preprocessing for backbones without torchvision weights (pretrain, none): images in [0, 1].
 PLAIN_MEAN = [0.5, 0.5, 0.5]
@@ -29,6 +29,12 @@ LITE_STD = [0.5, 0.5, 0.5]
 # for them, and inception_v3's fail below 299 px, so these are built without them; a
 # checkpoint's keys for them are ignored like its classifier's.
 AUX_HEADS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+
+
+def architectures() -> list[str]:
+    """Every ``backbone.arch`` an image backbone can be: torchvision's classification models
+    and the extra ones."""
+    return sorted([*tv_models.list_models(module=tv_models), *EXTRA_ARCHS])
 
 
 def _build_extra(arch: str, pretrained: bool) -> nn.Module:
@@ -139,63 +145,6 @@ def torchvision_weights(arch: str, name: str) -> Any:
     return tv_models.get_model_weights(arch)[name]
 
 
-def build_head(kind: str, in_features: int, num_classes: int, hidden_units: int, dropout: float) -> nn.Module:
-    """A linear head, or a one-hidden-layer MLP."""
-    if kind == "linear":
-        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
-    return nn.Sequential(
-        nn.Linear(in_features, hidden_units),
-        nn.ReLU(),
-        nn.Dropout(dropout),
-        nn.Linear(hidden_units, num_classes),
-    )
-
-
-class Classifier(nn.Module):
-    """A backbone that returns pooled features, and a head that classifies them."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
-
-
-def load_backbone(checkpoint: dict[str, Any]) -> nn.Module:
-    """Rebuild the backbone a backbone or fine-tuned checkpoint describes."""
-    model, _ = build_backbone(checkpoint["arch"], image_size=checkpoint["image_size"])
-    model.load_state_dict(checkpoint["state_dict"])
-    return model
-
-
-def head_from_config(config: dict[str, Any], num_classes: int) -> nn.Module:
-    """An untrained head of the shape a head checkpoint records."""
-    return build_head(
-        config["type"], config["in_features"], num_classes, config["hidden_units"], config["dropout"]
-    )
-
-
-def load_head(checkpoint: dict[str, Any]) -> nn.Module:
-    head = head_from_config(checkpoint, len(checkpoint["classes"]))
-    head.load_state_dict(checkpoint["state_dict"])
-    return head
-
-
-def classifier_from_checkpoint(checkpoint: dict[str, Any]) -> Classifier:
-    backbone, _ = build_backbone(checkpoint["arch"], image_size=checkpoint["image_size"])
-    model = Classifier(backbone, head_from_config(checkpoint["head"], len(checkpoint["classes"])))
-    model.load_state_dict(checkpoint["state_dict"])
-    return model
-
-
-def load_classifier(path: Path | str) -> tuple[Classifier, ClassifierCheckpoint]:
-    """The fine-tuned classifier saved at ``path`` and its checkpoint's metadata."""
-    checkpoint = read_classifier(path)
-    return classifier_from_checkpoint(checkpoint), checkpoint
-
-
 def feature_blocks(model: nn.Module) -> list[nn.Module]:
     """The backbone's stages in order, for unfreezing the last N.
 
@@ -210,40 +159,6 @@ def feature_blocks(model: nn.Module) -> list[nn.Module]:
             continue
         return [block for block in container.children() if any(True for _ in block.parameters())]
     return [child for child in model.children() if any(True for _ in child.parameters())]
-
-
-def unfreeze_last_blocks(model: nn.Module, blocks: str | int) -> list[nn.Module]:
-    """Make trainable the last ``blocks`` stages and all that follows them; freeze the rest.
-
-    Returns the frozen modules (their BatchNorm statistics should stay fixed in training).
-    """
-    stages = feature_blocks(model)
-    if blocks == "all" or blocks >= len(stages):
-        for parameter in model.parameters():
-            parameter.requires_grad_(True)
-        return []
-    first_trainable = next(stages[-blocks].parameters())
-    trainable = False
-    for parameter in model.parameters():
-        trainable = trainable or parameter is first_trainable
-        parameter.requires_grad_(trainable)
-    return frozen_modules(model)
-
-
-def frozen_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules that hold parameters, none of them trainable."""
-    return [
-        module
-        for module in model.modules()
-        if any(True for _ in module.parameters(recurse=False))
-        and not any(p.requires_grad for p in module.parameters(recurse=False))
-    ]
-
-
-def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
-    """Every BatchNorm layer (SyncBatchNorm included): in eval mode they keep their running
-    statistics while their scale and shift still train."""
-    return [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
 
 
 def classifier_name(arch: str) -> str:

@@ -11,11 +11,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
-from pipeline.common import PREPARED_DIR, progress
-from pipeline.data import loader_workers, split_dataset
-from pipeline.distributed import Ranks, ShardSampler, gather_in_order, sharded, sum_over_ranks
-from pipeline.errors import StageError
-from pipeline.models import build_head
+from pipeline.core.common import progress
+from pipeline.core.distributed import gather_in_order, sharded, sum_over_ranks
+from pipeline.core.errors import StageError
+from pipeline.core.models import build_head
 
 EpochCallback = Callable[[dict[str, float]], None]
 Penalty = Callable[[], torch.Tensor]
@@ -33,7 +32,8 @@ def make_loader(
     """A seeded DataLoader (workers draw their seeds from it); pinned memory for a GPU.
 
     ``sampler`` picks this process's items (distributed.GlobalBatchSampler for training,
-    distributed.ShardSampler for inference) in place of a plain order or shuffle.
+    distributed.ShardSampler for inference) in place of a plain order or shuffle. A
+    dataset's own ``collate`` (texts padded into one tensor) makes its batches.
     """
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
@@ -44,24 +44,14 @@ def make_loader(
         generator=generator,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        collate_fn=getattr(dataset, "collate", None),
     )
 
 
-def inference_loader(
-    split: str,
-    transform: Callable,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-    ranks: Ranks | None = None,
-) -> DataLoader:
-    """A loader over this process's share of a prepared split (all of it for one process),
-    in order, its files decoded in ``num_workers`` processes: what extraction, the baseline,
-    evaluation and the export's parity check run on."""
-    dataset = split_dataset(PREPARED_DIR, split, transform)
-    sampler = ShardSampler(len(dataset), ranks or Ranks())
-    workers = loader_workers(dataset, num_workers)
-    return make_loader(dataset, batch_size, device, num_workers=workers, sampler=sampler)
+def loader_workers(dataset: Dataset, num_workers: int) -> int:
+    """Worker processes for a dataset: decoding files needs them (a dataset that
+    ``reads_files``); items already in memory do not."""
+    return num_workers if getattr(dataset, "reads_files", False) else 0
 
 
 def loader_indices(loader: DataLoader) -> torch.Tensor:
@@ -70,11 +60,14 @@ def loader_indices(loader: DataLoader) -> torch.Tensor:
 
 
 def in_dataset_order(loader: DataLoader, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """An inference loader's rows of ``tensors``, every process's share put together in
-    dataset order where the loader is sharded; the rows themselves where it is not."""
-    if not sharded(loader.sampler):
-        return tensors
-    return gather_in_order(loader_indices(loader), *tensors)
+    """An inference loader's rows of ``tensors`` in dataset order: every process's share put
+    together where the loader is sharded; this process's rows sorted back where its sampler
+    ordered them otherwise (texts by length)."""
+    indices = loader_indices(loader)
+    if sharded(loader.sampler):
+        return gather_in_order(indices, *tensors)
+    order = indices.argsort()
+    return tuple(tensor[order] for tensor in tensors)
 
 
 def totals(loader: DataLoader, *values: float) -> list[float]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import ParamsError
+from pipeline.core.errors import ParamsError
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -135,20 +135,6 @@ def one_of(*choices: str) -> Callable[[Any, str], str]:
     return check
 
 
-def architecture(value: Any, key: str) -> str:
-    from torchvision import models
-
-    from pipeline.models import EXTRA_ARCHS
-
-    available = [*models.list_models(module=models), *EXTRA_ARCHS]
-    if value not in available:
-        raise ParamsError(
-            f"{key}: unknown architecture {value!r}; choose a torchvision classification "
-            f"model, one of: {', '.join(sorted(available))}"
-        )
-    return value
-
-
 def is_weights_file(weights: str) -> bool:
     """Whether ``backbone.weights`` names a local checkpoint rather than a built-in source
     or a torchvision weights name."""
@@ -234,7 +220,7 @@ SCHEMA: dict[str, Any] = {
         "max_train_per_class": non_negative_int,
     },
     "backbone": {
-        "arch": text,  # checked against torchvision's registry in check_backbone_model
+        "arch": text,  # checked by the modality in check_backbone_model
         "weights": weights_source,
         "image_size": positive_int,
         "pretrain_images": positive_int,
@@ -307,43 +293,14 @@ def validate(raw: Any, schema: dict[str, Any] = SCHEMA, prefix: str = "") -> dic
     return checked
 
 
-def check_weights_name(backbone: dict[str, Any]) -> None:
-    """A torchvision weights name must be one of ``backbone.arch``'s, so a typo fails before
-    prepare runs rather than after (the name alone looks valid)."""
-    from pipeline.models import weights_names
+def check_backbone_model(params: dict[str, Any]) -> None:
+    """``backbone.*`` describes a model the modality of ``data.dataset`` builds, checked by
+    that modality (pipeline.modalities): for images, a torchvision model, one of its weights
+    names, an image size it takes. This imports the modality's model library, the slow part
+    of loading params."""
+    from pipeline.modalities import for_dataset
 
-    weights = backbone["weights"]
-    if weights in BUILTIN_WEIGHTS or is_weights_file(weights):  # a path: weights_source checked it
-        return
-    valid = weights_names(backbone["arch"])
-    if weights not in valid:
-        raise ParamsError(
-            f"backbone.weights: {weights!r} is not a weights name of {backbone['arch']}; "
-            f"choose one of: {', '.join(valid)}, or 'pretrain', 'none', or a checkpoint path"
-        )
-
-
-def check_image_size(backbone: dict[str, Any]) -> None:
-    """``backbone.image_size`` is one that ``backbone.arch`` takes (a forward pass on torch's
-    meta device), so a ViT's patch size or inception_v3's minimum fails here, not mid-stage."""
-    from pipeline.models import image_size_problem, next_image_size
-
-    arch, size = backbone["arch"], backbone["image_size"]
-    problem = image_size_problem(arch, size)
-    if problem is None:
-        return
-    larger = next_image_size(arch, size)
-    hint = f"the next size up that it takes is {larger}" if larger else "try 224, ImageNet's"
-    raise ParamsError(f"backbone.image_size: {arch} cannot take {size}-pixel images ({problem}); {hint}")
-
-
-def check_backbone_model(backbone: dict[str, Any]) -> None:
-    """``backbone.arch`` is a model torchvision (or the lite extra) builds, a weights name is
-    one of its own, and it takes ``backbone.image_size``. This imports torchvision, the slow
-    part of loading params."""
-    architecture(backbone["arch"], "backbone.arch")
-    check_weights_name(backbone)
-    check_image_size(backbone)
+    for_dataset(params["data"]["dataset"]).check_backbone(params["backbone"])
 
 
 def check_weights_file(weights: str) -> None:
@@ -396,8 +353,8 @@ def cross_check(params: dict[str, Any]) -> None:
 def load_params(path: Path | str = PARAMS_FILE, check_models: bool = True) -> dict[str, Any]:
     """Read params.yaml, validate every key and return plain, typed values.
 
-    ``check_models=False`` skips the checks that need torchvision's model registry, for a
-    stage that builds no model (report): every stage that does build one checks them.
+    ``check_models=False`` skips the checks that need the models' libraries (torchvision's
+    registry), for a stage that builds no model (report): every stage that does checks them.
     """
     path = Path(path)
     try:
@@ -409,7 +366,7 @@ def load_params(path: Path | str = PARAMS_FILE, check_models: bool = True) -> di
     try:
         params = validate(raw)
         if check_models:
-            check_backbone_model(params["backbone"])
+            check_backbone_model(params)
         cross_check(params)
     except ParamsError as error:
         raise ParamsError(f"{path}: {error}") from None

@@ -1,0 +1,290 @@
+"""The image modality: what the stages need of images, behind the seam pipeline.modalities
+describes (every function here has its twin in pipeline.modalities.text).
+
+Images come from scikit-learn's digits or CIFAR (in memory) or a class-per-folder tree of
+files (streamed); the backbone is any torchvision classification model, pretrained on the
+offline glyph task, at random init, with torchvision's weights or from a local checkpoint.
+A batch is a float tensor N x 3 x H x W, normalised as the backbone's preprocessing says.
+
+torch and torchvision are imported inside the functions that use them: the report stage
+imports this module for its view of the mistakes and needs neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.core.errors import ParamsError, StageError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+
+    from pipeline.core import distributed
+    from pipeline.core.checkpoints import BackboneCheckpoint, ImagePreprocessing
+    from pipeline.core.data import Splits
+
+NAME = "images"
+ITEMS = "images"  # what messages and the report count
+SKIPPED = "unreadable image file(s) skipped (`data.skip_bad_images: true`)"  # the report's note
+
+
+def is_architecture(arch: str) -> bool:
+    """Whether ``arch`` names an image backbone (torchvision's registry, or the extras)."""
+    from pipeline.modalities.image_models import architectures
+
+    return arch in architectures()
+
+
+def check_backbone(config: dict[str, Any]) -> None:
+    """``backbone.arch`` is a model torchvision (or the lite extra) builds, a weights name is
+    one of its own, and it takes ``backbone.image_size``: checked when params load, before
+    any stage works. Imports torchvision, the slow part of loading params."""
+    from pipeline.core.params import BUILTIN_WEIGHTS, is_weights_file
+    from pipeline.modalities import image_models
+
+    arch, weights, size = config["arch"], config["weights"], config["image_size"]
+    available = image_models.architectures()
+    if arch not in available:
+        raise ParamsError(
+            f"backbone.arch: unknown architecture {arch!r}; choose a torchvision classification "
+            f"model, one of: {', '.join(available)} (for texts, data.dataset: text with a "
+            "Hugging Face encoder)"
+        )
+    if weights not in BUILTIN_WEIGHTS and not is_weights_file(weights):
+        valid = image_models.weights_names(arch)
+        if weights not in valid:  # the name alone looks valid: fail before prepare, not after
+            raise ParamsError(
+                f"backbone.weights: {weights!r} is not a weights name of {arch}; "
+                f"choose one of: {', '.join(valid)}, or 'pretrain', 'none', or a checkpoint path"
+            )
+    problem = image_models.image_size_problem(arch, size)
+    if problem is not None:  # a forward pass on torch's meta device: a ViT's patch size, a minimum
+        larger = image_models.next_image_size(arch, size)
+        hint = f"the next size up that it takes is {larger}" if larger else "try 224, ImageNet's"
+        raise ParamsError(f"backbone.image_size: {arch} cannot take {size}-pixel images ({problem}); {hint}")
+
+
+def prepare_splits(data: dict[str, Any], seed: int) -> tuple[Splits, list[str], list[str]]:
+    """The splits of ``data.dataset`` (digits, cifar10, cifar100, imagefolder), the class
+    names and the files skipped as unreadable."""
+    from pipeline.core.data import split_given
+    from pipeline.modalities import image_data
+
+    fractions = (data["val_fraction"], data["test_fraction"], data["max_train_per_class"], seed)
+    if data["dataset"] == "imagefolder":
+        given, classes, skipped = imagefolder_files(data)
+        return split_given(given, *fractions), classes, skipped
+    if data["dataset"] in ("cifar10", "cifar100"):
+        given, classes = image_data.load_cifar(data["dataset"], Path(data["path"]))
+        return split_given(given, *fractions), classes, []
+    images, labels, classes = image_data.load_digits_dataset()
+    return split_given({"all": (images, labels)}, *fractions), classes, []
+
+
+def imagefolder_files(data: dict[str, Any]) -> tuple[dict, list[str], list[str]]:
+    """A class-per-folder tree's files by split ('all' where it has no split folders), its
+    classes and the unreadable files skipped; unreadable files are an error listing them
+    all, unless ``data.skip_bad_images``."""
+    from pipeline.modalities.image_data import scan_tree, unreadable_files
+
+    tree = scan_tree(Path(data["path"]))
+    problems = unreadable_files(
+        [path for files in tree.files.values() for path, _ in files], data["num_workers"]
+    )
+    if problems and not data["skip_bad_images"]:
+        raise StageError(
+            f"data.path: {len(problems)} unreadable image file(s); fix or remove them, or set "
+            "data.skip_bad_images: true to skip them:\n  "
+            + "\n  ".join(f"{path}: {reason}" for path, reason in problems.items())
+        )
+    bad = set(problems)
+    files = {
+        split: (
+            {"paths": [str(p) for p, _ in pairs if str(p) not in bad]},
+            np.array([y for p, y in pairs if str(p) not in bad]),
+        )
+        for split, pairs in tree.files.items()
+    }
+    return files, tree.classes, sorted(bad)
+
+
+def materialize(
+    config: dict[str, Any],
+    seed: int,
+    device: torch.device,
+    amp: str,
+    ranks: distributed.Ranks,
+    settings: dict[str, Any],
+) -> tuple[BackboneCheckpoint, dict[str, Any]]:
+    """The backbone checkpoint and its metrics for ``backbone.weights``: pretrained on the
+    glyph task (``pretrain``, in ``ranks``' processes), random init (``none``), a local
+    checkpoint, or torchvision's named weights."""
+    from pipeline.core.checkpoints import backbone_checkpoint
+    from pipeline.modalities import glyphs, image_models
+
+    arch, weights, size = config["arch"], config["weights"], config["image_size"]
+    mean, std, resize, metrics = image_models.PLAIN_MEAN, image_models.PLAIN_STD, size, {}
+    if weights == "pretrain":
+        model, features, accuracy = glyphs.pretrain_on_glyphs(
+            arch,
+            size,
+            config["pretrain_images"],
+            config["pretrain_epochs"],
+            config["pretrain_lr"],
+            config["pretrain_batch_size"],
+            seed,
+            device,
+            amp,
+            ranks,
+            settings["sync_batchnorm"],
+            settings["max_batch_per_process"],
+        )
+        metrics["pretrain_accuracy"] = round(accuracy, 6)
+    elif weights == "none":
+        model, features = image_models.build_backbone(arch, image_size=size)
+    elif Path(weights).is_file():
+        model, features = image_models.load_checkpoint_backbone(arch, weights, size)
+    else:
+        model, features, weights_preprocessing = image_models.download_backbone(arch, weights, size)
+        mean, std = weights_preprocessing["mean"], weights_preprocessing["std"]
+        resize = round(size * weights_preprocessing["resize_ratio"])
+    metrics["parameters"] = sum(p.numel() for p in model.parameters())
+    chosen = preprocessing(arch, weights, size, resize, mean, std)
+    return backbone_checkpoint(chosen, features, model.state_dict()), metrics
+
+
+def preprocessing(
+    arch: str, weights: str, image_size: int, resize_size: int, mean: list[float], std: list[float]
+) -> ImagePreprocessing:
+    return {
+        "modality": NAME,
+        "arch": arch,
+        "weights": weights,
+        "image_size": image_size,
+        "resize_size": resize_size,
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+    }
+
+
+def random_init_backbone(config: dict[str, Any]) -> tuple[nn.Module, ImagePreprocessing]:
+    """``backbone.arch`` at random init (from torch's seeded generator), for the baseline,
+    and the preprocessing that goes with no pretrained weights."""
+    from pipeline.modalities import image_models
+
+    arch, size = config["arch"], config["image_size"]
+    model, _ = image_models.build_backbone(arch, image_size=size)
+    return model, preprocessing(arch, "none", size, size, image_models.PLAIN_MEAN, image_models.PLAIN_STD)
+
+
+def build_backbone(preprocessing: dict[str, Any]) -> nn.Module:
+    """The architecture ``preprocessing`` names, for its image size, with untrained weights
+    (load_backbone puts a checkpoint's in)."""
+    from pipeline.modalities.image_models import build_backbone
+
+    return build_backbone(preprocessing["arch"], image_size=preprocessing["image_size"])[0]
+
+
+def dataset(prepared_dir: Path, split: str, preprocessing: dict[str, Any], augment: bool = False) -> Dataset:
+    """A prepared split as a dataset of (image tensor, label): in memory, or streamed from
+    the image files (``reads_files``: DataLoader workers decode them)."""
+    from pipeline.core.data import load_split
+    from pipeline.modalities.image_data import ImageArrayDataset, ImageFileDataset, checkpoint_transform
+
+    images, labels = load_split(prepared_dir, split)
+    transform = checkpoint_transform(preprocessing, augment)
+    if isinstance(images, dict):
+        return ImageFileDataset(images["paths"], labels, transform)
+    return ImageArrayDataset(images, labels, transform)
+
+
+def blocks(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone's stages in order, for ``finetune.unfreeze``."""
+    from pipeline.modalities.image_models import feature_blocks
+
+    return feature_blocks(backbone)
+
+
+def add_adapters(backbone: nn.Module, checkpoint: dict[str, Any], config: dict[str, Any]) -> None:
+    """Residual adapters beside every kxk convolution of the frozen backbone, BatchNorm's
+    scale and shift trainable (pipeline.modalities.conv_adapters)."""
+    from pipeline.modalities.conv_adapters import add_adapters
+
+    add_adapters(backbone, checkpoint["arch"])
+
+
+def fold_adapters(model: nn.Module) -> nn.Module:
+    """The model with its adapters folded into the convolutions' kernels (exact)."""
+    from pipeline.modalities.conv_adapters import fold_adapters
+
+    fold_adapters(model)
+    return model
+
+
+def onnx_signature(
+    model: nn.Module, checkpoint: dict[str, Any]
+) -> tuple[nn.Module, tuple, list[dict], tuple]:
+    """What the export traces: the model, an example input, the input's description for
+    model.json, and its dynamic axes (the batch)."""
+    import torch
+
+    size = checkpoint["image_size"]
+    inputs = [
+        {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW, RGB"}
+    ]
+    batch = torch.export.Dim("batch", min=1)
+    return model, (torch.zeros(2, 3, size, size),), inputs, ({0: batch},)
+
+
+def onnx_feed(batch: torch.Tensor) -> dict[str, np.ndarray]:
+    """A batch as onnxruntime's inputs."""
+    return {"images": batch.numpy().astype(np.float32, copy=False)}
+
+
+def describe(preprocessing: dict[str, Any]) -> str:
+    """How inputs reach the backbone, for the report's first line."""
+    return f"at {preprocessing['image_size']} px"
+
+
+def mistakes_view(rows: list[dict[str, str]], prepared_dir: Path, save_figure: Callable) -> str:
+    """The report's view of the highest-loss test images (``rows``, highest first): a figure
+    of them with true class, prediction and probability (fastai's plot_top_losses), saved
+    with the report's ``save_figure``."""
+    import matplotlib.pyplot as plt
+
+    columns = 4
+    lines = max(1, -(-len(rows) // columns))
+    fig, axes = plt.subplots(lines, columns, figsize=(2.6 * columns, 3.0 * lines), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row, image in zip(axes.flat, rows, gallery_images(rows, prepared_dir), strict=False):
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
+        ax.set_title(
+            f"true: {row['actual']}\npredicted: {row['predicted']} ({float(row['probability']):.2f})\n"
+            f"loss {float(row['loss']):.2f}",
+            fontsize=9,
+            color="black" if row["actual"] == row["predicted"] else "tab:red",
+        )
+    figure = save_figure(fig, "top_losses.png")
+    return (
+        f"The {len(rows)} test images with the highest loss (red: misclassified; the probability "
+        f"is the predicted class's):\n\n![highest-loss test images]({figure})"
+    )
+
+
+def gallery_images(rows: list[dict[str, str]], prepared_dir: Path) -> list[np.ndarray]:
+    """The pixels of the test images ``rows`` name: from the prepared array, or their files."""
+    archive = Path(prepared_dir) / "test.npz"
+    if archive.is_file():
+        with np.load(archive) as data:
+            images = data["images"]
+            return [images[int(row["index"])] for row in rows]
+    from pipeline.modalities.image_data import read_rgb  # imports torch: only image files need it
+
+    return [read_rgb(row["source"]) for row in rows]
