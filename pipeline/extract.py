@@ -4,7 +4,9 @@ Reads params ``device``, ``amp``, ``data.num_workers``, ``extract.batch_size`` a
 ``distributed.{nproc_per_node,backend,timeout_s}`` (each process extracts a share); reads
 data/prepared/ (and the image files it lists, streamed by DataLoader workers) and
 models/backbone.pt, whose preprocessing says how inputs are fed; writes
-data/features/{train,val,test}.pt (pooled float32 features, labels, class names).
+data/features/{train,val,test}.pt (pooled float32 features, labels, class names) and
+data/features/summary.json (each split's examples, and for texts how many were truncated to
+``backbone.max_length``, which the report shows).
 Run: ``python -m pipeline.extract``.
 """
 
@@ -16,7 +18,7 @@ import torch
 
 from pipeline.core import distributed
 from pipeline.core.checkpoints import read_backbone
-from pipeline.core.common import FEATURES_DIR, PREPARED_DIR, atomic_path
+from pipeline.core.common import FEATURES_DIR, FEATURES_SUMMARY, PREPARED_DIR, atomic_path, write_json
 from pipeline.core.data import SPLITS, load_classes
 from pipeline.core.entry import run_stage
 from pipeline.core.params import load_params
@@ -33,10 +35,15 @@ def split_features(
     ranks: distributed.Ranks,
     device: torch.device,
     amp: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One split's features and labels, in dataset order; each process computes its share."""
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """One split's features and labels, in dataset order (each process computes its share),
+    and what its summary says of it: how many examples, how many truncated (texts)."""
     loader = inference_loader(split, preprocessing, batch_size, num_workers, device, ranks)
-    return extract_features(backbone, loader, device, amp, desc=split)
+    features, labels = extract_features(backbone, loader, device, amp, desc=split)
+    summary = {"examples": len(labels)}
+    if hasattr(loader.dataset, "truncated"):
+        summary["truncated"] = loader.dataset.truncated
+    return features, labels, summary
 
 
 def main() -> None:
@@ -62,9 +69,10 @@ def main() -> None:
         return
     with atomic_path(FEATURES_DIR) as tmp:
         tmp.mkdir()
-        for split, (values, labels) in features.items():
+        for split, (values, labels, _) in features.items():
             torch.save({"features": values, "labels": labels, "classes": classes}, tmp / f"{split}.pt")
             print(f"extract: {split}: {tuple(values.shape)} features")
+        write_json(tmp / FEATURES_SUMMARY.name, {split: summary for split, (*_, summary) in features.items()})
 
 
 if __name__ == "__main__":

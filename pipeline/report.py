@@ -1,6 +1,7 @@
 """Stage 7, report: reports/report.md with figures, for reading on GitHub.
 
-Reads every params section (the report lists the params used), data/prepared/ (the test
+Reads every params section (the report lists the params used), data/features/summary.json
+(each split's size; texts truncated), data/prepared/ (the test
 examples with the highest loss, which the modality shows: a figure of images, image files
 under data/raw/; a table of texts), the metrics under metrics/
 (metrics/test_predictions.csv for those examples), the per-epoch dvclive logs under
@@ -24,6 +25,7 @@ import yaml
 from pipeline import modalities
 from pipeline.core.common import (
     BACKBONE_FILE,
+    FEATURES_SUMMARY,
     FIGURES_DIR,
     LIVE_DIR,
     METRICS_DIR,
@@ -158,6 +160,17 @@ def confused_pairs_table(details: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def splits_note(summary: dict[str, dict[str, int]], items: str, max_length: int) -> str:
+    """Each split's size, and how many texts were cut to ``max_length`` tokens."""
+    sizes = ", ".join(f"{split} {counts['examples']:,}" for split, counts in summary.items())
+    note = f" Splits: {sizes} {items}."
+    if any("truncated" in counts for counts in summary.values()):
+        cut = {split: counts["truncated"] for split, counts in summary.items()}
+        each = ", ".join(f"{split} {count:,}" for split, count in cut.items())
+        note += f" {sum(cut.values()):,} of them longer than {max_length} tokens, truncated ({each})."
+    return note
+
+
 def export_note(result: dict[str, Any], items: str) -> str:
     agreement = "agrees" if not result["top1_disagreements"] else "disagrees"
     return (
@@ -229,7 +242,8 @@ def render_report(params: dict[str, Any], backbone_hash: str) -> str:
     trained = (
         f" Fine-tuning (strategy {finetune['strategy']}) trained {finetune['trainable_params']:,} parameters."
     )
-    notes = pretrain + processes + trained + skipped_note
+    inputs = splits_note(read_json(FEATURES_SUMMARY), modality.ITEMS, config["max_length"])
+    notes = inputs + pretrain + processes + trained + skipped_note
     return f"""# Transfer-learning report
 
 Dataset **{params["data"]["dataset"]}**, backbone **{config["arch"]}** with weights

@@ -1,16 +1,18 @@
-"""Write a prepared split's images as files, one folder per class, to try predict on.
+"""Write a prepared split's examples as files to try predict on.
 
     python -m pipeline.samples data/samples --split test --per-class 5
 
-An in-memory dataset (digits, CIFAR) is written as lossless PNGs named by each image's
-index in the split (``<class>/test-00042.png``), so predict sees the very pixels evaluate
-saw; a dataset of image files is copied. The folder must not exist yet: nothing is
+Images go one folder per class: an in-memory dataset (digits, CIFAR) as lossless PNGs named
+by each image's index in the split (``<class>/test-00042.png``), so predict sees the very
+pixels evaluate saw; a dataset of image files is copied. Texts go to one CSV,
+``<split>.csv`` (columns index, text, label). The folder must not exist yet: nothing is
 overwritten. Reads data/prepared/ (run ``dvc repro prepare`` first).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import shutil
 from pathlib import Path
 
@@ -39,6 +41,13 @@ def write_samples(out: Path, split: str, per_class: int, prepared_dir: Path = PR
     images, labels = load_split(prepared_dir, split)
     classes = load_classes(prepared_dir)
     keep = chosen(labels, per_class)
+    if isinstance(images, dict) and "texts" in images:
+        rows = [(index, images["texts"][index], classes[labels[index]]) for index in keep]
+        with atomic_path(out) as staged:
+            staged.mkdir()
+            with open(staged / f"{split}.csv", "w", newline="", encoding="utf-8") as file:
+                csv.writer(file).writerows([("index", "text", "label"), *rows])
+        return len(keep)
     with atomic_path(out) as staged:
         for name in classes:
             (staged / name).mkdir(parents=True)
@@ -63,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists():
         raise ParamsError(f"{args.out}: already exists; give a new folder (nothing is overwritten)")
     count = write_samples(args.out, args.split, args.per_class)
-    print(f"samples: {count} {args.split} image(s) under {args.out}/<class>/")
+    print(f"samples: {count} {args.split} example(s) under {args.out}/")
     return 0
 
 

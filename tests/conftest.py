@@ -175,7 +175,9 @@ def make_tiny_run(root: Path) -> Run:
     return full
 
 
-def shared_run(name: str, make: Callable[[Path], Run], factory: pytest.TempPathFactory, worker_id: str) -> Run:
+def shared_run(
+    name: str, make: Callable[[Path], Run], factory: pytest.TempPathFactory, worker_id: str
+) -> Run:
     """A run made once for the whole session. Under pytest-xdist (the suite's two workers,
     pyproject.toml) the first worker to need it makes it in the session's shared temporary
     folder while the other waits on a file lock, then both read it; tests that change it

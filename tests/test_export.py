@@ -26,7 +26,10 @@ def test_parity_within_tolerance_and_on_every_top1_passes():
             {"examples": 10, "max_abs_logit_difference": 2e-4, "top1_disagreements": 0},
             "0.0002 > export.tolerance",
         ),
-        ({"examples": 10, "max_abs_logit_difference": 1e-6, "top1_disagreements": 1}, "1 of 10 test examples"),
+        (
+            {"examples": 10, "max_abs_logit_difference": 1e-6, "top1_disagreements": 1},
+            "1 of 10 test examples",
+        ),
     ],
 )
 def test_parity_beyond_tolerance_or_on_another_top1_fails(result, message):

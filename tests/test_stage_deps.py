@@ -74,7 +74,8 @@ def test_the_closure_follows_lazy_imports_and_skips_type_checking_ones(tmp_path)
         "from typing import TYPE_CHECKING\n"
         "from pipeline.core import errors\n"
         "if TYPE_CHECKING:\n    from pipeline.core.training import fit\n"
-        "def later():\n    from pipeline.core.models import build_head\n    import pipeline.modalities.images\n"
+        "def later():\n    from pipeline.core.models import build_head\n"
+        "    import pipeline.modalities.images\n"
     )
     assert imported_modules(source) == {
         "pipeline.core",

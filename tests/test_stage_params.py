@@ -27,7 +27,7 @@ from pipeline import (
     train_head,
 )
 from pipeline.core import params
-from tests.conftest import ROOT, make_tree, tiny_params
+from tests.conftest import ROOT, make_text_data, make_tree, tiny_params, tiny_text_params
 
 pytestmark = pytest.mark.slow
 
@@ -129,6 +129,16 @@ def test_every_stage_reads_only_declared_params_and_every_declared_param_somewhe
     config["data"].update(dataset="imagefolder", path="data/raw/images", skip_bad_images=True)
     config["backbone"].update(weights="none")
     for name, keys in run_recording(["prepare", "backbone"], config, monkeypatch).items():
+        reads[name] |= keys
+
+    texts = tmp_path / "texts"  # the text modality's keys: every stage on the tiny text config
+    texts.mkdir()
+    monkeypatch.chdir(texts)
+    make_text_data(texts)
+    config = tiny_text_params()
+    config["finetune"].update(epochs=1, warmup_epochs=0, strategy="adapters")
+    config["data"]["skip_bad_texts"] = True
+    for name, keys in run_recording(list(MODULES), config, monkeypatch).items():
         reads[name] |= keys
 
     declarations = declared()

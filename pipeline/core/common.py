@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 # Every path the stages read or write, named once; dvc.yaml declares the same paths.
 PREPARED_DIR = Path("data/prepared")
 FEATURES_DIR = Path("data/features")
+FEATURES_SUMMARY = FEATURES_DIR / "summary.json"  # each split's examples (and truncated texts)
 BACKBONE_FILE = Path("models/backbone.pt")
 HEAD_FILE = Path("models/head.pt")
 FINETUNED_FILE = Path("models/finetuned.pt")

@@ -10,6 +10,8 @@ skipped (unreadable images, empty texts) where params asked it to.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +173,20 @@ class SeededAugmentation(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % 2**63)
             return self.dataset[index]
+
+
+@dataclass
+class PredictInputs:
+    """What ``python -m pipeline.predict`` was given, as its modality reads it: the CSV's
+    first columns (an image's path; a text's source and the text), a dataset of (position,
+    input tensor or None, the error that kept it from being read), how a batch of inputs is
+    made (``stack``), an order to read them in, and what it says of them."""
+
+    columns: dict[str, list[str]]
+    dataset: Dataset
+    stack: Callable[[list[torch.Tensor]], torch.Tensor]
+    order: list[int] | None = None  # None: as given
+    reads_files: bool = False  # DataLoader workers decode them
+    items: str = "input(s)"
+    unreadable: str = "could be read"  # none of the N items ...
+    notes: list[str] = field(default_factory=list)

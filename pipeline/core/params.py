@@ -19,7 +19,7 @@ from pipeline.core.errors import ParamsError
 
 PARAMS_FILE = Path("params.yaml")
 
-DATASETS = ("digits", "imagefolder", "cifar10", "cifar100")
+DATASETS = ("digits", "imagefolder", "cifar10", "cifar100", "text")
 RAW_DIR = Path("data/raw")
 WEIGHTS_DIR = Path("data/weights")  # local backbone checkpoints (backbone.weights: a path)
 HEAD_TYPES = ("linear", "mlp")
@@ -31,6 +31,9 @@ STRATEGIES = ("full", "adapters")
 HEAD_INITS = ("probe", "fresh")
 OPTIMIZERS = ("adamw", "sgd")
 BUILTIN_WEIGHTS = ("pretrain", "none")
+TRUNCATION_SIDES = ("right", "left")
+PADDINGS = ("dynamic", "max_length")
+POOLINGS = ("mean", "cls")
 
 
 # Numbers as YAML or DVC may write them, quoted or not: 0.001, 1e-05, 3.0E+2.
@@ -213,7 +216,10 @@ SCHEMA: dict[str, Any] = {
     "data": {
         "dataset": one_of(*DATASETS),
         "path": text,
+        "text_column": text,
+        "label_column": text,
         "skip_bad_images": boolean,
+        "skip_bad_texts": boolean,
         "num_workers": non_negative_int,
         "val_fraction": fraction,
         "test_fraction": fraction,
@@ -223,6 +229,10 @@ SCHEMA: dict[str, Any] = {
         "arch": text,  # checked by the modality in check_backbone_model
         "weights": weights_source,
         "image_size": positive_int,
+        "max_length": positive_int,
+        "truncation": one_of(*TRUNCATION_SIDES),
+        "padding": one_of(*PADDINGS),
+        "pooling": one_of(*POOLINGS),
         "pretrain_images": positive_int,
         "pretrain_epochs": positive_int,
         "pretrain_lr": positive_float,
@@ -256,6 +266,7 @@ SCHEMA: dict[str, Any] = {
         "label_smoothing": below_one,
         "augment": boolean,
         "bn": one_of(*BN_MODES),
+        "adapter_rank": positive_int,
     },
     "export": {
         "tolerance": positive_float,
@@ -342,6 +353,11 @@ def cross_check(params: dict[str, Any]) -> None:
             raise ParamsError(
                 f"data.path: {data['path']!r} is not a folder; put your class-per-folder images "
                 "there and track them with `dvc add`"
+            )
+        if data["dataset"] == "text" and not path.exists():
+            raise ParamsError(
+                f"data.path: {data['path']!r} does not exist; put your labelled texts there (a CSV, "
+                "TSV or JSON Lines file, or a folder with train/val/test files) and track them with `dvc add`"
             )
     if data["val_fraction"] + data["test_fraction"] >= 0.9:
         raise ParamsError(

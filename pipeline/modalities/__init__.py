@@ -13,6 +13,7 @@ checkpoint records) and call the same functions on it:
 - ``dataset(prepared_dir, split, preprocessing, augment)``: (input, label) items, with a
   ``collate`` and item ``lengths`` where batching needs them;
 - ``onnx_signature(model, checkpoint)``, ``onnx_feed(batch)``: the export and its inputs;
+- ``predict_inputs(paths, texts, meta, text_column)``: what ``pipeline.predict`` was given;
 - ``describe(preprocessing)``, ``mistakes_view(rows, prepared_dir, save_figure)``: the report.
 
 A batch, whatever the modality, is one tensor that the backbone's forward takes, so the
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.core.common import PREPARED_DIR
 from pipeline.core.errors import StageError
-from pipeline.modalities import images
+from pipeline.modalities import images, text
 
 if TYPE_CHECKING:
     import torch
@@ -38,17 +39,18 @@ if TYPE_CHECKING:
     from pipeline.core.distributed import Ranks
     from pipeline.core.models import Classifier
 
-MODALITIES: dict[str, ModuleType] = {images.NAME: images}
+MODALITIES: dict[str, ModuleType] = {images.NAME: images, text.NAME: text}
 
 
 def for_dataset(dataset: str) -> ModuleType:
-    """The modality of params' ``data.dataset``."""
-    return images
+    """The modality of params' ``data.dataset``: text, or images (digits, imagefolder, CIFAR)."""
+    return text if dataset == text.NAME else images
 
 
 def for_arch(arch: str) -> ModuleType:
-    """The modality of params' ``backbone.arch`` (params check that the two agree)."""
-    return images
+    """The modality of params' ``backbone.arch``: images for a torchvision model, else text
+    (params check that it agrees with ``data.dataset``)."""
+    return images if images.is_architecture(arch) else text
 
 
 def for_checkpoint(checkpoint: dict[str, Any]) -> ModuleType:
@@ -95,13 +97,19 @@ def load_backbone(checkpoint: dict[str, Any]) -> nn.Module:
     return model
 
 
-def load_classifier(path: Path | str) -> tuple[Classifier, ClassifierCheckpoint]:
-    """The fine-tuned classifier saved at ``path`` and its checkpoint's metadata."""
-    from pipeline.core.checkpoints import read_classifier
+def classifier_from_checkpoint(checkpoint: ClassifierCheckpoint) -> Classifier:
+    """The fine-tuned classifier a checkpoint describes, with its weights."""
     from pipeline.core.models import Classifier, head_from_config
 
-    checkpoint = read_classifier(path)
     backbone = for_checkpoint(checkpoint).build_backbone(checkpoint)
     model = Classifier(backbone, head_from_config(checkpoint["head"], len(checkpoint["classes"])))
     model.load_state_dict(checkpoint["state_dict"])
-    return model, checkpoint
+    return model
+
+
+def load_classifier(path: Path | str) -> tuple[Classifier, ClassifierCheckpoint]:
+    """The fine-tuned classifier saved at ``path`` and its checkpoint's metadata."""
+    from pipeline.core.checkpoints import read_classifier
+
+    checkpoint = read_classifier(path)
+    return classifier_from_checkpoint(checkpoint), checkpoint

@@ -213,3 +213,37 @@ class ImageArrayDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.transform(self.images[index]), self.labels[index]
+
+
+def image_files(paths: list[str]) -> tuple[list[Path], int]:
+    """The files to predict, in the order given (folders sorted, recursively), and how many
+    non-image files the folders held. A missing path fails before any work."""
+    files, others = [], 0
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file())
+            images = [p for p in found if is_image_file(p)]
+            files += images
+            others += len(found) - len(images)
+        elif path.is_file():
+            files.append(path)  # named explicitly: tried whatever its extension
+        else:
+            raise StageError(f"{name}: no such file or folder")
+    return files, others
+
+
+class ImagesToPredict(Dataset):
+    """Each file as (its position, the preprocessed image or None, the error reading it)."""
+
+    def __init__(self, files: list[Path], transform: v2.Compose) -> None:
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            return index, self.transform(read_rgb(self.files[index])), ""
+        except Exception as error:  # any unreadable file becomes a row with its reason
+            return index, None, f"{type(error).__name__}: {error}".replace("\n", " ")

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from pipeline.core import distributed
     from pipeline.core.checkpoints import BackboneCheckpoint, ImagePreprocessing
-    from pipeline.core.data import Splits
+    from pipeline.core.data import PredictInputs, Splits
 
 NAME = "images"
 ITEMS = "images"  # what messages and the report count
@@ -245,6 +245,33 @@ def onnx_signature(
 def onnx_feed(batch: torch.Tensor) -> dict[str, np.ndarray]:
     """A batch as onnxruntime's inputs."""
     return {"images": batch.numpy().astype(np.float32, copy=False)}
+
+
+def predict_inputs(
+    paths: list[str], texts: list[str], meta: dict[str, Any], text_column: str
+) -> PredictInputs:
+    """Image files and folders (searched recursively for files with an image extension) for
+    ``python -m pipeline.predict``, preprocessed as ``meta`` (the model's) says; a file
+    that cannot be read is a row with its error."""
+    import torch
+
+    from pipeline.core.data import PredictInputs
+    from pipeline.modalities.image_data import ImagesToPredict, checkpoint_transform, image_files
+
+    if texts:
+        raise ParamsError("--text: this model classifies images; give image files or folders")
+    files, others = image_files(paths)
+    if not files:
+        raise StageError(f"no image files in {', '.join(paths)}")
+    return PredictInputs(
+        columns={"path": [str(path) for path in files]},
+        dataset=ImagesToPredict(files, checkpoint_transform(meta)),
+        stack=torch.stack,
+        reads_files=True,
+        items="image(s)",
+        unreadable="file(s) could be read as an image",
+        notes=[f"{others} non-image file(s) in the folders skipped"] if others else [],
+    )
 
 
 def describe(preprocessing: dict[str, Any]) -> str:

@@ -1,0 +1,388 @@
+"""The text modality: what the stages need of texts, behind the seam pipeline.modalities
+describes (every function here has its twin in pipeline.modalities.images).
+
+Texts come from CSV, TSV or JSON Lines files (pipeline.modalities.text_files); the
+backbone is a Hugging Face encoder (BERT and its family) with its own pretrained weights
+or at random init, pooled into one vector per text (pipeline.modalities.text_models). A
+split is tokenised once, in one call, when a stage builds its dataset; a batch is one
+int64 tensor N x 2 x L (token ids, attention mask), padded to its longest text, with
+texts of about one length batched together.
+
+torch and transformers are imported inside the functions that use them: the report stage
+imports this module for its view of the mistakes and needs neither.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.core.errors import ParamsError, StageError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+
+    from pipeline.core import distributed
+    from pipeline.core.checkpoints import BackboneCheckpoint, TextPreprocessing
+    from pipeline.core.data import PredictInputs, Splits
+    from pipeline.modalities.text_files import Rows
+
+NAME = "text"
+ITEMS = "texts"  # what messages and the report count
+SKIPPED = "empty text(s) skipped (`data.skip_bad_texts: true`)"  # the report's note
+WEIGHTS = ("pretrain", "none")
+SHOWN_CHARACTERS = 300  # of each text in the report's table
+
+
+def check_backbone(config: dict[str, Any]) -> None:
+    """``backbone.arch`` names a text encoder (not an image model; a folder under
+    data/weights/ that holds one) and ``backbone.weights`` is one a text encoder takes:
+    checked when params load, before any stage works."""
+    from pipeline.modalities import images, text_models
+
+    arch = config["arch"]
+    if images.is_architecture(arch):
+        raise ParamsError(
+            f"backbone.arch: {arch!r} is an image model, and data.dataset is text; choose a Hugging "
+            "Face text encoder: sentence-transformers/all-MiniLM-L6-v2 (offline, the text extra), "
+            "a hub id such as bert-base-uncased, or a model folder under data/weights/"
+        )
+    text_models.check_arch(arch)
+    if config["weights"] not in WEIGHTS:
+        raise ParamsError(
+            f"backbone.weights: {config['weights']!r} is not a choice for a text encoder; choose "
+            "pretrain (the encoder's own pretrained weights) or none (random init)"
+        )
+
+
+def prepare_splits(data: dict[str, Any], seed: int) -> tuple[Splits, list[str], list[str]]:
+    """The splits of the labelled texts under ``data.path``: a folder's own train/val/test
+    files, the missing splits held out of train (or one file split three ways), stratified;
+    the class names; the empty texts skipped."""
+    from pipeline.core.data import split_given
+    from pipeline.modalities import text_files
+
+    root = Path(data["path"])
+    files = text_files.data_files(root)
+    rows = {
+        split: text_files.read_rows(path, data["text_column"], data["label_column"])
+        for split, path in files.items()
+    }
+    skipped = drop_empty_texts(rows, files, data["skip_bad_texts"])
+    classes = class_names(root, rows, files)
+    check_class_sizes(rows, files, classes)
+    given = {
+        split: (
+            {"texts": part.texts, "sources": part.sources},
+            np.array([classes.index(label) for label in part.labels], dtype=np.int64),
+        )
+        for split, part in rows.items()
+    }
+    fractions = (data["val_fraction"], data["test_fraction"], data["max_train_per_class"], seed)
+    return split_given(given, *fractions, what="texts"), classes, skipped
+
+
+def drop_empty_texts(rows: dict[str, Rows], files: dict[str, Path], skip: bool) -> list[str]:
+    """Empty or whitespace-only texts: an error that lists them (file and line), or, with
+    ``data.skip_bad_texts``, dropped; returns the sources of those dropped."""
+    from pipeline.modalities.text_files import refuse
+
+    skipped = []
+    for split, part in rows.items():
+        empty = [i for i, text in enumerate(part.texts) if not text.strip()]
+        if empty and not skip:
+            problems = [f"line {part.sources[i].rsplit(':', 1)[1]}: an empty text" for i in empty]
+            refuse(files[split], [*problems[:-1], problems[-1] + " (data.skip_bad_texts: true skips them)"])
+        for i in reversed(empty):
+            skipped.append(part.sources.pop(i))
+            del part.texts[i], part.labels[i]
+    return sorted(skipped)
+
+
+def class_names(root: Path, rows: dict[str, Rows], files: dict[str, Path]) -> list[str]:
+    """The classes in label order: labels.txt's where the folder has one, else the training
+    labels in natural order; a label outside them is an error naming its file and line."""
+    from pipeline.modalities.text_files import LABELS_FILE, natural_order, read_labels_file, refuse
+
+    training = rows.get("all") or rows["train"]
+    labels_file = root / LABELS_FILE if root.is_dir() else None
+    if labels_file is not None and labels_file.is_file():
+        classes, known = read_labels_file(labels_file), f"the classes {LABELS_FILE} names"
+        untaught = [name for name in classes if name not in training.labels]
+        if untaught:
+            raise StageError(
+                f"{labels_file}: names {len(untaught)} class(es) that "
+                f"{files.get('all') or files['train']} has no text of: {', '.join(untaught)}; "
+                "add training texts of them or remove them from the file"
+            )
+    else:
+        classes, known = natural_order(set(training.labels)), "the training labels"
+    for split, part in rows.items():
+        pairs = zip(part.sources, part.labels, strict=True)
+        unknown = [(source.rsplit(":", 1)[1], label) for source, label in pairs if label not in classes]
+        listed = ", ".join(classes)
+        refuse(
+            files[split],
+            [f"line {line}: label {label!r} is not among {known} ({listed})" for line, label in unknown],
+        )
+    if len(classes) < 2:
+        raise StageError(
+            f"data.path: {files.get('all') or files['train']} holds {len(classes)} class(es) "
+            f"({', '.join(classes) or 'none'}); a classifier needs at least 2"
+        )
+    return classes
+
+
+def check_class_sizes(rows: dict[str, Rows], files: dict[str, Path], classes: list[str]) -> None:
+    """Holding a split out stratified takes at least 2 texts of each class: name the classes
+    that have fewer, before any split is tried."""
+    held_out = [name for name in ("val", "test") if name not in rows]
+    if not held_out:
+        return
+    source = "all" if "all" in rows else "train"
+    counts = {name: rows[source].labels.count(name) for name in classes}
+    few = [f"{name!r} ({count})" for name, count in counts.items() if count < 2]
+    if few:
+        raise StageError(
+            f"{files[source]}: class(es) with fewer than 2 texts: {', '.join(few)}; holding out "
+            f"{' and '.join(held_out)} stratified needs at least 2 of each; add texts of them, or "
+            f"give {' and '.join(f'{name}.csv' for name in held_out)} files of your own"
+        )
+
+
+def materialize(
+    config: dict[str, Any],
+    seed: int,
+    device: torch.device,
+    amp: str,
+    ranks: distributed.Ranks,
+    settings: dict[str, Any],
+) -> tuple[BackboneCheckpoint, dict[str, Any]]:
+    """The encoder checkpoint and its metrics: ``backbone.arch`` with its own pretrained
+    weights (``pretrain``) or at random init (``none``, seeded), its config and tokenizer
+    kept beside the weights. Nothing trains here, so ``device`` and the processes are
+    unused."""
+    from pipeline.core.checkpoints import backbone_checkpoint
+    from pipeline.modalities import text_models
+
+    chosen = preprocessing(config)
+    if config["weights"] == "pretrain":
+        model = text_models.pretrained_encoder(config["arch"])
+    else:
+        model = text_models.encoder_from_config(chosen["config"])
+    encoder = text_models.TextEncoder(model, config["pooling"])
+    metrics = {"parameters": sum(p.numel() for p in encoder.parameters())}
+    features = text_models.hidden_size(chosen["config"])
+    return backbone_checkpoint(chosen, features, encoder.state_dict()), metrics
+
+
+def preprocessing(config: dict[str, Any], weights: str | None = None) -> TextPreprocessing:
+    """How texts reach the encoder params' ``backbone`` section names: its config and
+    tokenizer, the length, truncation side, padding and pooling. A ``max_length`` beyond
+    the encoder's positions is an error."""
+    from pipeline.modalities import text_models
+
+    arch = config["arch"]
+    hf_config = text_models.load_config(arch)
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if isinstance(positions, int) and config["max_length"] > positions:
+        raise StageError(
+            f"backbone.max_length: {config['max_length']} tokens, but {arch} has positions for "
+            f"{positions}; use {positions} or fewer"
+        )
+    settings = {
+        key: value
+        for key, value in hf_config.to_dict().items()
+        if key not in ("_name_or_path", "transformers_version")  # this machine's path, the version
+    }
+    return {
+        "modality": NAME,
+        "arch": arch,
+        "weights": weights or config["weights"],
+        "config": settings,
+        "tokenizer": text_models.load_tokenizer_json(arch),
+        "max_length": config["max_length"],
+        "truncation": config["truncation"],
+        "padding": config["padding"],
+        "pooling": config["pooling"],
+    }
+
+
+def random_init_backbone(config: dict[str, Any]) -> tuple[nn.Module, TextPreprocessing]:
+    """``backbone.arch`` at random init (from torch's seeded generator), for the baseline,
+    fed as the pretrained one is: the same tokenizer, length, padding and pooling."""
+    from pipeline.modalities import text_models
+
+    chosen = preprocessing(config, weights="none")
+    model = text_models.encoder_from_config(chosen["config"])
+    return text_models.TextEncoder(model, chosen["pooling"]), chosen
+
+
+def build_backbone(preprocessing: dict[str, Any]) -> nn.Module:
+    """The encoder ``preprocessing`` describes, with untrained weights (load_backbone puts a
+    checkpoint's in)."""
+    from pipeline.modalities import text_models
+
+    model = text_models.encoder_from_config(preprocessing["config"])
+    return text_models.TextEncoder(model, preprocessing["pooling"])
+
+
+def dataset(prepared_dir: Path, split: str, preprocessing: dict[str, Any], augment: bool = False) -> Dataset:
+    """A prepared split tokenised once, as (token ids, label) items with their ``lengths``,
+    a ``collate`` that pads a batch, and ``truncated``: how many texts lost tokens. Texts
+    have no augmentation (``augment`` is the images')."""
+    from pipeline.core.data import load_split
+    from pipeline.modalities import text_models
+
+    columns, labels = load_split(prepared_dir, split)
+    ids, truncated = text_models.tokenise(preprocessing, columns["texts"])
+    tokens = text_models.Tokens(
+        ids, labels, text_models.pad_id(preprocessing), preprocessing["padding"], preprocessing["max_length"]
+    )
+    tokens.truncated = truncated
+    return tokens
+
+
+def blocks(backbone: nn.Module) -> list[nn.Module]:
+    """The encoder's transformer layers in order, for ``finetune.unfreeze``."""
+    from pipeline.modalities.text_models import encoder_blocks
+
+    return encoder_blocks(backbone)
+
+
+def add_adapters(backbone: nn.Module, checkpoint: dict[str, Any], config: dict[str, Any]) -> None:
+    """LoRA adapters of rank ``finetune.adapter_rank`` beside the frozen encoder's attention
+    projections (PEFT)."""
+    from pipeline.modalities.text_models import add_lora
+
+    add_lora(backbone, config["adapter_rank"])
+
+
+def fold_adapters(model: nn.Module) -> nn.Module:
+    """The model with its LoRA updates merged into the encoder's weights (a plain encoder)."""
+    from pipeline.modalities.text_models import merge_lora
+
+    merge_lora(model.backbone)
+    return model
+
+
+def onnx_signature(
+    model: nn.Module, checkpoint: dict[str, Any]
+) -> tuple[nn.Module, tuple, list[dict[str, Any]], tuple]:
+    """What the export traces: the model taking token ids and attention mask, an example of
+    each, their description for model.json, and their dynamic axes (batch, and sequence up
+    to ``max_length``)."""
+    import torch
+
+    from pipeline.modalities.text_models import OnnxTextInputs
+
+    longest = checkpoint["max_length"]
+    inputs = [
+        {"name": name, "shape": ["batch", "sequence"], "dtype": "int64", "meaning": meaning}
+        for name, meaning in (
+            ("input_ids", f"token ids from the tokenizer in model.json, at most {longest} a text"),
+            ("attention_mask", "1 for a token, 0 for padding"),
+        )
+    ]
+    batch, sequence = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=1, max=longest)
+    example = (torch.full((2, 8), 100, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
+    return OnnxTextInputs(model), example, inputs, ({0: batch, 1: sequence}, {0: batch, 1: sequence})
+
+
+def onnx_feed(batch: torch.Tensor) -> dict[str, np.ndarray]:
+    """A batch as onnxruntime's inputs."""
+    return {"input_ids": batch[:, 0].numpy(), "attention_mask": batch[:, 1].numpy()}
+
+
+def predict_inputs(
+    paths: list[str], texts: list[str], meta: dict[str, Any], text_column: str
+) -> PredictInputs:
+    """Texts for ``python -m pipeline.predict``: ``--text`` arguments, then each PATH: a CSV,
+    TSV or JSON Lines file (its ``text_column``), ``-`` (standard input) or any other file,
+    one text a line (blank lines skipped). An empty text, or a row that cannot be read, is
+    a row with its error; texts are tokenised once and predicted longest first."""
+    import sys
+
+    from pipeline.core.data import PredictInputs
+    from pipeline.modalities import text_models
+    from pipeline.modalities.text_files import FORMATS, decoded, records
+
+    sources, found, problems = [], [], []
+
+    def add(source: str, content: str, problem: str = "") -> None:
+        sources.append(source)
+        found.append(content)
+        problems.append(problem or ("" if content.strip() else "an empty text"))
+
+    for number, content in enumerate(texts, start=1):
+        add(f"--text {number}", content)
+    for name in paths:
+        path = Path(name)
+        if name == "-":
+            lines = [
+                (f"stdin:{number}", line) for number, line in enumerate(sys.stdin.read().splitlines(), 1)
+            ]
+        elif path.is_file() and path.suffix.lower() in FORMATS:
+            for record in records(path, text_column, text_key="--text-column"):
+                add(f"{path}:{record.line}", record.text, record.problem)
+            continue
+        elif path.is_file():
+            lines = [(f"{path}:{number}", line) for number, line in enumerate(decoded(path).splitlines(), 1)]
+        elif path.is_dir():
+            raise StageError(f"{name}: a folder; give text files (.csv, .tsv, .jsonl, or one text a line)")
+        else:
+            raise StageError(f"{name}: no such file or folder")
+        for source, line in lines:
+            if line.strip():
+                add(source, line)
+    if not sources:
+        raise StageError("no texts given; pass files, - for standard input, or --text 'a text'")
+    dataset = text_models.TextsToPredict(found, problems, meta)
+    pad_id = text_models.pad_id(meta)
+    return PredictInputs(
+        columns={"source": sources, "text": found},
+        dataset=dataset,
+        stack=lambda rows: text_models.pad(rows, pad_id, meta["padding"], meta["max_length"]),
+        order=sorted(range(len(found)), key=lambda index: -dataset.lengths[index]),
+        items="text(s)",
+        unreadable="text(s) could be read",
+    )
+
+
+def describe(config: dict[str, Any]) -> str:
+    """How texts reach the encoder, for the report's first line."""
+    side = "their end kept" if config["truncation"] == "left" else "their start kept"
+    return (
+        f"reading at most {config['max_length']} tokens a text ({side}), {config['pooling']}-pooled, "
+        f"padding {'each batch to its longest text' if config['padding'] == 'dynamic' else 'to max_length'}"
+    )
+
+
+def mistakes_view(rows: list[dict[str, str]], prepared_dir: Path, save_figure: Any) -> str:
+    """The report's view of the highest-loss test texts (``rows``, highest first): a table
+    of each text (its first SHOWN_CHARACTERS characters), true class, prediction,
+    probability and loss."""
+    from pipeline.core.data import load_split
+
+    columns, _ = load_split(prepared_dir, "test")
+    lines = [
+        f"The {len(rows)} test texts with the highest loss (the probability is the predicted class's):",
+        "",
+        "| text | true | predicted | probability | loss |",
+        "|---|---|---|---:|---:|",
+    ]
+    for row in rows:
+        text = " ".join(columns["texts"][int(row["index"])].split())
+        if len(text) > SHOWN_CHARACTERS:
+            text = text[:SHOWN_CHARACTERS].rstrip() + "…"
+        cell = text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
+        mark = "" if row["actual"] == row["predicted"] else " ✗"
+        lines.append(
+            f"| {cell} | {row['actual']} | {row['predicted']}{mark} | {float(row['probability']):.2f} "
+            f"| {float(row['loss']):.2f} |"
+        )
+    return "\n".join(lines)
