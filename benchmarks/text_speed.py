@@ -73,17 +73,8 @@ def pipeline_finetune(texts: list[str], labels: torch.Tensor, preprocessing: dic
 def plain_finetune(texts: list[str], labels: torch.Tensor, preprocessing: dict, batch: int) -> float:
     """Seconds for one epoch of the tutorials' loop: AutoTokenizer padding every text to
     max_length, AutoModel and a linear layer on mean-pooled states, shuffled batches."""
-    from transformers import AutoTokenizer
-
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(text_models.source(ARCH))
-    encoded = tokenizer(
-        texts,
-        padding="max_length",
-        truncation=True,
-        max_length=preprocessing["max_length"],
-        return_tensors="pt",
-    )
+    encoded = padded_to_max_length(texts, preprocessing["max_length"])
     dataset = torch.utils.data.TensorDataset(encoded["input_ids"], encoded["attention_mask"], labels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True)
     model, head = encoder(preprocessing).model, nn.Linear(384, 4)
@@ -118,18 +109,9 @@ def pipeline_probe(texts: list[str], labels: torch.Tensor, preprocessing: dict, 
 
 def plain_probe(texts: list[str], labels: torch.Tensor, preprocessing: dict, epochs: int) -> float:
     """Seconds for the textbook probe: the frozen encoder forward inside every step."""
-    from transformers import AutoTokenizer
-
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(text_models.source(ARCH))
     half = len(texts) // 2
-    encoded = tokenizer(
-        texts,
-        padding="max_length",
-        truncation=True,
-        max_length=preprocessing["max_length"],
-        return_tensors="pt",
-    )
+    encoded = padded_to_max_length(texts, preprocessing["max_length"])
     model, head = encoder(preprocessing).eval(), nn.Linear(384, 4)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
     batches = torch.stack([encoded["input_ids"], encoded["attention_mask"]], 1)
