@@ -1,14 +1,18 @@
 """Stage 5, finetune: unfreeze the backbone and train it with the linear-probe head.
 
-Starts from the trained head (linear probe, then fine-tune), not a fresh one. Reads params
-``seed``, ``lr`` (the head's learning rate; ``dvc exp run -S lr=1e-4``), ``device``, ``amp``,
-``class_weighted_loss``, ``data.num_workers``, ``finetune.*`` and ``distributed.*``; reads
-data/prepared/ (and the image files it lists), models/backbone.pt and models/head.pt; writes
-models/finetuned.pt (best on val) and, through dvclive, reports/live/finetune/ (per-epoch
-losses, accuracies and the learning rates the schedule used; metrics.json with the latest
-and the best epoch, the world size and the backend, live while the stage runs) and
-metrics/finetune_time.json (the wall time of the training loop; the only output that is not
-the same bit for bit on a rerun, so no stage depends on it).
+Starts from the trained head (linear probe, then fine-tune), not a fresh one, and keeps
+that starting model when no epoch beats it on val: finetune never hands on a model worse
+on val than the probe it was given. Reads params ``seed``, ``lr`` (the head's learning
+rate; ``dvc exp run -S lr=1e-4``), ``device``, ``amp``, ``class_weighted_loss``,
+``data.num_workers``, ``finetune.*`` and ``distributed.*``; reads data/prepared/ (and the
+image files it lists), models/backbone.pt and models/head.pt; writes models/finetuned.pt
+(the best on val of the starting model and each epoch, by ``finetune.select``) and, through
+dvclive, reports/live/finetune/ (per-epoch losses, accuracies and the learning rates the
+schedule used; metrics.json with the latest and the best epoch, which of the starting model
+and the fine-tuned one was kept and the start's val scores, the world size and the
+backend, live while the stage runs) and metrics/finetune_time.json (the wall time of the
+training loop; the only output that is not the same bit for bit on a rerun, so no stage
+depends on it).
 
 With ``distributed.nproc_per_node`` (or ``nnodes``) above 1 it runs in that many processes
 under DistributedDataParallel; ``finetune.batch_size`` stays the global batch.
@@ -53,9 +57,9 @@ from pipeline.core.models import (
 )
 from pipeline.core.params import load_params
 from pipeline.core.training import (
+    SELECTIONS,
     EpochCallback,
     balanced_class_weights,
-    best_val_accuracy,
     fit,
     l2sp_penalty,
     loader_workers,
@@ -67,6 +71,9 @@ from pipeline.core.training import (
 )
 
 TIME_FILE = METRICS_DIR / "finetune_time.json"
+# Below this many val examples one example moves val accuracy by more than a point, and
+# which epoch wins says more about the split than about the epochs.
+FEW_VAL_EXAMPLES = 100
 
 
 def finetune(
@@ -88,13 +95,17 @@ def finetune(
     accumulate: int = 1,
     class_weight: torch.Tensor | None = None,
     on_epoch: EpochCallback | None = None,
+    select: str = "loss",
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
     """Train the trainable part of a Classifier (possibly wrapped in DistributedDataParallel);
-    returns the best-on-val weights and the history.
+    returns the best-on-val weights and the history, whose epoch 0 is the model as given.
 
     The head learns at ``lr`` and the backbone at ``lr * backbone_lr_ratio``, with linear
     warmup then cosine decay per optimizer step; the history records the rates the schedule
-    gave each epoch's last step. Best means highest val accuracy, then lowest val loss.
+    gave each epoch's last step. Best is by ``select`` (training.SELECTIONS: lowest val loss,
+    or highest val accuracy then lowest loss) among the epochs and the starting model: a
+    fine-tune that never beats the start on val gives back the start's weights unchanged
+    (the linear probe's head on the pretrained backbone, with ``head_init: probe``).
     With ``bn="frozen"`` every BatchNorm layer keeps the backbone's running statistics. With
     ``l2sp`` > 0 the backbone is pulled toward its weights at the start (L2-SP) and has no
     weight decay toward zero; the head keeps ``weight_decay``.
@@ -118,7 +129,7 @@ def finetune(
         optimizer,
         epochs,
         device,
-        select=best_val_accuracy,
+        select=SELECTIONS[select],
         scheduler=scheduler,
         amp=amp,
         frozen=frozen_modules(classifier) + (batchnorm_layers(classifier) if bn == "frozen" else []),
@@ -126,6 +137,7 @@ def finetune(
         on_epoch=on_epoch,
         accumulate=accumulate,
         penalty=l2sp_penalty(backbone, l2sp) if l2sp else None,
+        start_is_candidate=True,
     )
 
 
@@ -147,6 +159,43 @@ def starting_classifier(
     else:
         unfreeze_last_blocks(classifier.backbone, modality.blocks(classifier.backbone), config["unfreeze"])
     return classifier
+
+
+def selection_summary(history: list[dict[str, float]], best: dict[str, float]) -> dict[str, float | str]:
+    """What the finetune metrics say of the choice: the starting model's val scores (epoch 0)
+    and whether it or a fine-tuned epoch was kept."""
+    start = history[0]
+    return {
+        "selected": "start" if best["epoch"] == 0 else "fine-tuned",
+        "start_val_loss": start["val_loss"],
+        "start_val_accuracy": start["val_accuracy"],
+    }
+
+
+def selection_message(history: list[dict[str, float]], best: dict[str, float], select: str) -> str:
+    """One line on which model finetune kept and by how much it won on val."""
+    start = history[0]
+    scores = (
+        f"val loss {best['val_loss']:.4f} vs {start['val_loss']:.4f}, "
+        f"accuracy {best['val_accuracy']:.4f} vs {start['val_accuracy']:.4f}"
+    )
+    if best["epoch"] == 0:
+        return (
+            f"finetune: kept the starting model: no epoch of {len(history) - 1} beat it on val {select} "
+            f"(its val loss {start['val_loss']:.4f}, accuracy {start['val_accuracy']:.4f})"
+        )
+    return f"finetune: kept epoch {best['epoch']}, better than the starting model on val {select} ({scores})"
+
+
+def few_val_examples_warning(val_examples: int) -> str | None:
+    """A warning when the val split is too small for the choice of epoch to mean much."""
+    if val_examples >= FEW_VAL_EXAMPLES:
+        return None
+    return (
+        f"finetune: warning: the val split has {val_examples} examples, so one of them is "
+        f"{100 / val_examples:.1f} points of val accuracy and the kept epoch is a noisy choice; "
+        f"hold out at least {FEW_VAL_EXAMPLES} (data.val_fraction) for a choice that means something"
+    )
 
 
 def finetune_time(seconds: float, epochs: int, train_examples: int, world_size: int) -> dict[str, float]:
@@ -195,6 +244,9 @@ def main() -> None:
     if params["class_weighted_loss"]:
         class_weight = balanced_class_weights(train.labels, len(head_checkpoint["classes"]))
     log = EpochLog(LIVE_DIR / "finetune", "finetune") if ranks.main else None
+    warning = few_val_examples_warning(len(val))
+    if warning and ranks.main:
+        print(warning)
 
     def on_epoch(record: dict[str, float]) -> None:
         if log is not None:
@@ -224,11 +276,12 @@ def main() -> None:
         accumulate=accumulate,
         class_weight=class_weight,
         on_epoch=on_epoch,
+        select=config["select"],
     )
     seconds = time.perf_counter() - started
     if not ranks.main:
         return
-    best = best_val_accuracy(history)
+    best = SELECTIONS[config["select"]](history)
     classifier.load_state_dict(best_state)
     classifier = modality.fold_adapters(classifier)  # a plain model, read as any other
     save_torch(
@@ -247,15 +300,14 @@ def main() -> None:
         backend=plan.backend,
         strategy=config["strategy"],
         trainable_params=trainable,
+        **selection_summary(history, best),
     )
     log.close(best)
     write_json(
         TIME_FILE, {"finetune": finetune_time(seconds, config["epochs"], len(train), ranks.world_size)}
     )
-    print(
-        f"finetune: {config['strategy']} trained {trainable:,} of {total:,} parameters in {seconds:.1f} s; "
-        f"best val accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}"
-    )
+    print(f"finetune: {config['strategy']} trained {trainable:,} of {total:,} parameters in {seconds:.1f} s")
+    print(selection_message(history, best, config["select"]))
 
 
 if __name__ == "__main__":

@@ -181,6 +181,20 @@ def export_note(result: dict[str, Any], items: str) -> str:
     )
 
 
+def kept_note(finetune: dict[str, Any], select: str) -> str:
+    """Which model finetune kept, the starting one or an epoch, and their val scores."""
+    start = f"val loss {finetune['start_val_loss']:.4f}, accuracy {finetune['start_val_accuracy']:.2%}"
+    if finetune["selected"] == "start":
+        return (
+            f"no epoch beat the starting model on val {select}, so the fine-tuned model is the "
+            f"starting one, unchanged ({start})"
+        )
+    return (
+        f"it kept epoch {finetune['best_epoch']} (val loss {finetune['best_val_loss']:.4f}, accuracy "
+        f"{finetune['best_val_accuracy']:.2%}), better on val {select} than the starting model ({start})"
+    )
+
+
 def summary_table(test: dict[str, Any], baseline: dict[str, Any]) -> str:
     rows = ["| model | test accuracy | test macro-F1 |", "|---|---:|---:|"]
     for name, scores in {**baseline, **test}.items():
@@ -240,7 +254,8 @@ def render_report(params: dict[str, Any], backbone_hash: str) -> str:
         + " (results depend on the world size)."
     )
     trained = (
-        f" Fine-tuning (strategy {finetune['strategy']}) trained {finetune['trainable_params']:,} parameters."
+        f" Fine-tuning (strategy {finetune['strategy']}) trained {finetune['trainable_params']:,} parameters"
+        f"; {kept_note(finetune, params['finetune']['select'])}."
     )
     inputs = splits_note(read_json(FEATURES_SUMMARY), modality.ITEMS, config["max_length"])
     notes = inputs + pretrain + processes + trained + skipped_note

@@ -484,7 +484,7 @@ def test_two_launchers_of_one_process_each_meet_through_the_rendezvous(tiny_repo
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert "finetune: 2 processes (1 here, gloo)" in outputs[0]
-    assert "; best val accuracy" in outputs[0] and "; best val accuracy" not in outputs[1]
+    assert "finetune: kept " in outputs[0] and "finetune: kept " not in outputs[1]
     summary = json.loads((tiny_repo / "reports/live/finetune/metrics.json").read_text())["finetune"]
     assert summary["world_size"] == 2
 

@@ -75,6 +75,30 @@ def test_the_time_file_s_figures_agree_exactly_whatever_the_rounding(seconds):
     assert abs(timing["seconds"] - seconds) <= 0.001
 
 
+def test_the_summary_and_the_message_say_which_model_was_kept_and_by_how_much():
+    history = [
+        {"epoch": 0, "val_loss": 0.39, "val_accuracy": 0.88},
+        {"epoch": 1, "val_loss": 0.35, "val_accuracy": 0.9},
+    ]
+    assert stage.selection_summary(history, history[1]) == {
+        "selected": "fine-tuned",
+        "start_val_loss": 0.39,
+        "start_val_accuracy": 0.88,
+    }
+    assert stage.selection_summary(history, history[0])["selected"] == "start"
+    message = stage.selection_message(history, history[1], "loss")
+    assert "kept epoch 1" in message and "val loss 0.3500 vs 0.3900, accuracy 0.9000 vs 0.8800" in message
+    assert "kept the starting model: no epoch of 1 beat it on val accuracy" in stage.selection_message(
+        history, history[0], "accuracy"
+    )
+
+
+def test_a_small_val_split_is_named_with_what_one_example_weighs():
+    assert stage.few_val_examples_warning(stage.FEW_VAL_EXAMPLES) is None
+    warning = stage.few_val_examples_warning(37)
+    assert "37 examples" in warning and "2.7 points" in warning and "data.val_fraction" in warning
+
+
 STRATEGIES = {
     "full + L2-SP": {"l2sp": 0.01},
     "adapters": {"strategy": "adapters", "backbone_lr_ratio": 1.0},
@@ -133,3 +157,31 @@ def test_each_strategy_runs_end_to_end_on_the_tiny_config(name, tiny_workspace, 
     assert not same_head  # the head trained (and, for a fresh one, did not start from the probe)
     if params["finetune"]["head_init"] == "probe":  # a fresh head gets too few SGD steps here
         assert test["finetuned"]["accuracy"] > 0.2  # 10 classes: well above chance
+
+
+@pytest.mark.slow
+def test_a_fine_tune_that_only_hurts_val_ships_the_probe_bit_for_bit(
+    tiny_workspace, tmp_path, monkeypatch, capsys
+):
+    """A rate that wrecks the backbone in one epoch: finetune keeps its starting model, the
+    pretrained backbone with the linear probe's head, unchanged, and says so."""
+    workspace = Path(shutil.copytree(tiny_workspace, tmp_path / "workspace"))
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["lr"] = 50.0
+    params["finetune"].update(epochs=1, warmup_epochs=0, optimizer="sgd", backbone_lr_ratio=1.0)
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(workspace)
+    stage.main()
+    summary = json.loads((workspace / "reports/live/finetune/metrics.json").read_text())["finetune"]
+    assert summary["selected"] == "start" and summary["best_epoch"] == 0
+    assert summary["start_val_loss"] == summary["best_val_loss"]
+    assert not float(summary["val_loss"]) <= summary["start_val_loss"]  # worse, or not even finite
+    assert "kept the starting model: no epoch of 1 beat it on val loss" in capsys.readouterr().out
+    finetuned = torch.load(workspace / "models/finetuned.pt", weights_only=True)["state_dict"]
+    for name, part in (("backbone", "backbone.pt"), ("head", "head.pt")):
+        given = torch.load(workspace / "models" / part, weights_only=True)["state_dict"]
+        kept = {
+            key.removeprefix(f"{name}."): value for key, value in finetuned.items() if key.startswith(name)
+        }
+        assert kept.keys() == given.keys()
+        assert all(torch.equal(kept[key], given[key]) for key in given), name

@@ -33,3 +33,15 @@ def test_confused_pairs_are_named_with_both_directions():
     assert "| cat and fox | 1 | cat as fox: 0; fox as cat: 1 |" in table
     perfect = {"classes": ["cat", "dog"], "finetuned": {"confusion_matrix": [[3, 0], [0, 2]]}}
     assert confused_pairs_table(perfect) == "The fine-tuned model confused no two classes on the test split."
+
+
+def test_the_report_says_whether_finetune_kept_the_starting_model_or_an_epoch():
+    from pipeline.report import kept_note
+
+    finetune = {"start_val_loss": 0.39, "start_val_accuracy": 0.88, "best_val_loss": 0.35}
+    finetune.update(best_val_accuracy=0.9, best_epoch=3)
+    kept_start = kept_note({**finetune, "selected": "start"}, "loss")
+    assert "no epoch beat the starting model on val loss" in kept_start
+    assert "val loss 0.3900, accuracy 88.00%" in kept_start
+    kept_epoch = kept_note({**finetune, "selected": "fine-tuned"}, "accuracy")
+    assert kept_epoch.startswith("it kept epoch 3 (val loss 0.3500, accuracy 90.00%), better on val accuracy")

@@ -195,6 +195,76 @@ def test_fit_keeps_the_weights_of_the_epoch_the_rule_selects():
     assert torch.equal(kept["weight"], model.weight)  # last_epoch: the final weights
 
 
+@pytest.mark.parametrize("rule", ["loss", "accuracy"])
+def test_a_fit_that_only_hurts_val_gives_back_the_starting_weights_bit_for_bit(rule):
+    from pipeline.core.training import SELECTIONS, fit
+
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    with torch.no_grad():  # a good model to start from: it points at the class centres
+        model.weight.copy_(torch.eye(3, 8))
+        model.bias.zero_()
+    start = {key: value.clone() for key, value in model.state_dict().items()}
+    features, labels = separable(60, 0)
+    shuffled = DataLoader(TensorDataset(features, labels[torch.randperm(60)]), batch_size=60)  # noise
+    optimizer = torch.optim.SGD(model.parameters(), lr=5.0)
+    val = DataLoader(TensorDataset(*separable(60, 1)), batch_size=60)
+    start_val = evaluate_epoch(model, val, nn.CrossEntropyLoss(), torch.device("cpu"))
+    kept, history = fit(
+        model,
+        shuffled,
+        val,
+        nn.CrossEntropyLoss(),
+        optimizer,
+        3,
+        torch.device("cpu"),
+        select=SELECTIONS[rule],
+        start_is_candidate=True,
+    )
+    assert [record["epoch"] for record in history] == [0, 1, 2, 3]
+    assert history[0]["val_loss"] == round(start_val["loss"], 6)
+    assert all(record["val_loss"] > history[0]["val_loss"] for record in history[1:])
+    assert SELECTIONS[rule](history) is history[0]
+    assert kept.keys() == start.keys()
+    assert all(torch.equal(kept[key], start[key]) for key in start)
+    assert not torch.equal(model.weight, start["weight"])  # it did train, and got worse
+
+
+def test_a_trained_epoch_that_beats_the_start_replaces_it():
+    from pipeline.core.training import SELECTIONS, fit
+
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    start = model.weight.detach().clone()
+    kept, history = fit(
+        model,
+        loader(),
+        loader(24),
+        nn.CrossEntropyLoss(),
+        torch.optim.SGD(model.parameters(), lr=0.5),
+        3,
+        torch.device("cpu"),
+        select=SELECTIONS["loss"],
+        start_is_candidate=True,
+    )
+    assert SELECTIONS["loss"](history)["epoch"] > 0
+    assert not torch.equal(kept["weight"], start)
+    assert history[0]["val_loss"] > min(record["val_loss"] for record in history[1:])
+
+
+def test_accuracy_selection_breaks_ties_by_loss_then_by_the_earlier_epoch_and_shuns_nan():
+    from pipeline.core.training import best_val_accuracy
+
+    history = [
+        {"epoch": 0, "val_accuracy": 0.9, "val_loss": 0.30},
+        {"epoch": 1, "val_accuracy": 0.9, "val_loss": 0.30},
+        {"epoch": 2, "val_accuracy": 0.95, "val_loss": float("nan")},
+    ]
+    assert best_val_accuracy(history) is history[0]
+    history.append({"epoch": 3, "val_accuracy": 0.9, "val_loss": 0.25})
+    assert best_val_accuracy(history) is history[3]
+
+
 def test_fit_stops_after_patience_epochs_the_rule_passed_over():
     def always_the_first(history):
         return history[0]

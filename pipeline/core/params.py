@@ -29,6 +29,7 @@ BACKENDS = ("auto", "nccl", "gloo")
 BN_MODES = ("train", "frozen")
 STRATEGIES = ("full", "adapters")
 HEAD_INITS = ("probe", "fresh")
+SELECTIONS = ("loss", "accuracy")
 OPTIMIZERS = ("adamw", "sgd")
 BUILTIN_WEIGHTS = ("pretrain", "none")
 TRUNCATION_SIDES = ("right", "left")
@@ -254,6 +255,7 @@ SCHEMA: dict[str, Any] = {
     "finetune": {
         "strategy": one_of(*STRATEGIES),
         "epochs": positive_int,
+        "select": one_of(*SELECTIONS),
         "batch_size": positive_int,
         "unfreeze": unfreeze_spec,
         "head_init": one_of(*HEAD_INITS),

@@ -286,10 +286,14 @@ def fit(
     on_epoch: EpochCallback | None = None,
     accumulate: int = 1,
     penalty: Penalty | None = None,
+    start_is_candidate: bool = False,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
     """The project's one training loop: a train step and an eval step per epoch, one loss
     scaler, and ``select`` (a rule over the history so far) naming the epoch whose weights
     to keep. With ``patience``, training stops after that many epochs the rule passed over.
+    With ``start_is_candidate`` the model as given is evaluated first and enters the
+    history as epoch 0 (val loss and accuracy only, no ``on_epoch`` call): when no epoch
+    beats it, its weights come back unchanged, bit for bit.
 
     ``model`` may be wrapped in DistributedDataParallel: the loaders' samplers then give each
     process its share (``set_epoch`` reshuffles, on the sampler and on a
@@ -302,6 +306,9 @@ def fit(
     """
     scaler = grad_scaler(device, amp)
     kept, history, passed_over = None, [], 0
+    if start_is_candidate:
+        history.append(start_record(evaluate_epoch(unwrap(model), val_loader, loss_fn, device, amp)))
+        kept = weights_on_cpu(unwrap(model))
     for epoch in range(1, epochs + 1):
         for reshuffled in (train_loader.sampler, train_loader.dataset):
             if hasattr(reshuffled, "set_epoch"):
@@ -324,13 +331,17 @@ def fit(
         if on_epoch is not None:
             on_epoch(history[-1])
         if select(history) is history[-1]:
-            state = unwrap(model).state_dict()
-            kept, passed_over = {k: v.detach().cpu().clone() for k, v in state.items()}, 0
+            kept, passed_over = weights_on_cpu(unwrap(model)), 0
         else:
             passed_over += 1
             if patience is not None and passed_over >= patience:
                 break
     return kept, history
+
+
+def weights_on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s state on the CPU, untouched by further training."""
+    return {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
 
 
 def fit_head(
@@ -420,6 +431,11 @@ def epoch_record(
     }
 
 
+def start_record(val: dict[str, float]) -> dict[str, float]:
+    """The history's epoch 0: the model before any training, on val."""
+    return {"epoch": 0, "val_loss": round(val["loss"], 6), "val_accuracy": round(val["accuracy"], 6)}
+
+
 def lowest_val_loss(history: list[dict[str, float]], min_delta: float = 1e-6) -> dict[str, float]:
     """The epoch with the lowest val loss (the head's rule, with early stopping): a later
     epoch wins only by more than ``min_delta``, so a loss creeping down by millionths ends
@@ -434,8 +450,17 @@ def lowest_val_loss(history: list[dict[str, float]], min_delta: float = 1e-6) ->
 
 
 def best_val_accuracy(history: list[dict[str, float]]) -> dict[str, float]:
-    """The epoch with the highest val accuracy, ties to the lower val loss (fine-tuning's rule)."""
-    return max(history, key=lambda record: (record["val_accuracy"], -record["val_loss"]))
+    """The epoch with the highest val accuracy, ties to the lower val loss, then to the
+    earlier epoch; an epoch whose loss is not finite wins only if every one's is not."""
+
+    def rank(record: dict[str, float]) -> tuple[bool, float, float]:
+        finite = math.isfinite(record["val_loss"])
+        return finite, record["val_accuracy"], -record["val_loss"] if finite else 0.0
+
+    return max(history, key=rank)
+
+
+SELECTIONS: dict[str, Selection] = {"loss": lowest_val_loss, "accuracy": best_val_accuracy}
 
 
 def last_epoch(history: list[dict[str, float]]) -> dict[str, float]:
