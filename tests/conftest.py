@@ -54,6 +54,34 @@ STAGES = [
 # The README's sweep syntax, with two of its three rates (each rate that runs costs the suite
 # half a minute): 1e-3 is the committed rate, restored whole; 1e-5 reruns finetune onward.
 SWEEP = "lr=1e-3,1e-5"
+# The test files that take longest, longest first; the others follow in collection order.
+# pytest-xdist hands each worker whole files in this order (pyproject.toml: --dist loadfile,
+# --no-loadscope-reorder), so the two workers start by making the two shared runs side by
+# side (tiny_text_run for the first file, tiny_run for the second) instead of one waiting on
+# the other's lock, and the quick files even out the end.
+LONGEST_FIRST = (
+    "test_text_pipeline.py",
+    "test_pipeline.py",
+    "test_distributed.py",
+    "test_compare.py",
+    "test_finetune.py",
+    "test_architectures.py",
+    "test_stage_params.py",
+    "test_image_data.py",
+    "test_text.py",
+    "test_benchmarks.py",
+    "test_image_models.py",
+    "test_predict.py",
+    "test_export.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    missing = [name for name in LONGEST_FIRST if not (Path(__file__).parent / name).is_file()]
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py LONGEST_FIRST names no such test file: {missing}")
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
 
 
 def default_params() -> dict[str, Any]:
