@@ -161,12 +161,23 @@ def starting_classifier(
     return classifier
 
 
-def selection_summary(history: list[dict[str, float]], best: dict[str, float]) -> dict[str, float | str]:
-    """What the finetune metrics say of the choice: the starting model's val scores (epoch 0)
-    and whether it or a fine-tuned epoch was kept."""
+def decided_by(start: dict[str, float], best: dict[str, float], select: str) -> str:
+    """The val score that decided between the starting model and the kept epoch: the rule's,
+    or, when ``accuracy`` found them equal, the val loss that broke the tie."""
+    if select == "accuracy" and best["epoch"] != 0 and best["val_accuracy"] == start["val_accuracy"]:
+        return "loss, at equal accuracy"
+    return select
+
+
+def selection_summary(
+    history: list[dict[str, float]], best: dict[str, float], select: str
+) -> dict[str, float | str]:
+    """What the finetune metrics say of the choice: the starting model's val scores (epoch 0),
+    whether it or a fine-tuned epoch was kept, and on which val score."""
     start = history[0]
     return {
         "selected": "start" if best["epoch"] == 0 else "fine-tuned",
+        "decided_by": decided_by(start, best, select),
         "start_val_loss": start["val_loss"],
         "start_val_accuracy": start["val_accuracy"],
     }
@@ -184,7 +195,8 @@ def selection_message(history: list[dict[str, float]], best: dict[str, float], s
             f"finetune: kept the starting model: no epoch of {len(history) - 1} beat it on val {select} "
             f"(its val loss {start['val_loss']:.4f}, accuracy {start['val_accuracy']:.4f})"
         )
-    return f"finetune: kept epoch {best['epoch']}, better than the starting model on val {select} ({scores})"
+    won_on = decided_by(start, best, select)
+    return f"finetune: kept epoch {best['epoch']}, better than the starting model on val {won_on} ({scores})"
 
 
 def few_val_examples_warning(val_examples: int) -> str | None:
@@ -300,7 +312,7 @@ def main() -> None:
         backend=plan.backend,
         strategy=config["strategy"],
         trainable_params=trainable,
-        **selection_summary(history, best),
+        **selection_summary(history, best, config["select"]),
     )
     log.close(best)
     write_json(

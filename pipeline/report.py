@@ -181,17 +181,19 @@ def export_note(result: dict[str, Any], items: str) -> str:
     )
 
 
-def kept_note(finetune: dict[str, Any], select: str) -> str:
-    """Which model finetune kept, the starting one or an epoch, and their val scores."""
+def kept_note(finetune: dict[str, Any]) -> str:
+    """Which model finetune kept, the starting one or an epoch, on which val score, and their
+    val scores."""
     start = f"val loss {finetune['start_val_loss']:.4f}, accuracy {finetune['start_val_accuracy']:.2%}"
     if finetune["selected"] == "start":
         return (
-            f"no epoch beat the starting model on val {select}, so the fine-tuned model is the "
-            f"starting one, unchanged ({start})"
+            f"no epoch beat the starting model on val {finetune['decided_by']}, so the fine-tuned "
+            f"model is the starting one, unchanged ({start})"
         )
     return (
         f"it kept epoch {finetune['best_epoch']} (val loss {finetune['best_val_loss']:.4f}, accuracy "
-        f"{finetune['best_val_accuracy']:.2%}), better on val {select} than the starting model ({start})"
+        f"{finetune['best_val_accuracy']:.2%}), better than the starting model on val "
+        f"{finetune['decided_by']} ({start})"
     )
 
 
@@ -255,7 +257,7 @@ def render_report(params: dict[str, Any], backbone_hash: str) -> str:
     )
     trained = (
         f" Fine-tuning (strategy {finetune['strategy']}) trained {finetune['trainable_params']:,} parameters"
-        f"; {kept_note(finetune, params['finetune']['select'])}."
+        f"; {kept_note(finetune)}."
     )
     inputs = splits_note(read_json(FEATURES_SUMMARY), modality.ITEMS, config["max_length"])
     notes = inputs + pretrain + processes + trained + skipped_note

@@ -80,17 +80,29 @@ def test_the_summary_and_the_message_say_which_model_was_kept_and_by_how_much():
         {"epoch": 0, "val_loss": 0.39, "val_accuracy": 0.88},
         {"epoch": 1, "val_loss": 0.35, "val_accuracy": 0.9},
     ]
-    assert stage.selection_summary(history, history[1]) == {
+    assert stage.selection_summary(history, history[1], "loss") == {
         "selected": "fine-tuned",
+        "decided_by": "loss",
         "start_val_loss": 0.39,
         "start_val_accuracy": 0.88,
     }
-    assert stage.selection_summary(history, history[0])["selected"] == "start"
+    assert stage.selection_summary(history, history[0], "accuracy")["selected"] == "start"
     message = stage.selection_message(history, history[1], "loss")
     assert "kept epoch 1" in message and "val loss 0.3500 vs 0.3900, accuracy 0.9000 vs 0.8800" in message
     assert "kept the starting model: no epoch of 1 beat it on val accuracy" in stage.selection_message(
         history, history[0], "accuracy"
     )
+
+
+def test_an_epoch_kept_at_equal_val_accuracy_is_said_to_win_on_val_loss():
+    history = [
+        {"epoch": 0, "val_loss": 0.39, "val_accuracy": 0.9},
+        {"epoch": 1, "val_loss": 0.35, "val_accuracy": 0.9},
+    ]
+    assert stage.selection_summary(history, history[1], "accuracy")["decided_by"] == "loss, at equal accuracy"
+    message = stage.selection_message(history, history[1], "accuracy")
+    assert "kept epoch 1, better than the starting model on val loss, at equal accuracy" in message
+    assert stage.selection_summary(history, history[0], "accuracy")["decided_by"] == "accuracy"
 
 
 def test_a_small_val_split_is_named_with_what_one_example_weighs():
@@ -176,7 +188,8 @@ def test_a_fine_tune_that_only_hurts_val_ships_the_probe_bit_for_bit(
     assert summary["selected"] == "start" and summary["best_epoch"] == 0
     assert summary["start_val_loss"] == summary["best_val_loss"]
     assert not float(summary["val_loss"]) <= summary["start_val_loss"]  # worse, or not even finite
-    assert "kept the starting model: no epoch of 1 beat it on val loss" in capsys.readouterr().out
+    rule = params["finetune"]["select"]
+    assert f"kept the starting model: no epoch of 1 beat it on val {rule}" in capsys.readouterr().out
     finetuned = torch.load(workspace / "models/finetuned.pt", weights_only=True)["state_dict"]
     for name, part in (("backbone", "backbone.pt"), ("head", "head.pt")):
         given = torch.load(workspace / "models" / part, weights_only=True)["state_dict"]

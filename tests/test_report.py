@@ -40,8 +40,12 @@ def test_the_report_says_whether_finetune_kept_the_starting_model_or_an_epoch():
 
     finetune = {"start_val_loss": 0.39, "start_val_accuracy": 0.88, "best_val_loss": 0.35}
     finetune.update(best_val_accuracy=0.9, best_epoch=3)
-    kept_start = kept_note({**finetune, "selected": "start"}, "loss")
+    kept_start = kept_note({**finetune, "selected": "start", "decided_by": "loss"})
     assert "no epoch beat the starting model on val loss" in kept_start
     assert "val loss 0.3900, accuracy 88.00%" in kept_start
-    kept_epoch = kept_note({**finetune, "selected": "fine-tuned"}, "accuracy")
-    assert kept_epoch.startswith("it kept epoch 3 (val loss 0.3500, accuracy 90.00%), better on val accuracy")
+    kept_epoch = kept_note({**finetune, "selected": "fine-tuned", "decided_by": "accuracy"})
+    assert kept_epoch.startswith(
+        "it kept epoch 3 (val loss 0.3500, accuracy 90.00%), better than the starting model on val accuracy"
+    )
+    tie = kept_note({**finetune, "selected": "fine-tuned", "decided_by": "loss, at equal accuracy"})
+    assert "better than the starting model on val loss, at equal accuracy (val loss 0.3900" in tie
