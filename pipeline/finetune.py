@@ -88,6 +88,7 @@ def finetune(
     weight_decay: float,
     label_smoothing: float,
     amp: str,
+    select: str,
     bn: str = "train",
     optimizer: str = "adamw",
     momentum: float = 0.9,
@@ -95,7 +96,6 @@ def finetune(
     accumulate: int = 1,
     class_weight: torch.Tensor | None = None,
     on_epoch: EpochCallback | None = None,
-    select: str = "loss",
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
     """Train the trainable part of a Classifier (possibly wrapped in DistributedDataParallel);
     returns the best-on-val weights and the history, whose epoch 0 is the model as given.

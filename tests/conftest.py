@@ -337,6 +337,7 @@ def fine_tune_briefly(model: torch.nn.Module, **settings) -> None:
         weight_decay=0.0,
         label_smoothing=0.0,
         amp="off",
+        select="accuracy",
     )
     finetune(
         model, random_image_loader(0), random_image_loader(1), torch.device("cpu"), **{**recipe, **settings}

@@ -232,3 +232,12 @@ def test_a_local_checkpoint_must_live_under_data_weights(tmp_path, monkeypatch):
     (tmp_path / "data" / "weights" / "resnet18.pt").write_bytes(b"")
     params["backbone"]["weights"] = "data/weights/resnet18.pt"
     assert load_params(write(tmp_path, params))["backbone"]["weights"] == "data/weights/resnet18.pt"
+
+
+def test_every_selection_params_allows_has_a_rule_in_training_and_no_more():
+    """params.py names finetune.select's choices without importing torch; training.py holds
+    the rules: the two must list the same names."""
+    from pipeline.core import params
+    from pipeline.core.training import SELECTIONS
+
+    assert set(params.SELECTIONS) == set(SELECTIONS)
