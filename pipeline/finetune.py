@@ -59,6 +59,7 @@ from pipeline.core.params import load_params
 from pipeline.core.training import (
     SELECTIONS,
     EpochCallback,
+    Fitted,
     balanced_class_weights,
     fit,
     l2sp_penalty,
@@ -96,9 +97,10 @@ def finetune(
     accumulate: int = 1,
     class_weight: torch.Tensor | None = None,
     on_epoch: EpochCallback | None = None,
-) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+) -> Fitted:
     """Train the trainable part of a Classifier (possibly wrapped in DistributedDataParallel);
-    returns the best-on-val weights and the history, whose epoch 0 is the model as given.
+    returns fit()'s result: the best-on-val weights, the history, whose epoch 0 is the model
+    as given, and the kept epoch's record.
 
     The head learns at ``lr`` and the backbone at ``lr * backbone_lr_ratio``, with linear
     warmup then cosine decay per optimizer step; the history records the rates the schedule
@@ -269,7 +271,7 @@ def main() -> None:
         )
 
     started = time.perf_counter()
-    best_state, history = finetune(
+    fitted = finetune(
         model,
         train_loader,
         val_loader,
@@ -293,8 +295,8 @@ def main() -> None:
     seconds = time.perf_counter() - started
     if not ranks.main:
         return
-    best = SELECTIONS[config["select"]](history)
-    classifier.load_state_dict(best_state)
+    history, best = fitted.history, fitted.kept
+    classifier.load_state_dict(fitted.weights)
     classifier = modality.fold_adapters(classifier)  # a plain model, read as any other
     save_torch(
         FINETUNED_FILE,

@@ -14,7 +14,7 @@ from pipeline.core.common import HEAD_FILE, LIVE_DIR, save_torch, seed_everythin
 from pipeline.core.entry import run_stage
 from pipeline.core.epoch_log import EpochLog
 from pipeline.core.params import load_params
-from pipeline.core.training import fit_new_head, lowest_val_loss
+from pipeline.core.training import fit_new_head
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     seed_everything(seed)
     train, val = read_features("train"), read_features("val")
     log = EpochLog(LIVE_DIR / "head", "head")
-    head, history = fit_new_head(
+    head, fitted = fit_new_head(
         (train["features"], train["labels"]),
         (val["features"], val["labels"]),
         len(train["classes"]),
@@ -32,12 +32,12 @@ def main() -> None:
         class_weighted=params["class_weighted_loss"],
         on_epoch=log,
     )
-    best = lowest_val_loss(history)
     in_features = train["features"].shape[1]
     checkpoint = head_checkpoint(head.state_dict(), config, in_features, train["classes"])
     save_torch(HEAD_FILE, checkpoint)
-    log.close(best)
-    print(f"train_head: val accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}/{len(history)}")
+    log.close(fitted.kept)
+    best, epochs = fitted.kept, len(fitted.history)
+    print(f"train_head: val accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}/{epochs}")
 
 
 if __name__ == "__main__":

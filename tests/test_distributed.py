@@ -200,9 +200,10 @@ def train_linear(ranks: Ranks) -> tuple[dict, list[dict]]:
     val_loader = make_loader(val, 8, device, sampler=ShardSampler(21, ranks))
     parallel = distributed.parallel(model, ranks, device, sync_batchnorm=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    return fit(
+    fitted = fit(
         parallel, train_loader, val_loader, nn.CrossEntropyLoss(), optimizer, 3, device, best_val_accuracy
     )
+    return fitted.weights, fitted.history
 
 
 def extract_shared(ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor]:
@@ -345,7 +346,7 @@ def test_gradient_accumulation_trains_as_the_whole_batch_does(size):
         train = make_loader(data(size, 0), per_process, torch.device("cpu"), sampler=sampler)
         val = make_loader(data(21, 1), 8, torch.device("cpu"))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        kept, _ = fit(
+        fitted = fit(
             model,
             train,
             val,
@@ -356,7 +357,7 @@ def test_gradient_accumulation_trains_as_the_whole_batch_does(size):
             last_epoch,
             accumulate=accumulate,
         )
-        results.append(kept)
+        results.append(fitted.weights)
     assert split_batch(8, 1, 4, "batch") == (4, 2)
     for name in results[0]:
         assert torch.allclose(results[0][name], results[1][name], atol=1e-6), name

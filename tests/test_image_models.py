@@ -166,10 +166,10 @@ def test_families_with_auxiliary_classifiers_train_as_one_classifier(arch, size)
     images, labels = torch.rand(8, 3, size, size), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    kept, history = fit(
+    fitted = fit(
         model, data, data, nn.CrossEntropyLoss(), optimizer, 1, torch.device("cpu"), select=lambda h: h[-1]
     )
-    assert len(history) == 1 and set(kept) == set(model.state_dict())
+    assert len(fitted.history) == 1 and set(fitted.weights) == set(model.state_dict())
     assert not any(name.startswith(("aux1.", "aux2.", "AuxLogits.")) for name in backbone.state_dict())
 
 

@@ -18,8 +18,10 @@ def separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_fit_head_learns_and_stops_early():
+    from pipeline.core.training import lowest_val_loss
+
     torch.manual_seed(0)
-    head, history = fit_head(
+    head, fitted = fit_head(
         nn.Linear(8, 3),
         separable(300, 0),
         separable(100, 1),
@@ -33,8 +35,11 @@ def test_fit_head_learns_and_stops_early():
     features, labels = separable(200, 2)
     accuracy = (head(features).argmax(1) == labels).float().mean().item()
     assert accuracy > 0.95
+    history = fitted.history
     assert len(history) < 200
     assert history[-1]["epoch"] == len(history)
+    assert fitted.kept is lowest_val_loss(history)
+    assert fitted.kept["epoch"] == len(history) - 3  # patience: 3 epochs passed over, then it stopped
 
 
 def test_fit_head_is_deterministic():
@@ -185,9 +190,9 @@ def test_fit_keeps_the_weights_of_the_epoch_the_rule_selects():
     from pipeline.core.training import best_val_accuracy, last_epoch, lowest_val_loss
 
     for rule in (lowest_val_loss, best_val_accuracy, last_epoch):
-        model, (kept, history) = fit_on(rule)
+        model, (kept, history, chosen) = fit_on(rule)
         assert len(history) == 6
-        chosen = rule(history)
+        assert chosen is rule(history)
         replay = nn.Linear(8, 3)
         replay.load_state_dict(kept)
         val = evaluate_epoch(replay, loader(24), nn.CrossEntropyLoss(), torch.device("cpu"))
@@ -210,7 +215,7 @@ def test_a_fit_that_only_hurts_val_gives_back_the_starting_weights_bit_for_bit(r
     optimizer = torch.optim.SGD(model.parameters(), lr=5.0)
     val = DataLoader(TensorDataset(*separable(60, 1)), batch_size=60)
     start_val = evaluate_epoch(model, val, nn.CrossEntropyLoss(), torch.device("cpu"))
-    kept, history = fit(
+    kept, history, chosen = fit(
         model,
         shuffled,
         val,
@@ -224,7 +229,7 @@ def test_a_fit_that_only_hurts_val_gives_back_the_starting_weights_bit_for_bit(r
     assert [record["epoch"] for record in history] == [0, 1, 2, 3]
     assert history[0]["val_loss"] == round(start_val["loss"], 6)
     assert all(record["val_loss"] > history[0]["val_loss"] for record in history[1:])
-    assert SELECTIONS[rule](history) is history[0]
+    assert chosen is SELECTIONS[rule](history) is history[0]
     assert kept.keys() == start.keys()
     assert all(torch.equal(kept[key], start[key]) for key in start)
     assert not torch.equal(model.weight, start["weight"])  # it did train, and got worse
@@ -236,7 +241,7 @@ def test_a_trained_epoch_that_beats_the_start_replaces_it():
     torch.manual_seed(0)
     model = nn.Linear(8, 3)
     start = model.weight.detach().clone()
-    kept, history = fit(
+    kept, history, chosen = fit(
         model,
         loader(),
         loader(24),
@@ -247,7 +252,7 @@ def test_a_trained_epoch_that_beats_the_start_replaces_it():
         select=SELECTIONS["loss"],
         start_is_candidate=True,
     )
-    assert SELECTIONS["loss"](history)["epoch"] > 0
+    assert chosen is SELECTIONS["loss"](history) and chosen["epoch"] > 0
     assert not torch.equal(kept["weight"], start)
     assert history[0]["val_loss"] > min(record["val_loss"] for record in history[1:])
 
@@ -269,7 +274,7 @@ def test_fit_stops_after_patience_epochs_the_rule_passed_over():
     def always_the_first(history):
         return history[0]
 
-    _, (_, history) = fit_on(always_the_first, patience=2)
+    _, (_, history, _) = fit_on(always_the_first, patience=2)
     assert [record["epoch"] for record in history] == [1, 2, 3]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -18,6 +18,15 @@ from pipeline.core.models import build_head
 
 EpochCallback = Callable[[dict[str, float]], None]
 Penalty = Callable[[], torch.Tensor]
+
+
+class Fitted(NamedTuple):
+    """What fit() returns: the kept weights (on the CPU), the per-epoch history, and the
+    history's record of the kept epoch, the one its selection rule chose."""
+
+    weights: dict[str, torch.Tensor]
+    history: list[dict[str, float]]
+    kept: dict[str, float]
 
 
 def make_loader(
@@ -287,7 +296,7 @@ def fit(
     accumulate: int = 1,
     penalty: Penalty | None = None,
     start_is_candidate: bool = False,
-) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+) -> Fitted:
     """The project's one training loop: a train step and an eval step per epoch, one loss
     scaler, and ``select`` (a rule over the history so far) naming the epoch whose weights
     to keep. With ``patience``, training stops after that many epochs the rule passed over.
@@ -300,15 +309,15 @@ def fit(
     data.SeededAugmentation dataset), losses and accuracies are summed over the
     processes, so every process keeps the same epoch; evaluation runs the unwrapped model.
 
-    Returns the kept weights (on the CPU) and the per-epoch history, each record carrying
-    the rates of the optimizer's param groups, named by ``rate_names``; ``on_epoch`` gets
-    each record as its epoch ends (a stage's dvclive log).
+    Returns the kept weights, the per-epoch history, each record carrying the rates of the
+    optimizer's param groups, named by ``rate_names``, and the kept epoch's record;
+    ``on_epoch`` gets each record as its epoch ends (a stage's dvclive log).
     """
     scaler = grad_scaler(device, amp)
-    kept, history, passed_over = None, [], 0
+    weights, kept, history, passed_over = None, None, [], 0
     if start_is_candidate:
         history.append(start_record(evaluate_epoch(unwrap(model), val_loader, loss_fn, device, amp)))
-        kept = weights_on_cpu(unwrap(model))
+        weights, kept = weights_on_cpu(unwrap(model)), history[0]
     for epoch in range(1, epochs + 1):
         for reshuffled in (train_loader.sampler, train_loader.dataset):
             if hasattr(reshuffled, "set_epoch"):
@@ -331,12 +340,12 @@ def fit(
         if on_epoch is not None:
             on_epoch(history[-1])
         if select(history) is history[-1]:
-            kept, passed_over = weights_on_cpu(unwrap(model)), 0
+            weights, kept, passed_over = weights_on_cpu(unwrap(model)), history[-1], 0
         else:
             passed_over += 1
             if patience is not None and passed_over >= patience:
                 break
-    return kept, history
+    return Fitted(weights, history, kept)
 
 
 def weights_on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -356,17 +365,17 @@ def fit_head(
     seed: int,
     class_weight: torch.Tensor | None = None,
     on_epoch: EpochCallback | None = None,
-) -> tuple[nn.Module, list[dict[str, float]]]:
+) -> tuple[nn.Module, Fitted]:
     """Train a head on cached features with AdamW, early stopping on val loss.
 
-    Returns the head at its lowest val loss and the per-epoch history.
+    Returns the head, loaded with its weights at its lowest val loss, and fit()'s result.
     """
     device = torch.device("cpu")  # features are small; the head trains in moments on a CPU
     train_loader = make_loader(TensorDataset(*train), batch_size, device, shuffle=True, seed=seed)
     val_loader = make_loader(TensorDataset(*val), 4096, device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss(weight=class_weight)
-    kept, history = fit(
+    fitted = fit(
         head,
         train_loader,
         val_loader,
@@ -379,12 +388,12 @@ def fit_head(
         rate_names=("lr_used",),
         on_epoch=on_epoch,
     )
-    if not any(math.isfinite(record["val_loss"]) for record in history):
+    if not any(math.isfinite(record["val_loss"]) for record in fitted.history):
         raise StageError(
-            f"the head's val loss was never finite (last {history[-1]['val_loss']}); lower head.lr"
+            f"the head's val loss was never finite (last {fitted.history[-1]['val_loss']}); lower head.lr"
         )
-    head.load_state_dict(kept)
-    return head, history
+    head.load_state_dict(fitted.weights)
+    return head, fitted
 
 
 def fit_new_head(
@@ -395,7 +404,7 @@ def fit_new_head(
     seed: int,
     class_weighted: bool = False,
     on_epoch: EpochCallback | None = None,
-) -> tuple[nn.Module, list[dict[str, float]]]:
+) -> tuple[nn.Module, Fitted]:
     """Build the head params' ``head`` section (``config``) describes for these features and
     fit it, as train_head and the random-init baseline both do."""
     head = build_head(

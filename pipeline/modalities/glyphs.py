@@ -139,7 +139,7 @@ def pretrain_on_glyphs(
             f"held-out accuracy {record['val_accuracy']:.3f}"
         )
 
-    kept, history = fit(
+    fitted = fit(
         distributed.parallel(model, ranks, device, sync_batchnorm),
         train_loader,
         val_loader,
@@ -153,5 +153,5 @@ def pretrain_on_glyphs(
         on_epoch=report,
         accumulate=accumulate,
     )
-    model.load_state_dict(kept)
-    return model.backbone.cpu(), features, history[-1]["val_accuracy"]
+    model.load_state_dict(fitted.weights)
+    return model.backbone.cpu(), features, fitted.kept["val_accuracy"]
