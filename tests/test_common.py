@@ -68,3 +68,82 @@ def test_a_stage_in_a_git_repository_with_no_commit_fails_at_once_and_says_what_
     subprocess.run(["git", *identity, "commit", "-q", "--allow-empty", "-m", "start"], check=True)
     run_stage(lambda: ran.append("committed"))
     assert ran == ["outside git", "committed"]
+
+
+def device_stages() -> list[str]:
+    """The stages dvc.yaml says read params' ``device`` to compute on it (report only shows it)."""
+    import yaml
+
+    from tests.conftest import ROOT
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return [name for name, stage in stages.items() if "device" in stage.get("params", []) and name != "report"]
+
+
+class ReachedTheDevice(Exception):
+    """Raised where a stage has resolved its device: the test has seen what it needs."""
+
+
+def pretend_available(monkeypatch, device: str) -> None:
+    import torch
+    import torch._dynamo  # noqa: F401 - it indexes torch's functions when first imported: the real ones
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: device == "mps")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+@pytest.mark.parametrize("stage", device_stages())
+def test_every_stage_runs_on_the_gpu_params_name_where_torch_sees_one(stage, device, tmp_path, monkeypatch):
+    import importlib
+
+    import yaml
+
+    from pipeline.core import distributed
+    from tests.conftest import default_params
+
+    params = default_params()
+    params["device"] = device
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    pretend_available(monkeypatch, device)
+    found = []
+    real = distributed.process_device
+
+    def process_device(resolved, ranks):
+        found.append(real(resolved, ranks))
+        raise ReachedTheDevice
+
+    monkeypatch.setattr(distributed, "process_device", process_device)
+    with pytest.raises(ReachedTheDevice):  # each stage finds its device through distributed.start
+        importlib.import_module(f"pipeline.{stage}").main()
+    assert [d.type for d in found] == [device]
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_predict_runs_on_the_gpu_asked_for_where_torch_sees_one(device, tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from pipeline import predict
+    from tests.test_predict import save_classifier
+
+    model = save_classifier(tmp_path / "finetuned.pt")
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    pretend_available(monkeypatch, device)
+    moved = []
+    real_to = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        target = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.device)), None)
+        if target is not None and target.type != "cpu":
+            moved.append(target.type)
+            raise ReachedTheDevice
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    with pytest.raises(ReachedTheDevice):
+        predict.main(["--model", str(model), "--device", device, "--num-workers", "0", str(tmp_path / "a.png")])
+    assert moved == [device]

@@ -149,12 +149,12 @@ def resolve_device(name: str) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise ParamsError(f"device: unknown device {name!r}; choose one of: auto, cpu, cuda, mps")
     if name == "cuda" and not torch.cuda.is_available():
         raise ParamsError("device: 'cuda' asked for, but torch sees no CUDA GPU; use 'auto' or 'cpu'")
     if name == "mps" and not torch.backends.mps.is_available():
         raise ParamsError("device: 'mps' asked for, but torch sees no Apple GPU; use 'auto' or 'cpu'")
-    if name != "cpu":
-        raise ParamsError(f"device: unknown device {name!r}; choose one of: auto, cpu, cuda, mps")
     return torch.device(name)
 
 
