@@ -249,10 +249,10 @@ def main() -> None:
     train = SeededAugmentation(items, seed)
     val = modalities.split_dataset("val", backbone_checkpoint)
     train_sampler = distributed.GlobalBatchSampler(
-        len(train), config["batch_size"], ranks, seed, getattr(train, "lengths", None)
+        len(train), config["batch_size"], ranks, seed, getattr(train, "lengths", None), step=per_process
     )
     train_loader = make_loader(train, per_process, device, num_workers=workers, sampler=train_sampler)
-    val_sampler = distributed.ShardSampler(len(val), ranks, getattr(val, "lengths", None))
+    val_sampler = distributed.ShardSampler(len(val), ranks, getattr(val, "lengths", None), "the val split")
     val_loader = make_loader(val, per_process, device, num_workers=workers, sampler=val_sampler)
     class_weight = None
     if params["class_weighted_loss"]:

@@ -77,7 +77,9 @@ def device_stages() -> list[str]:
     from tests.conftest import ROOT
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    return [name for name, stage in stages.items() if "device" in stage.get("params", []) and name != "report"]
+    return [
+        name for name, stage in stages.items() if "device" in stage.get("params", []) and name != "report"
+    ]
 
 
 class ReachedTheDevice(Exception):
@@ -86,7 +88,7 @@ class ReachedTheDevice(Exception):
 
 def pretend_available(monkeypatch, device: str) -> None:
     import torch
-    import torch._dynamo  # noqa: F401 - it indexes torch's functions when first imported: the real ones
+    import torch._dynamo
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: device == "mps")
@@ -145,5 +147,7 @@ def test_predict_runs_on_the_gpu_asked_for_where_torch_sees_one(device, tmp_path
 
     monkeypatch.setattr(torch.nn.Module, "to", to)
     with pytest.raises(ReachedTheDevice):
-        predict.main(["--model", str(model), "--device", device, "--num-workers", "0", str(tmp_path / "a.png")])
+        predict.main(
+            ["--model", str(model), "--device", device, "--num-workers", "0", str(tmp_path / "a.png")]
+        )
     assert moved == [device]

@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 
 from pipeline.core import distributed
 from pipeline.core.distributed import GlobalBatchSampler, Ranks, ShardSampler, plan_for, split_batch
-from pipeline.core.errors import ParamsError
+from pipeline.core.errors import ParamsError, StageError
 from tests.conftest import default_params, ran_stages, read_params, run, subprocess_env, write_params
 
 
@@ -128,18 +128,50 @@ def test_a_share_that_only_splits_into_tiny_steps_is_refused_with_sizes_that_wor
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize(("size", "batch"), [(49, 8), (50, 8), (7, 8), (33, 4), (17, 12), (64, 16)])
 def test_every_process_yields_as_many_indices_as_it_says_and_every_image_is_seen(size, batch, world):
-    """A short last global batch (49 images in batches of 8 leave 1) is evened out over the
+    """A short last global batch (50 images in batches of 8 leave 2) is evened out over the
     processes by repeating images, so each yields len(sampler) indices; every image is seen,
-    with fewer than ``world`` extra copies in all."""
+    with fewer than ``world`` extra copies in all; but where a process's last step would
+    hold one image (49 in batches of 8 leave 1), at most ``world`` images sit the epoch out."""
     batch = batch - batch % world or world  # training's global batch splits evenly
+    step = batch // world
     seen = []
     for rank in range(world):
         sampler = GlobalBatchSampler(size, batch, Ranks(rank, rank, world), seed=1)
         indices = list(sampler)
         assert len(indices) == len(sampler), (rank, len(indices), len(sampler))
+        steps = [indices[i : i + step] for i in range(0, len(indices), step)]
+        assert step == 1 or size <= batch or all(len(s) > 1 for s in steps), steps
         seen += indices
-    assert set(seen) == set(range(size))
-    assert len(seen) - size < world
+    assert len(set(range(size)) - set(seen)) <= (world if size % batch else 0)
+    assert len(seen) - len(set(seen)) < world
+
+
+def test_a_last_step_of_one_image_is_dropped_so_batchnorm_trains(monkeypatch):
+    """9 images in batches of 8 (or 17 in steps of 8 with accumulation) would end the epoch
+    with a step of 1, on which BatchNorm raises in training."""
+    from torch import nn
+
+    from pipeline.core.training import grad_scaler, make_loader, train_epoch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    cpu = torch.device("cpu")
+    for size, batch, step, trained in ((9, 8, 8, 8), (17, 16, 8, 16), (10, 8, 8, 10), (8, 8, 8, 8)):
+        data = TensorDataset(torch.randn(size, 12), torch.arange(size) % 2)
+        sampler = GlobalBatchSampler(size, batch, Ranks(), seed=0, step=step)
+        loader = make_loader(data, step, cpu, sampler=sampler)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        result = train_epoch(
+            model,
+            loader,
+            nn.CrossEntropyLoss(),
+            cpu,
+            optimizer,
+            grad_scaler(cpu, "off"),
+            accumulate=batch // step,
+        )
+        assert len(sampler) == trained
+        assert result["loss"] > 0
 
 
 def global_batches(size: int, batch: int, world: int, epoch: int = 1) -> list[set[int]]:
@@ -156,11 +188,11 @@ def global_batches(size: int, batch: int, world: int, epoch: int = 1) -> list[se
 
 
 def test_a_global_batch_holds_the_same_images_at_any_world_size():
-    one = global_batches(50, 8, 1)
-    assert global_batches(50, 8, 2) == one
-    assert global_batches(50, 8, 4) == one
-    assert set().union(*one) == set(range(50)) and len(one) == 7  # every image, once
-    assert global_batches(50, 8, 2, epoch=2) != one  # set_epoch reshuffles
+    one = global_batches(54, 8, 1)  # the last batch of 6 leaves no process a step of one image
+    assert global_batches(54, 8, 2) == one
+    assert global_batches(54, 8, 4) == one
+    assert set().union(*one) == set(range(54)) and len(one) == 7  # every image, once
+    assert global_batches(54, 8, 2, epoch=2) != one  # set_epoch reshuffles
 
 
 def test_inference_shards_are_disjoint_and_cover_the_split():
@@ -523,3 +555,9 @@ def test_baseline_and_train_head_run_with_two_processes_as_with_one(tmp_path):
     assert "processes" not in outputs["train_head"]
     assert two["accuracy"] == pytest.approx(one["accuracy"], abs=0.02)
     assert not worker_processes(workspace)
+
+
+def test_a_split_smaller_than_the_world_is_named_before_any_process_gets_nothing():
+    with pytest.raises(StageError, match=r"the val split holds 2 example\(s\), fewer than this stage's 3"):
+        ShardSampler(2, Ranks(0, 0, 3), name="the val split")
+    assert list(ShardSampler(3, Ranks(2, 2, 3), name="the val split")) == [2]

@@ -179,3 +179,19 @@ def test_generated_image_folder_goes_through_every_stage(tmp_path, monkeypatch):
     assert set(test) == {"linear_probe", "finetuned"}
     text = Path("reports/report.md").read_text()
     assert "1 unreadable image file(s) skipped" in text and "| bird |" in text
+
+
+@pytest.mark.parametrize("contents", ["empty class folders", "only unreadable files"])
+def test_an_empty_given_val_folder_is_refused_by_prepare_naming_it(contents, tmp_path):
+    from pipeline.modalities import images
+
+    root = tmp_path / "data" / "raw" / "images"
+    make_tree(root / "train")
+    make_tree(root / "test", per_class=1)
+    for name in ("cat", "dog"):
+        (root / "val" / name).mkdir(parents=True)
+    if contents == "only unreadable files":
+        (root / "val" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    data = {**imagefolder_params(skip=True)["data"], "path": str(root), "num_workers": 0}
+    with pytest.raises(StageError, match=r"images/val/ holds no (readable )?image files; put images"):
+        images.prepare_splits(data, seed=0)

@@ -293,3 +293,12 @@ def test_predict_reads_texts_arguments_and_files_and_keeps_bad_rows_with_their_e
         text.predict_inputs([str(table)], [], preprocessing, "text")
     with pytest.raises(StageError, match=r"missing\.csv: no such file or folder"):
         text.predict_inputs(["missing.csv"], [], preprocessing, "text")
+
+
+@pytest.mark.parametrize("what", ["a header only", "empty texts, skipped"])
+def test_a_given_val_file_with_no_texts_is_refused_naming_it(what, tmp_path):
+    rows = generated_texts(per_class=6, seed=1)
+    write_texts_csv(tmp_path / "train.csv", rows)
+    write_texts_csv(tmp_path / "val.csv", [] if what == "a header only" else [("  ", "food")])
+    with pytest.raises(StageError, match=r"val\.csv: holds no texts; add labelled texts to it, or remove"):
+        text.prepare_splits(data_params(tmp_path, skip_bad_texts=True), seed=0)

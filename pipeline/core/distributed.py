@@ -326,14 +326,24 @@ class GlobalBatchSampler:
     batch changes with the world size; here a global batch holds the same images at any
     world size, as in the one-process run. A last, short global batch is evened out over
     the processes by repeating its images in order, as often as it takes (DDP needs as many
-    steps on each): every image is seen, and fewer than ``world_size`` extra copies are added.
+    steps on each), with fewer than ``world_size`` extra copies; except that where that would
+    end a process's epoch with a step (``step``: the batch its DataLoader draws) of a single
+    image, which BatchNorm cannot normalise in training, each process takes one image less
+    of it: at most ``world_size`` images wait for the next epoch's shuffle. (A split smaller
+    than one global batch keeps all its images.)
 
     Given the items' ``lengths`` (tokens of each text), the shuffle is bucketed by length
     (``length_bucketed``), so a batch pads its texts to about their own length.
     """
 
     def __init__(
-        self, size: int, global_batch: int, ranks: Ranks, seed: int, lengths: Sequence[int] | None = None
+        self,
+        size: int,
+        global_batch: int,
+        ranks: Ranks,
+        seed: int,
+        lengths: Sequence[int] | None = None,
+        step: int | None = None,
     ) -> None:
         self.size, self.global_batch, self.ranks, self.seed, self.epoch = (
             size,
@@ -343,6 +353,14 @@ class GlobalBatchSampler:
             0,
         )
         self.lengths = lengths
+        self.step = step or -(-global_batch // ranks.world_size)
+
+    def last_share(self) -> int:
+        """How many images each process takes of the last, short global batch (0 if none)."""
+        share = -(-(self.size % self.global_batch) // self.ranks.world_size)
+        if self.step > 1 and share % self.step == 1 and self.size > self.global_batch:
+            return share - 1
+        return share
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -358,16 +376,16 @@ class GlobalBatchSampler:
 
     def __iter__(self):
         order, world, rank = self._order(), self.ranks.world_size, self.ranks.rank
+        full_share = -(-self.global_batch // world)
         for start in range(0, self.size, self.global_batch):
             batch = order[start : start + self.global_batch]
-            share = -(-len(batch) // world)
+            share = full_share if len(batch) == self.global_batch else self.last_share()
             batch = list(itertools.islice(itertools.cycle(batch), share * world))  # even out
             yield from batch[rank * share : (rank + 1) * share]
 
     def __len__(self) -> int:
-        full, rest = divmod(self.size, self.global_batch)
-        world = self.ranks.world_size
-        return full * -(-self.global_batch // world) + -(-rest // world)
+        full = self.size // self.global_batch
+        return full * -(-self.global_batch // self.ranks.world_size) + self.last_share()
 
 
 def length_bucketed(
@@ -394,9 +412,18 @@ class ShardSampler:
     its rank, no padding (each item is computed once); gather_in_order puts them back.
     Given the items' ``lengths`` (tokens of each text), the share goes longest first, so a
     batch holds texts of about one length and pads little (the longest batch, first, shows
-    at once whether memory suffices)."""
+    at once whether memory suffices). A split with fewer items than processes is an error
+    that names it (``name``): a process given nothing would have nothing to put together."""
 
-    def __init__(self, size: int, ranks: Ranks, lengths: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, size: int, ranks: Ranks, lengths: Sequence[int] | None = None, name: str = "the split"
+    ) -> None:
+        if size < ranks.world_size:
+            raise StageError(
+                f"distributed: {name} holds {size} example(s), fewer than this stage's "
+                f"{ranks.world_size} processes, and each needs at least one; lower "
+                f"distributed.nproc_per_node to at most {max(size, 1)}"
+            )
         self.ranks = ranks
         self.indices = list(range(ranks.rank, size, ranks.world_size))
         if lengths is not None:

@@ -85,7 +85,9 @@ def inference_loader(
     from pipeline.core.training import loader_workers, make_loader
 
     dataset = split_dataset(split, preprocessing)
-    sampler = ShardSampler(len(dataset), ranks or Ranks(), getattr(dataset, "lengths", None))
+    sampler = ShardSampler(
+        len(dataset), ranks or Ranks(), getattr(dataset, "lengths", None), f"the {split} split"
+    )
     workers = loader_workers(dataset, num_workers)
     return make_loader(dataset, batch_size, device, num_workers=workers, sampler=sampler)
 

@@ -122,9 +122,10 @@ def pretrain_on_glyphs(
     per_process, accumulate = distributed.split_batch(
         batch_size, ranks.world_size, max_batch_per_process, "backbone.pretrain_batch_size"
     )
-    train_sampler = distributed.GlobalBatchSampler(len(train), batch_size, ranks, seed)
+    train_sampler = distributed.GlobalBatchSampler(len(train), batch_size, ranks, seed, step=per_process)
     train_loader = make_loader(train, per_process, device, sampler=train_sampler)
-    val_loader = make_loader(val, 512, device, sampler=distributed.ShardSampler(len(val), ranks))
+    val_sampler = distributed.ShardSampler(len(val), ranks, name="the held-out glyphs")
+    val_loader = make_loader(val, 512, device, sampler=val_sampler)
 
     backbone, features = build_backbone(arch, image_size=image_size)
     model = Classifier(backbone, nn.Linear(features, len(classes)))

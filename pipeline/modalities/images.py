@@ -111,6 +111,14 @@ def imagefolder_files(data: dict[str, Any]) -> tuple[dict, list[str], list[str]]
         )
         for split, pairs in tree.files.items()
     }
+    for split, (_, labels) in files.items():
+        if len(labels) == 0:  # a given val/ or test/ tree: an empty train/ class folder fails the scan
+            readable = " readable" if tree.files[split] else ""
+            raise StageError(
+                f"data.path: {Path(data['path']) / split}/ holds no{readable} image files; put images "
+                f"of each class in it, or remove it to hold {split} out of train/ "
+                f"(data.{split}_fraction)"
+            )
     return files, tree.classes, sorted(bad)
 
 

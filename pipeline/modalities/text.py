@@ -73,6 +73,12 @@ def prepare_splits(data: dict[str, Any], seed: int) -> tuple[Splits, list[str], 
         for split, path in files.items()
     }
     skipped = drop_empty_texts(rows, files, data["skip_bad_texts"])
+    for split, part in rows.items():
+        if not part.texts and split in ("val", "test"):  # an empty train file has no classes
+            raise StageError(
+                f"{files[split]}: holds no texts; add labelled texts to it, or remove it to hold "
+                f"{split} out of the training texts (data.{split}_fraction)"
+            )
     classes = class_names(root, rows, files)
     check_class_sizes(rows, files, classes)
     given = {
