@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -195,3 +196,87 @@ def test_an_empty_given_val_folder_is_refused_by_prepare_naming_it(contents, tmp
     data = {**imagefolder_params(skip=True)["data"], "path": str(root), "num_workers": 0}
     with pytest.raises(StageError, match=r"images/val/ holds no (readable )?image files; put images"):
         images.prepare_splits(data, seed=0)
+
+
+def test_an_image_over_the_pixel_limit_is_refused_by_name_before_it_is_decoded(tmp_path, monkeypatch):
+    """A 3000 x 3000 PNG of one colour is a few kB on disk and 27 MB decoded: over a limit
+    of 4 megapixels it is listed as unreadable, naming the key, and skipped when asked."""
+    root = setup_run(tmp_path, monkeypatch, skip=False)
+    Image.new("RGB", (3000, 3000)).save(root / "cat" / "huge.png")
+    params = imagefolder_params(skip=False)
+    params["data"]["max_image_pixels"] = 4_000_000
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "dog" / "broken.jpg").unlink()
+    with pytest.raises(StageError) as error:
+        prepare.main()
+    message = str(error.value)
+    assert (
+        "data/raw/images/cat/huge.png: TooManyPixels: 3000 x 3000 = 9,000,000 pixels, over the limit"
+        in message
+    )
+    assert "of 4,000,000 pixels (data.max_image_pixels)" in message
+    params["data"]["skip_bad_images"] = True
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    prepare.main()
+    assert json.loads((tmp_path / "data/prepared/skipped.json").read_text()) == [
+        "data/raw/images/cat/huge.png"
+    ]
+
+
+def test_pillows_own_limit_is_an_error_not_a_warning(tmp_path, monkeypatch):
+    from pipeline.modalities.image_data import TooManyPixels
+
+    Image.new("L", (200, 200)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30_000)  # 40,000 pixels: Pillow would only warn
+    with pytest.raises(TooManyPixels, match="200 x 200 = 40,000 pixels, over the limit of 30,000"):
+        read_rgb(tmp_path / "big.png")
+
+
+def test_images_are_resized_in_uint8_and_made_float_at_the_models_size():
+    """A large photo becomes float32 (4 bytes a value) only once it is the size the model
+    takes, as torchvision's weights transforms do, not at its full size."""
+    from torchvision.transforms import v2
+
+    transform = image_transform(32, [0.5] * 3, [0.5] * 3, resize_size=36)
+    kinds = [type(step) for step in transform.transforms]
+    assert kinds.index(v2.ToDtype) > kinds.index(v2.CenterCrop) > kinds.index(v2.Resize)
+    photo = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    reference = v2.functional.center_crop(
+        v2.functional.resize(v2.functional.to_image(photo), 36, antialias=True), 32
+    )
+    expected = (reference.float() / 255 - 0.5) / 0.5
+    assert torch.allclose(transform(photo), expected, atol=1e-6)
+
+
+def test_only_photo_formats_are_read_and_eps_is_not(tmp_path):
+    from PIL import UnidentifiedImageError
+
+    from pipeline.modalities.image_data import IMAGE_EXTENSIONS
+
+    assert {".jpg", ".jpeg", ".png", ".webp", ".tif", ".bmp", ".gif"} <= IMAGE_EXTENSIONS
+    assert not {".eps", ".ps", ".pdf", ".psd"} & IMAGE_EXTENSIONS
+    disguised = tmp_path / "photo.png"  # an EPS file, which Pillow decodes by running Ghostscript
+    disguised.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n")
+    assert Image.open(disguised).format == "EPS"
+    with pytest.raises(UnidentifiedImageError):
+        read_rgb(disguised)
+
+
+def test_hidden_folders_are_not_entered(tmp_path):
+    root = make_tree(tmp_path / "images")
+    hidden = root / "cat" / ".ipynb_checkpoints"
+    hidden.mkdir()
+    Image.new("RGB", (9, 9)).save(hidden / "0_rgb-checkpoint.png")
+    files = [path for path, _ in scan_tree(root).files["all"]]
+    assert len(files) == 2 * 4 * 7 and not any(".ipynb_checkpoints" in str(path) for path in files)
+
+
+def test_file_names_that_are_not_utf8_are_refused_by_the_scan_naming_them(tmp_path):
+    import os
+
+    root = make_tree(tmp_path / "images")
+    Image.new("RGB", (9, 9)).save(os.fsdecode(os.fsencode(root / "cat") + b"/caf\xe9.png"))
+    with pytest.raises(
+        StageError, match=r"1 file name\(s\) under .* are not UTF-8: .*cat/caf\\xe9\.png; rename"
+    ):
+        scan_tree(root)

@@ -209,3 +209,18 @@ def test_predict_agrees_with_evaluate_and_onnx_on_the_test_split(tiny_run: Run, 
             assert float(rows[index]["probability_1"]) == pytest.approx(
                 float(expected["probability"]), abs=2e-5
             )
+
+
+def test_a_file_name_that_is_not_utf8_is_written_escaped(tmp_path, model_file, capsys):
+    import os
+
+    folder = tmp_path / "photos"
+    write_image(folder / "a.png", 1)
+    latin1 = os.fsdecode(os.fsencode(folder) + b"/caf\xe9.png")
+    write_image(Path(latin1), 2)
+    out = tmp_path / "predictions.csv"
+    code, _, stderr = predict_in_process(capsys, str(folder), "--model", str(model_file), "--out", str(out))
+    assert code == 0, stderr
+    rows = list(csv.DictReader(io.StringIO(out.read_text(encoding="utf-8"))))
+    assert [row["path"] for row in rows] == [str(folder / "a.png"), str(folder) + "/caf\\xe9.png"]
+    assert all(row["error"] == "" for row in rows)

@@ -220,6 +220,7 @@ SCHEMA: dict[str, Any] = {
         "text_column": text,
         "label_column": text,
         "skip_bad_images": boolean,
+        "max_image_pixels": positive_int,
         "skip_bad_texts": boolean,
         "num_workers": non_negative_int,
         "val_fraction": fraction,

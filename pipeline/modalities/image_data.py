@@ -4,6 +4,8 @@ the transforms and the datasets over both."""
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,18 +18,49 @@ from torchvision.transforms import v2
 from pipeline.core.common import progress
 from pipeline.core.errors import StageError
 
-IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
+# The formats read, by Pillow's names: photos' and scans' own. Pillow knows more (EPS and PS
+# among them, decoded by running Ghostscript), which no image folder or predict input needs.
+FORMATS = ("BMP", "GIF", "JPEG", "PNG", "PPM", "TIFF", "WEBP")  # JPEG opens MPO (phones) too
+IMAGE_EXTENSIONS = frozenset(
+    ext.lower() for ext, name in Image.registered_extensions().items() if name in FORMATS
+)
 SPLIT_FOLDERS = ("train", "val", "test")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey band
 
 
-def read_rgb(path: Path | str) -> np.ndarray:
-    """Any image Pillow opens as an HxWx3 uint8 array, EXIF orientation applied.
+class TooManyPixels(ValueError):
+    """An image larger than the pixel limit: a decompression bomb, or a photo to shrink."""
+
+
+def open_image(path: Path | str, max_pixels: int | None = None, limit_name: str = "") -> Image.Image:
+    """``path`` opened by Pillow (header only) in one of FORMATS, refused where its pixels
+    exceed ``max_pixels`` (None: Pillow's own limit) before it is decoded: a small file can
+    hold a huge image, which decoded would take the memory of every worker."""
+    limit = max_pixels or Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # up to 2x its limit Pillow warns
+        try:
+            image = Image.open(path, formats=FORMATS)
+        except Image.DecompressionBombError as error:  # the size, in Pillow's words
+            raise TooManyPixels(f"{error}; shrink the image") from None
+    pixels = image.width * image.height
+    if pixels > limit:
+        image.close()
+        raise TooManyPixels(
+            f"{image.width} x {image.height} = {pixels:,} pixels, over the limit of {limit:,} "
+            f"pixels{limit_name}; shrink the image, or raise the limit"
+        )
+    return image
+
+
+def read_rgb(path: Path | str, max_pixels: int | None = None, limit_name: str = "") -> np.ndarray:
+    """Any image of FORMATS as an HxWx3 uint8 array, EXIF orientation applied; one of more
+    than ``max_pixels`` pixels (None: Pillow's limit) is an error, before it is decoded.
 
     Transparent pixels (LA, PA, RGBA, P with transparency) are composed over white; 16- and
     32-bit grey images are scaled to 8 bits; CMYK and the rest convert through Pillow.
     """
-    with Image.open(path) as image:
+    with open_image(path, max_pixels, limit_name) as image:
         image.load()
         image = ImageOps.exif_transpose(image)
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
@@ -44,8 +77,41 @@ def read_rgb(path: Path | str) -> np.ndarray:
 
 
 def is_image_file(path: Path) -> bool:
-    """Files with an image extension Pillow knows; hidden files and notes are not images."""
+    """Files with an image extension of FORMATS; hidden files and notes are not images."""
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def files_under(folder: Path) -> list[Path]:
+    """The files in ``folder`` and its sub-folders, sorted, but for those in hidden folders
+    (a notebook's .ipynb_checkpoints/ copies, .git/)."""
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parent.parts)
+    )
+
+
+def images_under(folder: Path) -> list[Path]:
+    """The image files in ``folder`` and its sub-folders, sorted; hidden folders are not entered."""
+    return [path for path in files_under(folder) if is_image_file(path)]
+
+
+def printable(path: Path | str) -> str:
+    """A path as text that any file takes: a name's bytes that are not UTF-8 (a file named
+    on another system) written as backslash escapes (caf\\xe9.png)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def refuse_names_not_utf8(paths: list[Path], root: Path) -> None:
+    """File names that are not UTF-8 cannot be stored in the prepared file lists, DVC's
+    records and the reports: an error listing them, before any file is read."""
+    bad = [printable(path) for path in paths if printable(path) != str(path)]
+    if bad:
+        raise StageError(
+            f"data.path: {len(bad)} file name(s) under {printable(root)} are not UTF-8: "
+            f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; rename them in UTF-8 "
+            f"(for example: convmv -f latin1 -t utf-8 -r --notest {printable(root)})"
+        )
 
 
 @dataclass
@@ -82,31 +148,37 @@ def scan_tree(root: Path) -> ImageTree:
         tree.files[split] = []
         for label, name in enumerate(names):
             folder = split_root / name
-            images = sorted(p for p in folder.rglob("*") if is_image_file(p)) if folder.is_dir() else []
+            images = images_under(folder) if folder.is_dir() else []
             if not images and split in ("all", "train"):
                 raise StageError(f"data.path: class folder {folder} holds no image files")
             tree.files[split] += [(path, label) for path in images]
+    refuse_names_not_utf8([path for files in tree.files.values() for path, _ in files], root)
     return tree
 
 
 class _CheckFiles(Dataset):
-    def __init__(self, paths: list[Path]) -> None:
-        self.paths = paths
+    def __init__(self, paths: list[Path], max_pixels: int | None, limit_name: str) -> None:
+        self.paths, self.max_pixels, self.limit_name = paths, max_pixels, limit_name
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[str, str]:
         try:
-            read_rgb(self.paths[index])
+            read_rgb(self.paths[index], self.max_pixels, self.limit_name)
         except Exception as error:  # any decoding failure makes the file unusable
             return str(self.paths[index]), f"{type(error).__name__}: {error}"
         return str(self.paths[index]), ""
 
 
-def unreadable_files(paths: list[Path], num_workers: int) -> dict[str, str]:
-    """Decode every file fully, in worker processes; the failures' paths and reasons, in order."""
-    loader = DataLoader(_CheckFiles(paths), batch_size=64, num_workers=num_workers, collate_fn=list)
+def unreadable_files(
+    paths: list[Path], num_workers: int, max_pixels: int | None = None, limit_name: str = ""
+) -> dict[str, str]:
+    """Decode every file fully, in worker processes; the failures' paths and reasons, in
+    order. A file of more than ``max_pixels`` pixels (``limit_name``: the key that sets it)
+    is one of them."""
+    checks = _CheckFiles(paths, max_pixels, limit_name)
+    loader = DataLoader(checks, batch_size=64, num_workers=num_workers, collate_fn=list)
     return {path: reason for batch in progress(loader, "check images") for path, reason in batch if reason}
 
 
@@ -171,15 +243,16 @@ def image_transform(
     """uint8 HxW or HxWxC array -> normalized float CxHxW tensor, ``image_size`` square.
 
     The shorter side is resized to ``resize_size`` (default ``image_size``), then the centre
-    cropped, as torchvision's weights preprocess (e.g. 256 then 224). Augmentation is a mild
+    cropped, as torchvision's weights preprocess (e.g. 256 then 224), in uint8 as they do:
+    a large photo becomes float32 only at the size the model takes. Augmentation is a mild
     affine jitter (no flips: they change what a glyph or digit means).
     """
     steps: list[v2.Transform] = [
         v2.ToImage(),
         v2.RGB(),
-        v2.ToDtype(torch.float32, scale=True),
         v2.Resize(resize_size or image_size, antialias=True),
         v2.CenterCrop(image_size),
+        v2.ToDtype(torch.float32, scale=True),
     ]
     if augment:
         steps.append(v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)))
@@ -222,7 +295,7 @@ def image_files(paths: list[str]) -> tuple[list[Path], int]:
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file())
+            found = files_under(path)
             images = [p for p in found if is_image_file(p)]
             files += images
             others += len(found) - len(images)
@@ -234,7 +307,8 @@ def image_files(paths: list[str]) -> tuple[list[Path], int]:
 
 
 class ImagesToPredict(Dataset):
-    """Each file as (its position, the preprocessed image or None, the error reading it)."""
+    """Each file as (its position, the preprocessed image or None, the error reading it,
+    one over Pillow's pixel limit included)."""
 
     def __init__(self, files: list[Path], transform: v2.Compose) -> None:
         self.files, self.transform = files, transform

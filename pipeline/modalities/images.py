@@ -95,7 +95,10 @@ def imagefolder_files(data: dict[str, Any]) -> tuple[dict, list[str], list[str]]
 
     tree = scan_tree(Path(data["path"]))
     problems = unreadable_files(
-        [path for files in tree.files.values() for path, _ in files], data["num_workers"]
+        [path for files in tree.files.values() for path, _ in files],
+        data["num_workers"],
+        data["max_image_pixels"],
+        " (data.max_image_pixels)",
     )
     if problems and not data["skip_bad_images"]:
         raise StageError(
@@ -264,7 +267,7 @@ def predict_inputs(
     import torch
 
     from pipeline.core.data import PredictInputs
-    from pipeline.modalities.image_data import ImagesToPredict, checkpoint_transform, image_files
+    from pipeline.modalities.image_data import ImagesToPredict, checkpoint_transform, image_files, printable
 
     if texts:
         raise ParamsError("--text: this model classifies images; give image files or folders")
@@ -272,7 +275,7 @@ def predict_inputs(
     if not files:
         raise StageError(f"no image files in {', '.join(paths)}")
     return PredictInputs(
-        columns={"path": [str(path) for path in files]},
+        columns={"path": [printable(path) for path in files]},
         dataset=ImagesToPredict(files, checkpoint_transform(meta)),
         stack=torch.stack,
         reads_files=True,
