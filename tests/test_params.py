@@ -241,3 +241,25 @@ def test_every_selection_params_allows_has_a_rule_in_training_and_no_more():
     from pipeline.core.training import SELECTIONS
 
     assert set(params.SELECTIONS) == set(SELECTIONS)
+
+
+def test_paths_that_climb_out_of_data_raw_or_data_weights_are_refused(tmp_path, monkeypatch):
+    """`..` is resolved before the check: data/raw/../../pipeline lies outside what DVC
+    watches, so the run-cache could restore outputs made from other bytes."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("data/raw/photos/cat", "pipeline", "data/weights"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "pyproject.toml").write_text("")
+    params = default_params()
+    params["data"].update(dataset="imagefolder", path="data/raw/../../pipeline")
+    with pytest.raises(
+        ParamsError, match=r"data.path: 'data/raw/../../pipeline' must be a folder under data/raw/"
+    ):
+        load_params(write(tmp_path, params))
+    params["data"]["path"] = "data/raw/./photos/../photos"
+    assert load_params(write(tmp_path, params))["data"]["path"] == "data/raw/./photos/../photos"
+    params["backbone"]["weights"] = "data/weights/../../pyproject.toml"
+    with pytest.raises(
+        ParamsError, match=r"backbone.weights: 'data/weights/../../pyproject.toml' must be a file under"
+    ):
+        load_params(write(tmp_path, params))

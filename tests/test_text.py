@@ -119,6 +119,35 @@ def test_params_refuse_an_image_model_and_image_weights_for_texts(tiny_bert):
         text.check_backbone({**config, "arch": "bert-base-uncased", "weights": "IMAGENET1K_V1"})
     with pytest.raises(ParamsError, match="must be a model folder under data/weights/"):
         text.check_backbone({**config, "arch": str(tiny_bert)})  # a folder outside the project's
+    with pytest.raises(ParamsError, match="must be a model folder under data/weights/"):
+        text.check_backbone({**config, "arch": "data/weights/../../pipeline"})
+
+
+def test_a_revision_applies_to_hub_ids_and_an_unpinned_one_is_named_with_its_commit(monkeypatch, tmp_path):
+    config = {**tiny_text_params()["backbone"], "arch": "data/weights/tiny-bert", "revision": "v1.0"}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/weights/tiny-bert").mkdir(parents=True)
+    (tmp_path / "data/weights/tiny-bert/config.json").write_text("{}")
+    with pytest.raises(
+        ParamsError, match=r"backbone.revision: 'v1.0' names a revision on the Hugging Face Hub"
+    ):
+        text.check_backbone(config)
+    text.check_backbone({**config, "revision": "main"})
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    warning = text.unpinned_warning("someone/bert", "main", commit)
+    assert f"read at revision 'main' (commit {commit})" in warning
+    assert f"set backbone.revision: {commit} to pin it" in warning
+    assert text.unpinned_warning("someone/bert", commit, commit) is None
+    assert text.unpinned_warning("data/weights/tiny-bert", "main", "") is None
+
+
+def test_a_max_length_with_no_room_beside_the_special_tokens_is_refused(tiny_bert):
+    config = {**tiny_text_params()["backbone"], "arch": str(tiny_bert)}
+    with pytest.raises(
+        StageError, match=r"backbone.max_length: 2 tokens leaves none for the text: .* adds 2 special"
+    ):
+        text.preprocessing({**config, "max_length": 2})
+    assert text.preprocessing({**config, "max_length": 3})["max_length"] == 3
 
 
 @pytest.mark.parametrize(("side", "kept"), [("right", "the team"), ("left", "for days")])
@@ -223,6 +252,9 @@ shutil.copytree({str(folder)!r}, snapshot)
 from pipeline.core.errors import StageError
 from pipeline.modalities import text_models
 print(type(text_models.pretrained_encoder({hub_id!r})).__name__)
+from pipeline.modalities import text
+from tests.conftest import tiny_text_params
+print(text.preprocessing({{**tiny_text_params()["backbone"], "arch": {hub_id!r}}})["revision"])
 try:
     text_models.load_config("nobody/no-such-model")
 except StageError as error:
@@ -239,8 +271,9 @@ def test_a_hub_id_loads_from_transformers_cache_offline_and_a_missing_one_says_w
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     )
-    loaded, message = result.stdout.splitlines()[:2]
+    loaded, commit, message = result.stdout.splitlines()[:3]
     assert loaded == "BertModel"
+    assert commit == "0" * 40  # where refs/main points: the commit the checkpoint records
     assert message.startswith(
         "backbone.arch: could not load 'nobody/no-such-model' from the Hugging Face Hub"
     )

@@ -124,3 +124,40 @@ def test_labels_file_and_natural_order(tmp_path):
         read_labels_file(labels)
     assert natural_order({"10", "2", "1"}) == ["1", "2", "10"]
     assert natural_order({"b", "a", "10"}) == ["10", "a", "b"]
+
+
+def test_json_lines_split_at_line_ends_only(tmp_path):
+    """U+2028, U+0085 and form feeds are legal inside a JSON string; only \\n ends a line."""
+    path = tmp_path / "news.jsonl"
+    rows = [{"text": "first\u2028line", "label": "a"}, {"text": "second\x85\x0c", "label": "b"}]
+    path.write_text(
+        "\r\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\r\n", encoding="utf-8"
+    )
+    read = read_rows(path, "text", "label")
+    assert read.texts == ["first\u2028line", "second\x85\x0c"]
+    assert read.sources == [f"{path}:1", f"{path}:2"]
+
+
+def test_a_csv_field_longer_than_the_csv_modules_default_cap_reads(tmp_path):
+    path = tmp_path / "long.csv"
+    article = "word " * 40_000  # 200,000 characters; the csv module stops at 131,072 by default
+    path.write_text(f'text,label\n"{article}",a\nshort,b\n', encoding="utf-8")
+    assert [len(text) for text in read_rows(path, "text", "label").texts] == [200_000, 5]
+
+
+def test_json_labels_are_strings_or_whole_numbers_and_name_one_class_either_way(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    labels = ["1", 1, 1.0, True, None, 2]
+    path.write_text(
+        "".join(json.dumps({"text": f"text {i}", "label": v}) + "\n" for i, v in enumerate(labels))
+    )
+    with pytest.raises(StageError) as error:
+        read_rows(path, "text", "label")
+    message = str(error.value)
+    assert "3 row(s) this pipeline cannot read" in message
+    for line, shown in ((3, "1.0"), (4, "true"), (5, "null")):
+        assert f"line {line}: the label is {shown}, not a string or a whole number" in message
+    path.write_text(
+        "".join(json.dumps({"text": f"t {i}", "label": v}) + "\n" for i, v in enumerate(["1", 1, 2]))
+    )
+    assert read_rows(path, "text", "label").labels == ["1", "1", "2"]

@@ -51,6 +51,7 @@ class ImagePreprocessing(Preprocessing):
 
 
 class TextPreprocessing(Preprocessing):
+    revision: str  # the Hugging Face Hub commit the encoder was read at ("" for a folder or package)
     config: dict[str, Any]  # the encoder's Hugging Face config: rebuilds it with no download
     tokenizer: str  # the tokenizer, as the tokenizers library's JSON
     max_length: int

@@ -8,6 +8,7 @@ knows every key; params.yaml holds the defaults.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -139,6 +140,14 @@ def one_of(*choices: str) -> Callable[[Any, str], str]:
     return check
 
 
+def is_under(path: Path | str, folder: Path) -> bool:
+    """Whether ``path`` lies inside ``folder`` once ``..`` and ``.`` are resolved (in the
+    text, not through links: DVC may link tracked files into its cache, and those stay
+    where they are named). data/raw/../../pipeline is not under data/raw."""
+    inside = Path(os.path.normpath(os.path.abspath(path)))
+    return Path(os.path.normpath(os.path.abspath(folder))) in inside.parents
+
+
 def is_weights_file(weights: str) -> bool:
     """Whether ``backbone.weights`` names a local checkpoint rather than a built-in source
     or a torchvision weights name."""
@@ -230,6 +239,7 @@ SCHEMA: dict[str, Any] = {
     "backbone": {
         "arch": text,  # checked by the modality in check_backbone_model
         "weights": weights_source,
+        "revision": text,
         "image_size": positive_int,
         "max_length": positive_int,
         "truncation": one_of(*TRUNCATION_SIDES),
@@ -321,7 +331,7 @@ def check_weights_file(weights: str) -> None:
     """A local checkpoint lives under data/raw/weights/, which the backbone stage depends on:
     DVC then reruns it when the file's bytes change, and the run-cache never restores a
     backbone made from other bytes."""
-    if is_weights_file(weights) and WEIGHTS_DIR not in Path(weights).parents:
+    if is_weights_file(weights) and not is_under(weights, WEIGHTS_DIR):
         raise ParamsError(
             f"backbone.weights: {weights!r} must be a file under {WEIGHTS_DIR}/ (the backbone stage "
             f"depends on that folder, so DVC reruns it when the checkpoint changes); copy it "
@@ -347,7 +357,7 @@ def cross_check(params: dict[str, Any]) -> None:
     data = params["data"]
     if data["dataset"] != "digits":
         path = Path(data["path"])
-        if RAW_DIR not in path.parents:
+        if not is_under(path, RAW_DIR):
             raise ParamsError(
                 f"data.path: {data['path']!r} must be a folder under {RAW_DIR}/ (the stages depend "
                 f"on {RAW_DIR}, so DVC reruns them when its images change)"

