@@ -196,10 +196,59 @@ def test_pull_request_workflow_has_least_privilege_full_history_and_a_summary_fo
     assert '.ci/model-diff "origin/$BASE_REF"' in commands
     summary = next(step for step in steps if "GITHUB_STEP_SUMMARY" in step.get("run", ""))
     assert summary["if"] == "always()"
-    comment = next(step for step in steps if "cml comment update" in step.get("run", ""))
+    comment = next(step for step in steps if ".ci/pr-comment post" in step.get("run", ""))
     assert comment["if"] == "github.event.pull_request.head.repo.full_name == github.repository"
-    assert all("secrets." in value for value in job["env"].values())  # credentials only from secrets
     assert "set -x" not in commands  # never trace a command that holds a secret
+
+
+def secret_steps(job: dict) -> dict[str, list[str]]:
+    """Each step that reads secrets (by its name) and the secrets it reads."""
+    return {
+        step.get("name", step.get("uses", "")): [
+            value for value in step.get("env", {}).values() if "secrets." in value
+        ]
+        for step in job["steps"]
+        if any("secrets." in value for value in step.get("env", {}).values())
+    }
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda path: path.name)
+def test_workflows_pin_actions_by_commit_and_leave_no_token_behind(workflow):
+    for job in load_workflow(workflow.name)["jobs"].values():
+        assert "env" not in job  # no secret reaches every step of a job
+        for step in job["steps"]:
+            action = step.get("uses")
+            if action:
+                assert len(action.split("@")[1]) == 40, f"{action}: pin the action by commit"
+            if action and action.startswith("actions/checkout"):
+                assert step["with"]["persist-credentials"] is False
+    assert "--publish" not in workflow.read_text()  # no figure goes to a public image host
+
+
+def test_a_pull_request_gets_read_only_credentials_in_the_step_that_pulls_and_main_writes():
+    diff = secret_steps(load_workflow("model-diff.yml")["jobs"]["model-diff"])
+    assert list(diff) == ["Reproduce both sides and build the diff"]
+    assert all(value.startswith("${{ secrets.DVC_READ_") for value in diff[next(iter(diff))])
+    publish = load_workflow("publish.yml")["jobs"]["publish"]
+    assert publish["environment"] == "dvc-remote"  # protected: its secrets reach main's jobs only
+    assert list(secret_steps(publish)) == ["Reproduce and push outputs and run-cache"]
+    assert not any("DVC_READ_" in value for values in secret_steps(publish).values() for value in values)
+
+
+def test_the_comment_links_its_figures_to_the_artifact_instead_of_embedding_them(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / ".ci", repo / ".ci")
+    (repo / "reports").mkdir()
+    (repo / "reports" / "compare.md").write_text(
+        "<!-- marker -->\n| `main` | this branch |\n|---|---|\n"
+        "| ![base](compare/base_confusion_matrices.png) | ![head](compare/head_confusion_matrices.png) |\n"
+    )
+    run(repo, "git", "init", "-q")
+    url = "https://github.com/o/r/actions/runs/1/artifacts/2?a=1&b=2"
+    body = run(repo, ".ci/pr-comment", "body", url).stdout
+    assert "![" not in body and "compare/" not in body
+    assert f"| [base: figure in the model-diff artifact]({url}) |" in body
+    assert body.startswith("<!-- marker -->\n")
 
 
 def test_main_workflow_reproduces_and_pushes_outputs_and_run_cache():
@@ -210,3 +259,35 @@ def test_main_workflow_reproduces_and_pushes_outputs_and_run_cache():
     assert ".ci/publish" in commands
     script = (ROOT / ".ci" / "publish").read_text()
     assert "dvc repro" in script and "dvc push --run-cache" in script
+
+
+def stub(folder: Path, name: str, script: str) -> None:
+    path = folder / name
+    path.write_text("#!/usr/bin/env bash\n" + script)
+    path.chmod(0o755)
+
+
+def test_model_diff_stops_where_it_cannot_list_the_outputs_kept_in_git(tmp_path):
+    """A failure inside `mapfile < <(...)` was invisible to set -e: the diff then went on
+    against the branch's own metrics. Here dvc and python are stubs; listing the outputs
+    kept in git (python -c) fails, and the script must stop before comparing."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / ".ci", repo / ".ci")
+    (repo / "dvc.lock").write_text("schema: '2.0'\n")
+    run(repo, "git", "init", "-q", "-b", "main")
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-q", "-m", "base")
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    stub(
+        stubs,
+        "dvc",
+        f'[ "$1 $2" = "cache dir" ] && [ $# = 2 ] && echo {tmp_path}/cache\n'
+        '[ "$1 $2" = "remote default" ] && exit 1\nexit 0\n',
+    )
+    stub(stubs, "python", '[ "$1" = "-c" ] && { echo "dvc: broken install" >&2; exit 1; }\necho compared\n')
+    env_path = f"{stubs}:/usr/bin:/bin"
+    result = run(repo, "env", f"PATH={env_path}", "bash", ".ci/model-diff", "main", check=False)
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "compared" not in result.stdout
+    assert "dvc: broken install" in result.stderr
