@@ -13,7 +13,14 @@ from __future__ import annotations
 
 from pipeline import modalities
 from pipeline.core import distributed
-from pipeline.core.common import BACKBONE_FILE, METRICS_DIR, save_torch, seed_everything, write_json
+from pipeline.core.common import (
+    BACKBONE_FILE,
+    METRICS_DIR,
+    device_name,
+    save_torch,
+    seed_everything,
+    write_json,
+)
 from pipeline.core.entry import run_stage
 from pipeline.core.params import load_params
 
@@ -28,7 +35,7 @@ def main() -> None:
     if not ranks.main:
         return
     if "pretrain_accuracy" in metrics:  # trained here: in how many processes
-        metrics.update(world_size=ranks.world_size, backend=plan.backend)
+        metrics.update(world_size=ranks.world_size, backend=plan.backend, device=device_name(device))
     save_torch(BACKBONE_FILE, checkpoint)
     write_json(METRICS_DIR / "backbone.json", metrics)
     print(f"backbone: {checkpoint['arch']} ({checkpoint['weights']}) -> {BACKBONE_FILE}")

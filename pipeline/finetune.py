@@ -39,6 +39,7 @@ from pipeline.core.common import (
     FINETUNED_FILE,
     LIVE_DIR,
     METRICS_DIR,
+    device_name,
     save_torch,
     seed_everything,
     write_json,
@@ -312,6 +313,7 @@ def main() -> None:
     log.live.summary.setdefault("finetune", {}).update(
         world_size=ranks.world_size,
         backend=plan.backend,
+        device=device_name(device),
         strategy=config["strategy"],
         trainable_params=trainable,
         **selection_summary(history, best, config["select"]),

@@ -251,9 +251,11 @@ def render_report(params: dict[str, Any], backbone_hash: str) -> str:
         " "
         + ", ".join(
             f"{what} in {run['world_size']} process{'es' if run['world_size'] > 1 else ''} ({run['backend']})"
+            + (f" on {run['device']}" if "device" in run else "")
             for what, run in runs
         )
-        + " (results depend on the world size)."
+        + " (results depend on the world size and the device: a CPU run is bit-exact from run to run,"
+        " a GPU run uses deterministic kernels where torch has them)."
     )
     trained = (
         f" Fine-tuning (strategy {finetune['strategy']}) trained {finetune['trainable_params']:,} parameters"

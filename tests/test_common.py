@@ -151,3 +151,13 @@ def test_predict_runs_on_the_gpu_asked_for_where_torch_sees_one(device, tmp_path
             ["--model", str(model), "--device", device, "--num-workers", "0", str(tmp_path / "a.png")]
         )
     assert moved == [device]
+
+
+def test_the_device_a_stage_records_names_the_gpu(monkeypatch):
+    import torch
+
+    from pipeline.core.common import device_name
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert device_name(torch.device("cuda", 0)) == "cuda (NVIDIA H200)"
+    assert device_name(torch.device("cpu")) == "cpu"

@@ -561,3 +561,12 @@ def test_a_split_smaller_than_the_world_is_named_before_any_process_gets_nothing
     with pytest.raises(StageError, match=r"the val split holds 2 example\(s\), fewer than this stage's 3"):
         ShardSampler(2, Ranks(0, 0, 3), name="the val split")
     assert list(ShardSampler(3, Ranks(2, 2, 3), name="the val split")) == [2]
+
+
+def test_one_machine_is_node_0_on_any_slurm_node(monkeypatch):
+    """A Slurm step on node 3 of an allocation sets SLURM_NODEID=3; with nnodes 1 that is
+    not this run's rank, and the default params must still run there."""
+    monkeypatch.setenv("SLURM_NODEID", "3")
+    plan = plan_for("finetune", settings(), "cpu")
+    assert (plan.nnodes, plan.node_rank) == (1, 0)
+    assert plan_for("finetune", settings(nnodes=4, rdzv_endpoint="head:29400"), "cpu").node_rank == 3

@@ -100,6 +100,12 @@ def test_full_run_writes_every_declared_output_and_fills_the_run_cache(tiny_run)
         from_matrix = confusion_accuracy(repo / f"reports/plots/confusion_{model}.csv")
         assert test[model]["accuracy"] == pytest.approx(from_matrix, abs=1e-6)
         assert test[model]["accuracy"] > 0.2, "no better than chance (10 classes)"
+    # The device each training stage computed on, in its metrics and in the report.
+    assert json.loads((repo / "metrics/backbone.json").read_text())["device"] == "cpu"
+    finetune = json.loads((repo / "reports/live/finetune/metrics.json").read_text())["finetune"]
+    assert finetune["device"] == "cpu"
+    report = (repo / "reports/report.md").read_text()
+    assert "Fine-tuned in 1 process (gloo) on cpu, pretrained in 1 process (gloo) on cpu" in report
     print(f"tiny pipeline, every stage: {tiny_run.seconds:.0f} s")
 
 

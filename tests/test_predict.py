@@ -224,3 +224,16 @@ def test_a_file_name_that_is_not_utf8_is_written_escaped(tmp_path, model_file, c
     rows = list(csv.DictReader(io.StringIO(out.read_text(encoding="utf-8"))))
     assert [row["path"] for row in rows] == [str(folder / "a.png"), str(folder) + "/caf\\xe9.png"]
     assert all(row["error"] == "" for row in rows)
+
+
+def test_the_samples_folder_the_readme_writes_is_ignored_by_git(tmp_path):
+    """`git add -A` after `python -m pipeline.samples data/samples` must not commit them."""
+    from tests.conftest import ROOT
+
+    (tmp_path / ".gitignore").write_bytes((ROOT / ".gitignore").read_bytes())
+    run(tmp_path, "git", "init", "-q")
+    assert (
+        run(tmp_path, "git", "check-ignore", "-q", "data/samples/0/test-00003.png", check=False).returncode
+        == 0
+    )
+    assert run(tmp_path, "git", "check-ignore", "-q", "data/raw/photo.png", check=False).returncode == 1

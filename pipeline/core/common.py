@@ -158,6 +158,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_name(device: torch.device) -> str:
+    """What the metrics and the report say a stage computed on: cpu, mps, or cuda with the
+    GPU's name (a run's floats depend on it; only a CPU run is bit-exact from run to run)."""
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
 def progress(iterable, desc: str):
     """A progress bar on a terminal; silent in logs (``dvc repro`` output, CI)."""
     return tqdm(iterable, desc=desc, unit="batch", leave=False, disable=None)
