@@ -4,7 +4,8 @@ Starts from the trained head (linear probe, then fine-tune), not a fresh one, an
 that starting model when no epoch beats it on val: finetune never hands on a model worse
 on val than the probe it was given. Reads params ``seed``, ``lr`` (the head's learning
 rate; ``dvc exp run -S lr=1e-4``), ``device``, ``amp``, ``class_weighted_loss``,
-``data.num_workers``, ``finetune.*`` and ``distributed.*``; reads data/prepared/ (and the
+``data.num_workers``, ``data.dataset`` (what ``finetune.augment: auto`` resolves by),
+``finetune.*`` and ``distributed.*``; reads data/prepared/ (and the
 image files it lists), models/backbone.pt and models/head.pt; writes models/finetuned.pt
 (the best on val of the starting model and each epoch, by ``finetune.select``) and, through
 dvclive, reports/live/finetune/ (per-epoch losses, accuracies and the learning rates the
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from pipeline import modalities
-from pipeline.core import distributed
+from pipeline.core import distributed, recipe
 from pipeline.core.checkpoints import (
     BackboneCheckpoint,
     HeadCheckpoint,
@@ -44,7 +45,7 @@ from pipeline.core.common import (
     seed_everything,
     write_json,
 )
-from pipeline.core.data import SeededAugmentation
+from pipeline.core.data import SeededAugmentation, SeededBatchTransform
 from pipeline.core.entry import run_stage
 from pipeline.core.epoch_log import EpochLog
 from pipeline.core.models import (
@@ -59,6 +60,7 @@ from pipeline.core.models import (
 from pipeline.core.params import load_params
 from pipeline.core.training import (
     SELECTIONS,
+    BatchTransform,
     EpochCallback,
     Fitted,
     balanced_class_weights,
@@ -98,6 +100,9 @@ def finetune(
     accumulate: int = 1,
     class_weight: torch.Tensor | None = None,
     on_epoch: EpochCallback | None = None,
+    layer_decay: float = 1.0,
+    blocks: list[nn.Module] = (),
+    batch_transform: BatchTransform | None = None,
 ) -> Fitted:
     """Train the trainable part of a Classifier (possibly wrapped in DistributedDataParallel);
     returns fit()'s result: the best-on-val weights, the history, whose epoch 0 is the model
@@ -111,14 +116,19 @@ def finetune(
     (the linear probe's head on the pretrained backbone, with ``head_init: probe``).
     With ``bn="frozen"`` every BatchNorm layer keeps the backbone's running statistics. With
     ``l2sp`` > 0 the backbone is pulled toward its weights at the start (L2-SP) and has no
-    weight decay toward zero; the head keeps ``weight_decay``.
+    weight decay toward zero; the head keeps ``weight_decay``. With ``layer_decay`` below 1
+    each of the backbone's ``blocks`` learns that much slower than the block above it
+    (layer-wise rate decay), the layers below the first block slower still.
+    ``batch_transform`` (MixUp, CutMix) mixes each training batch.
     """
     classifier = unwrap(model)
     backbone = [p for p in classifier.backbone.parameters() if p.requires_grad]
+    decay = 0.0 if l2sp else weight_decay
     groups = [
-        {"params": backbone, "lr": lr * backbone_lr_ratio, "weight_decay": 0.0 if l2sp else weight_decay},
-        {"params": list(classifier.head.parameters()), "lr": lr, "weight_decay": weight_decay},
+        {"params": params, "lr": lr * backbone_lr_ratio * scale, "weight_decay": decay}
+        for params, scale in backbone_groups(backbone, blocks, layer_decay)
     ]
+    groups.append({"params": list(classifier.head.parameters()), "lr": lr, "weight_decay": weight_decay})
     steps = optimizer_steps(train_loader, accumulate)
     optimizer = make_optimizer(groups, optimizer, momentum)
     scheduler = warmup_cosine(optimizer, warmup_epochs * steps, epochs * steps)
@@ -136,12 +146,34 @@ def finetune(
         scheduler=scheduler,
         amp=amp,
         frozen=frozen_modules(classifier) + (batchnorm_layers(classifier) if bn == "frozen" else []),
-        rate_names=("lr_backbone", "lr_head"),
+        rate_names=("",) * (len(groups) - 2) + ("lr_backbone", "lr_head"),  # the top block's rate
         on_epoch=on_epoch,
         accumulate=accumulate,
         penalty=l2sp_penalty(backbone, l2sp) if l2sp else None,
         start_is_candidate=True,
+        batch_transform=batch_transform,
     )
+
+
+def backbone_groups(
+    trainable: list[nn.Parameter], blocks: list[nn.Module], layer_decay: float
+) -> list[tuple[list[nn.Parameter], float]]:
+    """The backbone's trainable parameters in groups, bottom to top, each with its share of
+    the backbone's rate: one group at 1 without layer decay; with it, a group per block,
+    the top block at 1 and each below at ``layer_decay`` times the one above, and what no
+    block holds (the stem, the embeddings) one step below the lowest. Groups with nothing
+    trainable (frozen blocks) are left out."""
+    if layer_decay == 1.0 or not blocks:
+        return [(trainable, 1.0)]
+    wanted = {id(p) for p in trainable}
+    in_blocks = [[p for p in block.parameters() if id(p) in wanted] for block in blocks]
+    placed = {id(p) for params in in_blocks for p in params}
+    rest = [p for p in trainable if id(p) not in placed]
+    top = len(blocks) - 1
+    groups = [(rest, layer_decay ** (top + 1))] + [
+        (params, layer_decay ** (top - index)) for index, params in enumerate(in_blocks)
+    ]
+    return [(params, scale) for params, scale in groups if params]
 
 
 def starting_classifier(
@@ -245,9 +277,11 @@ def main() -> None:
     classifier.to(device, memory_format=torch.channels_last)
     model = distributed.parallel(classifier, ranks, device, settings["sync_batchnorm"])
 
-    items = modalities.split_dataset("train", backbone_checkpoint, config["augment"])
+    used = recipe.resolved(config, params["data"]["dataset"], backbone_checkpoint["weights"])
+    items = modalities.split_dataset("train", backbone_checkpoint, used["augment"])
     workers = loader_workers(items, params["data"]["num_workers"])
     train = SeededAugmentation(items, seed)
+    mixing = modality.batch_mixing(used["mix"], config["mix_alpha"], len(head_checkpoint["classes"]))
     val = modalities.split_dataset("val", backbone_checkpoint)
     train_sampler = distributed.GlobalBatchSampler(
         len(train), config["batch_size"], ranks, seed, getattr(train, "lengths", None), step=per_process
@@ -284,7 +318,7 @@ def main() -> None:
         weight_decay=config["weight_decay"],
         label_smoothing=config["label_smoothing"],
         amp=params["amp"],
-        bn=config["bn"],
+        bn=used["bn"],
         optimizer=config["optimizer"],
         momentum=config["momentum"],
         l2sp=config["l2sp"],
@@ -292,6 +326,9 @@ def main() -> None:
         class_weight=class_weight,
         on_epoch=on_epoch,
         select=config["select"],
+        layer_decay=config["layer_decay"],
+        blocks=modality.blocks(classifier.backbone),
+        batch_transform=SeededBatchTransform(mixing, seed, ranks.rank) if mixing else None,
     )
     seconds = time.perf_counter() - started
     if not ranks.main:
@@ -305,7 +342,7 @@ def main() -> None:
             classifier.state_dict(),
             backbone_checkpoint,
             head_checkpoint,
-            params={"lr": lr, "seed": seed, "amp": params["amp"], **config},
+            params={"lr": lr, "seed": seed, "amp": params["amp"], **config, **used},
             world_size=ranks.world_size,
             backend=plan.backend,
         ),
@@ -315,6 +352,7 @@ def main() -> None:
         backend=plan.backend,
         device=device_name(device),
         strategy=config["strategy"],
+        **used,
         trainable_params=trainable,
         **selection_summary(history, best, config["select"]),
     )
@@ -322,7 +360,10 @@ def main() -> None:
     write_json(
         TIME_FILE, {"finetune": finetune_time(seconds, config["epochs"], len(train), ranks.world_size)}
     )
-    print(f"finetune: {config['strategy']} trained {trainable:,} of {total:,} parameters in {seconds:.1f} s")
+    print(
+        f"finetune: {config['strategy']} trained {trainable:,} of {total:,} parameters in {seconds:.1f} s "
+        f"(augment {used['augment']}, bn {used['bn']}, mix {used['mix']})"
+    )
     print(selection_message(history, best, config["select"]))
 
 

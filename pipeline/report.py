@@ -217,6 +217,13 @@ def per_class_table(details: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def recipe_note(finetune: dict[str, Any]) -> str:
+    """The recipe finetune used, ``auto`` resolved (its metrics record it)."""
+    if "augment" not in finetune:
+        return ""
+    return f", augmentation {finetune['augment']}, BatchNorm {finetune['bn']}, mixing {finetune['mix']}"
+
+
 def render_report(params: dict[str, Any], backbone_hash: str) -> str:
     test, details = read_json(METRICS_DIR / "test.json"), read_json(METRICS_DIR / "per_class.json")
     baseline = read_json(METRICS_DIR / "baseline.json")
@@ -258,8 +265,8 @@ def render_report(params: dict[str, Any], backbone_hash: str) -> str:
         " a GPU run uses deterministic kernels where torch has them)."
     )
     trained = (
-        f" Fine-tuning (strategy {finetune['strategy']}) trained {finetune['trainable_params']:,} parameters"
-        f"; {kept_note(finetune)}."
+        f" Fine-tuning (strategy {finetune['strategy']}{recipe_note(finetune)}) trained "
+        f"{finetune['trainable_params']:,} parameters; {kept_note(finetune)}."
     )
     inputs = splits_note(read_json(FEATURES_SUMMARY), modality.ITEMS, config["max_length"])
     notes = inputs + pretrain + processes + trained + skipped_note

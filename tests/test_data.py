@@ -61,7 +61,7 @@ def test_prepared_round_trip(tmp_path, digits):
 def test_seeded_augmentation_depends_on_seed_epoch_and_index_only():
     images = np.random.default_rng(0).integers(0, 256, (4, 16, 16), dtype=np.uint8)
     dataset = SeededAugmentation(
-        ImageArrayDataset(images, np.arange(4), image_transform(16, [0.5], [0.5], True)), 7
+        ImageArrayDataset(images, np.arange(4), image_transform(16, [0.5], [0.5], "jitter")), 7
     )
     dataset.set_epoch(1)
     torch.manual_seed(0)
@@ -97,3 +97,21 @@ def test_split_given_keeps_the_splits_the_data_brings_and_holds_out_the_others()
     capped = split_given({"all": (inputs, labels)}, 0.2, 0.2, 3, seed=1)
     assert np.bincount(capped["train"][1]).tolist() == [3, 3, 3, 3]
     assert len(capped["val"][1]) == len(capped["test"][1]) == 8
+
+
+def test_val_holds_at_least_min_val_examples_up_to_a_quarter_of_train():
+    """cifar10-dev's layout: 500 training images and a test folder of its own."""
+    labels = np.arange(500) % 10
+    given = {
+        "train": (np.zeros((500, 2, 2), dtype=np.uint8), labels),
+        "test": (np.zeros((20, 2, 2), dtype=np.uint8), np.arange(20) % 10),
+    }
+    sizes = {
+        floor: {
+            name: len(split[1]) for name, split in split_given(given, 0.15, 0.25, 0, 1, min_val=floor).items()
+        }
+        for floor in (0, 100, 1000)
+    }
+    assert sizes[0] == {"train": 425, "val": 75, "test": 20}  # the fraction alone
+    assert sizes[100] == {"train": 400, "val": 100, "test": 20}
+    assert sizes[1000] == {"train": 375, "val": 125, "test": 20}  # a quarter of train at most

@@ -202,3 +202,33 @@ def test_a_fine_tune_that_only_hurts_val_ships_the_probe_bit_for_bit(
         }
         assert kept.keys() == given.keys()
         assert all(torch.equal(kept[key], given[key]) for key in given), name
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_mixed_batches_train_and_the_same_seed_mixes_the_same_way(mix):
+    from pipeline.core.data import SeededBatchTransform
+    from pipeline.modalities.image_data import batch_mixing
+
+    weights = []
+    for _ in range(2):
+        model = small_classifier()
+        mixing = SeededBatchTransform(batch_mixing(mix, 1.0, 3), seed=5)
+        fine_tune_briefly(model, batch_transform=mixing)
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
+    images, labels = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    mixed, soft = SeededBatchTransform(batch_mixing(mix, 1.0, 3), seed=5)(images, labels)
+    assert soft.shape == (4, 3) and torch.allclose(soft.sum(1), torch.ones(4))
+    assert not torch.equal(mixed, images)
+
+
+def test_layer_decay_slows_each_block_below_the_top_one():
+    blocks = [nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)]
+    stem = nn.Linear(2, 2)
+    trainable = [*stem.parameters(), *(p for block in blocks for p in block.parameters())]
+    groups = stage.backbone_groups(trainable, blocks, 0.5)
+    assert [scale for _, scale in groups] == [0.125, 0.25, 0.5, 1.0]
+    assert [len(params) for params, _ in groups] == [2, 2, 2, 2]
+    assert stage.backbone_groups(trainable, blocks, 1.0) == [(trainable, 1.0)]
+    top_only = list(blocks[2].parameters())  # unfreeze: 1 leaves the lower groups empty
+    assert stage.backbone_groups(top_only, blocks, 0.5) == [(top_only, 1.0)]

@@ -45,8 +45,9 @@ def test_transform_makes_normalized_rgb_at_image_size(digits):
     assert image.shape == (3, 24, 24) and image.dtype.is_floating_point
     assert image.min() >= -1.0 and image.max() <= 1.0
     assert label.item() == labels[0]
-    augmented = image_transform(24, [0.5] * 3, [0.5] * 3, augment=True)(images[0])
-    assert augmented.shape == (3, 24, 24)
+    for policy in ("jitter", "photo", "strong"):
+        augmented = image_transform(24, [0.5] * 3, [0.5] * 3, augment=policy)(images[0])
+        assert augmented.shape == (3, 24, 24) and augmented.dtype.is_floating_point
 
 
 def fake_cifar10(root, per_batch: int = 6) -> None:

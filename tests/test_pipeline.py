@@ -104,8 +104,10 @@ def test_full_run_writes_every_declared_output_and_fills_the_run_cache(tiny_run)
     assert json.loads((repo / "metrics/backbone.json").read_text())["device"] == "cpu"
     finetune = json.loads((repo / "reports/live/finetune/metrics.json").read_text())["finetune"]
     assert finetune["device"] == "cpu"
+    assert (finetune["augment"], finetune["bn"], finetune["mix"]) == ("jitter", "frozen", "none")
     report = (repo / "reports/report.md").read_text()
     assert "Fine-tuned in 1 process (gloo) on cpu, pretrained in 1 process (gloo) on cpu" in report
+    assert "(strategy full, augmentation jitter, BatchNorm frozen, mixing none)" in report
     print(f"tiny pipeline, every stage: {tiny_run.seconds:.0f} s")
 
 

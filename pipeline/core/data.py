@@ -10,6 +10,7 @@ skipped (unreadable images, empty texts) where params asked it to.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +30,20 @@ Inputs = np.ndarray | dict[str, list[str]]
 Splits = dict[str, tuple[Inputs, np.ndarray]]
 
 
+def val_size(val_fraction: float, test_fraction: float, rest: int, min_val: int) -> float | int:
+    """What train_test_split holds out of the ``rest`` that test left: ``val_fraction`` of
+    all (as a share of the rest), or, where that is fewer than ``min_val`` examples, that
+    many, but never more than a quarter of the rest (tiny data keeps most for training)."""
+    share = val_fraction / (1.0 - test_fraction)
+    floor = min(min_val, rest // 4)
+    return floor if math.ceil(share * rest) < floor else share
+
+
 def stratified_split(
-    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int, min_val: int = 0
 ) -> dict[str, np.ndarray]:
-    """Indices of a deterministic train/val/test split that keeps the class proportions.
+    """Indices of a deterministic train/val/test split that keeps the class proportions;
+    val holds at least ``min_val`` examples (``val_size``).
 
     A fraction of 0 leaves that split empty (for datasets that bring their own).
     """
@@ -45,17 +56,22 @@ def stratified_split(
         rest, test = train_test_split(indices, test_size=test_fraction, stratify=labels, random_state=seed)
     train, val = rest, empty
     if val_fraction > 0:
-        val_of_rest = val_fraction / (1.0 - test_fraction)
-        train, val = train_test_split(rest, test_size=val_of_rest, stratify=labels[rest], random_state=seed)
+        held = val_size(val_fraction, test_fraction, len(rest), min_val)
+        train, val = train_test_split(rest, test_size=held, stratify=labels[rest], random_state=seed)
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
 def split_indices(
-    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int, what: str = "images"
+    labels: np.ndarray,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    what: str = "images",
+    min_val: int = 0,
 ) -> dict[str, np.ndarray]:
     """Stratified indices, as a clear error where a class has too few ``what`` to split."""
     try:
-        return stratified_split(labels, val_fraction, test_fraction, seed)
+        return stratified_split(labels, val_fraction, test_fraction, seed, min_val)
     except ValueError as error:
         counts = np.bincount(labels)
         raise StageError(
@@ -87,17 +103,19 @@ def split_given(
     max_train_per_class: int,
     seed: int,
     what: str = "images",
+    min_val: int = 0,
 ) -> Splits:
     """The train/val/test splits of what the data brought: ``given["all"]`` is split
     stratified; else ``given`` has a train split and keeps the val and test splits it has,
-    holding out of train only the ones it lacks. Then at most ``max_train_per_class`` of
-    each class stay in train (few-shot); val and test stay whole."""
+    holding out of train only the ones it lacks (val at least ``min_val`` examples, up to a
+    quarter of train). Then at most ``max_train_per_class`` of each class stay in train
+    (few-shot); val and test stay whole."""
     inputs, labels = given.get("all") or given["train"]
     fractions = {
         name: 0.0 if name in given else fraction
         for name, fraction in (("val", val_fraction), ("test", test_fraction))
     }
-    indices = split_indices(labels, fractions["val"], fractions["test"], seed, what)
+    indices = split_indices(labels, fractions["val"], fractions["test"], seed, what, min_val)
     indices["train"] = cap_per_class(indices["train"], labels, max_train_per_class, seed)
     splits = {name: (take(inputs, index), labels[index]) for name, index in indices.items()}
     splits.update({name: given[name] for name in ("val", "test") if name in given})
@@ -173,6 +191,26 @@ class SeededAugmentation(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % 2**63)
             return self.dataset[index]
+
+
+class SeededBatchTransform:
+    """A transform of whole training batches (MixUp, CutMix) whose randomness is seeded by
+    (seed, epoch, step, rank): a rerun mixes the same batches the same way, and each process
+    draws its own. ``set_epoch`` (fit calls it) restarts the step count."""
+
+    def __init__(self, transform: Callable, seed: int, rank: int = 0) -> None:
+        self.transform, self.seed, self.rank = transform, seed, rank
+        self.epoch, self.step = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.step = epoch, 0
+
+    def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.step += 1
+        key = ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + self.step) * 1_000_003 + self.rank
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(key % 2**63)
+            return self.transform(inputs, labels)
 
 
 @dataclass

@@ -106,9 +106,9 @@ def plan_for(stage: str, distributed: dict[str, Any], device: str) -> Plan:
             "distributed.sync_batchnorm: torch's SyncBatchNorm runs on CUDA GPUs only; set it to "
             "false for processes on CPUs"
         )
-    nnodes = distributed["nnodes"]
+    nnodes, setting = distributed["nnodes"], distributed["node_rank"]
     # One machine is node 0, whatever a Slurm step on another node of the job says it is.
-    node_rank = node_rank_of(distributed["node_rank"]) if nnodes > 1 else 0
+    node_rank = node_rank_of(setting) if nnodes > 1 else 0
     if node_rank >= nnodes:
         raise ParamsError(f"distributed.node_rank: {node_rank} is not below distributed.nnodes ({nnodes})")
     endpoint = distributed["rdzv_endpoint"]

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from pipeline.core.errors import ParamsError
+from pipeline.core.recipe import AUGMENTS, BN_MODES, FLIPPING, MIXES, ORIENTED
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -27,7 +28,6 @@ HEAD_TYPES = ("linear", "mlp")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 AMP_MODES = ("auto", "bfloat16", "float16", "off")
 BACKENDS = ("auto", "nccl", "gloo")
-BN_MODES = ("train", "frozen")
 STRATEGIES = ("full", "adapters")
 HEAD_INITS = ("probe", "fresh")
 SELECTIONS = ("loss", "accuracy")
@@ -206,6 +206,21 @@ def endpoint(value: Any, key: str) -> str:
     return str(value)
 
 
+def augment_policy(value: Any, key: str) -> str:
+    """An augmentation policy (recipe.AUGMENTS); true and false, as params.yaml once had
+    them, read as auto and none."""
+    if isinstance(value, bool):
+        return "auto" if value else "none"
+    return one_of(*AUGMENTS)(value, key)
+
+
+def layer_decay(value: Any, key: str) -> float:
+    number = _number(value, key)
+    if not 0 < number <= 1:
+        raise ParamsError(f"{key}: must be above 0 and at most 1 (1 is off), got {value!r}")
+    return number
+
+
 def unfreeze_spec(value: Any, key: str) -> str | int:
     if value == "all":
         return "all"
@@ -233,6 +248,7 @@ SCHEMA: dict[str, Any] = {
         "skip_bad_texts": boolean,
         "num_workers": non_negative_int,
         "val_fraction": fraction,
+        "min_val_examples": non_negative_int,
         "test_fraction": fraction,
         "max_train_per_class": non_negative_int,
     },
@@ -273,11 +289,14 @@ SCHEMA: dict[str, Any] = {
         "optimizer": one_of(*OPTIMIZERS),
         "momentum": below_one,
         "backbone_lr_ratio": positive_float,
+        "layer_decay": layer_decay,
         "warmup_epochs": non_negative_int,
         "weight_decay": non_negative_float,
         "l2sp": non_negative_float,
         "label_smoothing": below_one,
-        "augment": boolean,
+        "augment": augment_policy,
+        "mix": one_of(*MIXES),
+        "mix_alpha": positive_float,
         "bn": one_of(*BN_MODES),
         "adapter_rank": positive_int,
     },
@@ -339,6 +358,23 @@ def check_weights_file(weights: str) -> None:
         )
 
 
+def check_recipe(finetune: dict[str, Any], dataset: str) -> None:
+    """An augmentation or mixing the data cannot take: any for texts, flips for digits."""
+    if dataset == "text":
+        for key, off in (("augment", ("auto", "none")), ("mix", ("none",))):
+            if finetune[key] not in off:
+                raise ParamsError(
+                    f"finetune.{key}: {finetune[key]!r} transforms images, and data.dataset is text; "
+                    f"choose {' or '.join(off)}"
+                )
+    if dataset in ORIENTED and finetune["augment"] in FLIPPING:
+        allowed = [name for name in AUGMENTS if name not in FLIPPING]
+        raise ParamsError(
+            f"finetune.augment: {finetune['augment']!r} flips images left to right, which changes "
+            f"the class of a {dataset} image (a mirrored 2 or 5); choose one of: {', '.join(allowed)}"
+        )
+
+
 def cross_check(params: dict[str, Any]) -> None:
     """Checks that need more than one key."""
     distributed = params["distributed"]
@@ -354,6 +390,7 @@ def cross_check(params: dict[str, Any]) -> None:
             f"of finetune.epochs: {finetune['epochs']}; use fewer warmup epochs (0 for none)"
         )
     check_weights_file(params["backbone"]["weights"])
+    check_recipe(finetune, params["data"]["dataset"])
     data = params["data"]
     if data["dataset"] != "digits":
         path = Path(data["path"])

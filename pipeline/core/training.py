@@ -18,6 +18,9 @@ from pipeline.core.models import build_head
 
 EpochCallback = Callable[[dict[str, float]], None]
 Penalty = Callable[[], torch.Tensor]
+# A transform of a whole training batch (MixUp, CutMix): images and labels in, images and
+# per-class label weights (N x C) out.
+BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class Fitted(NamedTuple):
@@ -180,6 +183,7 @@ def train_epoch(
     frozen: list[nn.Module] = (),
     accumulate: int = 1,
     penalty: Penalty | None = None,
+    batch_transform: BatchTransform | None = None,
 ) -> dict[str, float | list[float]]:
     """One pass of training; returns the mean loss and the accuracy (over every process),
     and ``lr``: each param group's rate in the epoch's last optimizer step.
@@ -190,7 +194,9 @@ def train_epoch(
     its mean loss, the epoch's last, shorter group included. The scheduler
     steps only after a real optimizer step: a float16 step that the scaler skips (inf or
     NaN gradients) leaves the schedule where it was. ``penalty`` (e.g. L2-SP) is added to the
-    loss that trains, not to the loss reported.
+    loss that trains, not to the loss reported. ``batch_transform`` (MixUp, CutMix) mixes
+    each batch and its labels: the loss is taken against the mixed labels, and accuracy
+    counts a prediction right where it names the label with the largest weight.
     """
     model.train()
     for module in frozen:
@@ -200,6 +206,8 @@ def train_epoch(
     groups = [sum(sizes[start : start + accumulate]) for start in range(0, len(sizes), accumulate)]
     optimizer.zero_grad(set_to_none=True)
     for step, (images, targets) in enumerate(progress(loader, "train"), start=1):
+        if batch_transform is not None:
+            images, targets = batch_transform(images, targets)
         images, targets = to_device(images, device), targets.to(device, non_blocking=True)
         steps_now = step % accumulate == 0 or step == len(loader)
         share = len(targets) / groups[(step - 1) // accumulate]  # 1.0 without accumulation
@@ -219,7 +227,7 @@ def train_epoch(
             if scheduler is not None and scaler.get_scale() >= scale:
                 scheduler.step()
         total_loss += loss.item() * len(targets)
-        correct += (logits.argmax(1) == targets).sum().item()
+        correct += (logits.argmax(1) == (targets.argmax(1) if targets.dim() == 2 else targets)).sum().item()
         seen += len(targets)
     total_loss, correct, seen = totals(loader, total_loss, correct, seen)
     return {"loss": total_loss / seen, "accuracy": correct / seen, "lr": rates}
@@ -296,6 +304,7 @@ def fit(
     accumulate: int = 1,
     penalty: Penalty | None = None,
     start_is_candidate: bool = False,
+    batch_transform: BatchTransform | None = None,
 ) -> Fitted:
     """The project's one training loop: a train step and an eval step per epoch, one loss
     scaler, and ``select`` (a rule over the history so far) naming the epoch whose weights
@@ -310,7 +319,8 @@ def fit(
     processes, so every process keeps the same epoch; evaluation runs the unwrapped model.
 
     Returns the kept weights, the per-epoch history, each record carrying the rates of the
-    optimizer's param groups, named by ``rate_names``, and the kept epoch's record;
+    optimizer's param groups, named by ``rate_names`` (one per group; an empty name leaves
+    its group's rate out), and the kept epoch's record;
     ``on_epoch`` gets each record as its epoch ends (a stage's dvclive log).
     """
     scaler = grad_scaler(device, amp)
@@ -319,7 +329,7 @@ def fit(
         history.append(start_record(evaluate_epoch(unwrap(model), val_loader, loss_fn, device, amp)))
         weights, kept = weights_on_cpu(unwrap(model)), history[0]
     for epoch in range(1, epochs + 1):
-        for reshuffled in (train_loader.sampler, train_loader.dataset):
+        for reshuffled in (train_loader.sampler, train_loader.dataset, batch_transform):
             if hasattr(reshuffled, "set_epoch"):
                 reshuffled.set_epoch(epoch)
         train = train_epoch(
@@ -334,9 +344,11 @@ def fit(
             frozen,
             accumulate,
             penalty,
+            batch_transform,
         )
         val = evaluate_epoch(unwrap(model), val_loader, loss_fn, device, amp)
-        history.append(epoch_record(epoch, train, val, dict(zip(rate_names, train["lr"], strict=True))))
+        rates = {name: rate for name, rate in zip(rate_names, train["lr"], strict=True) if name}
+        history.append(epoch_record(epoch, train, val, rates))
         if on_epoch is not None:
             on_epoch(history[-1])
         if select(history) is history[-1]:

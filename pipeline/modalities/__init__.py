@@ -64,7 +64,7 @@ def for_checkpoint(checkpoint: dict[str, Any]) -> ModuleType:
         ) from None
 
 
-def split_dataset(split: str, preprocessing: dict[str, Any], augment: bool = False) -> Dataset:
+def split_dataset(split: str, preprocessing: dict[str, Any], augment: str = "none") -> Dataset:
     """A prepared split as the dataset its modality makes of it, fed as ``preprocessing`` says."""
     return for_checkpoint(preprocessing).dataset(PREPARED_DIR, split, preprocessing, augment)
 

@@ -233,35 +233,76 @@ def load_cifar(name: str, root: Path) -> tuple[dict[str, tuple[np.ndarray, np.nd
     return splits, list(dataset.classes)
 
 
+# A random resized crop keeps at least this share of the image: small data needs most of
+# each photo, where ImageNet training (0.08) can afford to see a patch.
+PHOTO_CROP_SCALE = (0.35, 1.0)
+
+
+def augmentation(policy: str, image_size: int) -> tuple[list[v2.Transform], list[v2.Transform]]:
+    """A policy's random steps (recipe.AUGMENTS): those that replace the resize and centre
+    crop and work on uint8, and those that work on the float image after it.
+
+    - ``none``: nothing random;
+    - ``jitter``: a mild affine jitter, no flips (they change what a glyph or digit means);
+    - ``photo``: a random resized crop (at least 35% of the photo, aspect 3:4 to 4:3) and a
+      horizontal flip, fastai's and timm's photo basics;
+    - ``strong``: ``photo``, then TrivialAugmentWide (Müller and Hutter, 2021): one random
+      operation of random strength per image, colour and geometry alike.
+    """
+    photo = [
+        v2.RandomResizedCrop(image_size, scale=PHOTO_CROP_SCALE, antialias=True),
+        v2.RandomHorizontalFlip(),
+    ]
+    policies: dict[str, tuple[list[v2.Transform], list[v2.Transform]]] = {
+        "none": ([], []),
+        "jitter": ([], [v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))]),
+        "photo": (photo, []),
+        "strong": ([*photo, v2.TrivialAugmentWide()], []),
+    }
+    return policies[policy]
+
+
 def image_transform(
     image_size: int,
     mean: list[float],
     std: list[float],
-    augment: bool = False,
+    augment: str = "none",
     resize_size: int | None = None,
 ) -> v2.Compose:
     """uint8 HxW or HxWxC array -> normalized float CxHxW tensor, ``image_size`` square.
 
     The shorter side is resized to ``resize_size`` (default ``image_size``), then the centre
     cropped, as torchvision's weights preprocess (e.g. 256 then 224), in uint8 as they do:
-    a large photo becomes float32 only at the size the model takes. Augmentation is a mild
-    affine jitter (no flips: they change what a glyph or digit means).
+    a large photo becomes float32 only at the size the model takes. ``augment`` names a
+    policy of random steps (``augmentation``); a policy that crops at random replaces the
+    resize and centre crop.
     """
-    steps: list[v2.Transform] = [
-        v2.ToImage(),
-        v2.RGB(),
-        v2.Resize(resize_size or image_size, antialias=True),
-        v2.CenterCrop(image_size),
-        v2.ToDtype(torch.float32, scale=True),
-    ]
-    if augment:
-        steps.append(v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)))
-    steps.append(v2.Normalize(mean=mean, std=std))
-    return v2.Compose(steps)
+    on_uint8, on_float = augmentation(augment, image_size)
+    framing = on_uint8 or [v2.Resize(resize_size or image_size, antialias=True), v2.CenterCrop(image_size)]
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RGB(),
+            *framing,
+            v2.ToDtype(torch.float32, scale=True),
+            *on_float,
+            v2.Normalize(mean=mean, std=std),
+        ]
+    )
 
 
-def checkpoint_transform(checkpoint: dict, augment: bool = False) -> v2.Compose:
-    """The preprocessing a backbone checkpoint records (size, resize, mean, std)."""
+def batch_mixing(mix: str, alpha: float, num_classes: int) -> v2.Transform | None:
+    """MixUp (Zhang et al., 2018: two images blended, their labels in the same proportion)
+    or CutMix (Yun et al., 2019: a box of one pasted into the other), the share drawn from
+    Beta(alpha, alpha), as torchvision's v2 makes them; None for ``none``."""
+    if mix == "none":
+        return None
+    return {"mixup": v2.MixUp, "cutmix": v2.CutMix}[mix](alpha=alpha, num_classes=num_classes)
+
+
+def checkpoint_transform(checkpoint: dict, augment: str = "none") -> v2.Compose:
+    """The preprocessing a backbone checkpoint records (size, resize, mean, std), with the
+    augmentation policy ``augment``."""
     return image_transform(
         checkpoint["image_size"],
         checkpoint["mean"],

@@ -79,12 +79,12 @@ def prepare_splits(data: dict[str, Any], seed: int) -> tuple[Splits, list[str], 
     fractions = (data["val_fraction"], data["test_fraction"], data["max_train_per_class"], seed)
     if data["dataset"] == "imagefolder":
         given, classes, skipped = imagefolder_files(data)
-        return split_given(given, *fractions), classes, skipped
+        return split_given(given, *fractions, min_val=data["min_val_examples"]), classes, skipped
     if data["dataset"] in ("cifar10", "cifar100"):
         given, classes = image_data.load_cifar(data["dataset"], Path(data["path"]))
-        return split_given(given, *fractions), classes, []
+        return split_given(given, *fractions, min_val=data["min_val_examples"]), classes, []
     images, labels, classes = image_data.load_digits_dataset()
-    return split_given({"all": (images, labels)}, *fractions), classes, []
+    return split_given({"all": (images, labels)}, *fractions, min_val=data["min_val_examples"]), classes, []
 
 
 def imagefolder_files(data: dict[str, Any]) -> tuple[dict, list[str], list[str]]:
@@ -202,9 +202,10 @@ def build_backbone(preprocessing: dict[str, Any]) -> nn.Module:
     return build_backbone(preprocessing["arch"], image_size=preprocessing["image_size"])[0]
 
 
-def dataset(prepared_dir: Path, split: str, preprocessing: dict[str, Any], augment: bool = False) -> Dataset:
+def dataset(prepared_dir: Path, split: str, preprocessing: dict[str, Any], augment: str = "none") -> Dataset:
     """A prepared split as a dataset of (image tensor, label): in memory, or streamed from
-    the image files (``reads_files``: DataLoader workers decode them)."""
+    the image files (``reads_files``: DataLoader workers decode them); ``augment`` names the
+    training images' augmentation policy (image_data.augmentation)."""
     from pipeline.core.data import load_split
     from pipeline.modalities.image_data import ImageArrayDataset, ImageFileDataset, checkpoint_transform
 
@@ -213,6 +214,13 @@ def dataset(prepared_dir: Path, split: str, preprocessing: dict[str, Any], augme
     if isinstance(images, dict):
         return ImageFileDataset(images["paths"], labels, transform)
     return ImageArrayDataset(images, labels, transform)
+
+
+def batch_mixing(mix: str, alpha: float, num_classes: int) -> Callable | None:
+    """The training batches' MixUp or CutMix (``finetune.mix``), None for none."""
+    from pipeline.modalities.image_data import batch_mixing
+
+    return batch_mixing(mix, alpha, num_classes)
 
 
 def blocks(backbone: nn.Module) -> list[nn.Module]:

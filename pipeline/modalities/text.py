@@ -95,7 +95,7 @@ def prepare_splits(data: dict[str, Any], seed: int) -> tuple[Splits, list[str], 
         for split, part in rows.items()
     }
     fractions = (data["val_fraction"], data["test_fraction"], data["max_train_per_class"], seed)
-    return split_given(given, *fractions, what="texts"), classes, skipped
+    return split_given(given, *fractions, what="texts", min_val=data["min_val_examples"]), classes, skipped
 
 
 def drop_empty_texts(rows: dict[str, Rows], files: dict[str, Path], skip: bool) -> list[str]:
@@ -274,7 +274,12 @@ def build_backbone(preprocessing: dict[str, Any]) -> nn.Module:
     return text_models.TextEncoder(model, preprocessing["pooling"])
 
 
-def dataset(prepared_dir: Path, split: str, preprocessing: dict[str, Any], augment: bool = False) -> Dataset:
+def batch_mixing(mix: str, alpha: float, num_classes: int) -> None:
+    """Texts are not mixed: params refuse ``finetune.mix`` for them."""
+    return None
+
+
+def dataset(prepared_dir: Path, split: str, preprocessing: dict[str, Any], augment: str = "none") -> Dataset:
     """A prepared split tokenised once, as (token ids, label) items with their ``lengths``,
     a ``collate`` that pads a batch, and ``truncated``: how many texts lost tokens. Texts
     have no augmentation (``augment`` is the images')."""

@@ -1,0 +1,98 @@
+"""Benchmark: does the photo augmentation make fine-tuning data-bound?
+
+On cifar10-dev's 500 training photos at 96 px (EfficientNet-Lite0's preprocessing), for each
+augmentation policy: the images a second the DataLoader delivers alone (files decoded and
+augmented in ``--workers`` worker processes, as finetune runs them), and the images a second
+of the whole training step (that loader feeding Lite0 forward and backward, batch 64, on
+this machine's CPU), all in one run. The loop is data-bound where the loader alone is not
+clearly faster than the training step. Writes benchmarks/results/augment_speed.json.
+Run from the repository root: ``python -m benchmarks.augment_speed [--epochs 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+
+import torch
+from torch import nn
+
+from benchmarks.finetune_recipes import CIFAR10_DEV, ROOT, machine
+from pipeline.core.common import seed_everything
+from pipeline.core.data import SeededAugmentation
+from pipeline.core.training import make_loader, to_device
+from pipeline.modalities.image_data import ImageFileDataset, checkpoint_transform, images_under
+from pipeline.modalities.image_models import LITE_MEAN, LITE_STD, build_backbone
+
+RESULTS = ROOT / "benchmarks" / "results" / "augment_speed.json"
+POLICIES = ("jitter", "photo", "strong")
+SIZE = 96
+LITE0 = {"image_size": SIZE, "resize_size": round(SIZE * 256 / 224), "mean": LITE_MEAN, "std": LITE_STD}
+
+
+def loader(policy: str, workers: int, batch: int) -> torch.utils.data.DataLoader:
+    paths = sorted(images_under(CIFAR10_DEV / "train"))
+    classes = sorted({path.parent.name for path in paths})
+    labels = [classes.index(path.parent.name) for path in paths]
+    dataset = SeededAugmentation(
+        ImageFileDataset([str(p) for p in paths], labels, checkpoint_transform(LITE0, policy)), 0
+    )
+    return make_loader(dataset, batch, torch.device("cpu"), shuffle=True, num_workers=workers)
+
+
+def images_per_second(data: torch.utils.data.DataLoader, epochs: int, step=None) -> float:
+    seen, start = 0, time.perf_counter()
+    for epoch in range(epochs):
+        data.dataset.set_epoch(epoch)
+        for images, labels in data:
+            if step is not None:
+                step(images, labels)
+            seen += len(labels)
+    return round(seen / (time.perf_counter() - start), 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    seed_everything(0)
+    model = nn.Sequential(build_backbone("efficientnet_lite0", image_size=SIZE)[0], nn.LazyLinear(10))
+    model(torch.zeros(2, 3, SIZE, SIZE))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+
+    def train_step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        loss = nn.functional.cross_entropy(model(to_device(images, torch.device("cpu"))), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    results = {}
+    for policy in POLICIES:
+        data = loader(policy, args.workers, 64)
+        results[policy] = {
+            "loader_images_per_second": images_per_second(data, args.epochs),
+            "training_images_per_second": images_per_second(data, args.epochs, train_step),
+        }
+        print(f"augment_speed: {policy}: {results[policy]}", flush=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "command": "python -m benchmarks.augment_speed "
+                f"--epochs {args.epochs} --workers {args.workers}",
+                "machine": machine(),
+                "date": datetime.date.today().isoformat(),
+                "results": results,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""A third real photo set, of another kind: which photo a patch was cut from, offline.
+
+scikit-image ships ten photos in its wheel (an astronaut, bricks, a cameraman, a cat,
+coffee, grass, gravel, a Hubble deep field, a stained tissue slide, a rocket launch). Each
+is cut into a grid of 40 x 40 px patches; a patch's class is its photo. The left three
+quarters of each photo give the training patches, the right quarter the test patches, so no
+test patch overlaps a training one and the test is a shift within each photo: textures and
+regions, not objects (cifar10-dev) or faces (benchmarks/faces.py). Written as a
+class-per-folder tree with train/ and test/ folders (``data.dataset: imagefolder``).
+Needs scikit-image (the dev extra). Run from the repository root:
+``python -m benchmarks.photo_patches [--out data/raw/patches]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+
+PHOTOS = (
+    "astronaut",
+    "brick",
+    "camera",
+    "chelsea",
+    "coffee",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "rocket",
+)
+SIDE = 320  # each photo's centre square, resized to this
+PATCH = 40  # an 8 x 8 grid of patches
+TEST_COLUMNS = 2  # the right quarter of each photo: test patches
+
+
+def photo(name: str) -> Image.Image:
+    """A scikit-image photo as RGB, its centre square resized to SIDE x SIDE."""
+    from skimage import data
+
+    image = Image.fromarray(getattr(data, name)()).convert("RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side)).resize((SIDE, SIDE), Image.Resampling.LANCZOS)
+
+
+def write_patches(out: Path) -> dict[str, int]:
+    """Write the tree under ``out`` (replacing it whole, never half-written); the patches
+    of each split."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".patches-", dir=out.parent))
+    counts = {"train": 0, "test": 0}
+    cells = SIDE // PATCH
+    for name in PHOTOS:
+        image = photo(name)
+        for row in range(cells):
+            for column in range(cells):
+                split = "test" if column >= cells - TEST_COLUMNS else "train"
+                folder = staging / split / name
+                folder.mkdir(parents=True, exist_ok=True)
+                box = (column * PATCH, row * PATCH, (column + 1) * PATCH, (row + 1) * PATCH)
+                image.crop(box).save(folder / f"{row}_{column}.png")
+                counts[split] += 1
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("data/raw/patches"))
+    args = parser.parse_args()
+    counts = write_patches(args.out)
+    total = f"{counts['train']} train and {counts['test']} test patches of {len(PHOTOS)} photos"
+    print(f"photo_patches: {total} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

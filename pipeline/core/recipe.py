@@ -1,0 +1,53 @@
+"""What ``auto`` means in params' ``finetune`` section: the recipe a run actually uses.
+
+``finetune.augment: auto`` and ``finetune.bn: auto`` resolve from the data and the
+backbone, so a user who points the pipeline at photos gets a photo recipe without knowing
+the flags, and the digits demo keeps what suits digits:
+
+- augment: texts have none; digits (and other glyph-like data a user names with
+  ``jitter``) a mild affine jitter, since a flip or a crop changes what a digit means;
+  photos (an image folder, CIFAR) random resized crops and horizontal flips.
+- bn: a pretrained backbone keeps its BatchNorm statistics (``frozen``): the linear probe
+  was trained on features computed with them, and recomputing them from small batches
+  wrecks the features in the first steps; a backbone at random init (``weights: none``)
+  has statistics worth nothing, which train.
+
+finetune records the resolved values in its metrics, and the report shows them. Torch-free:
+params validation and the report import it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+AUGMENTS = ("auto", "none", "jitter", "photo", "strong")
+FLIPPING = ("photo", "strong")  # policies that flip images left to right
+BN_MODES = ("auto", "train", "frozen")
+MIXES = ("none", "mixup", "cutmix")
+# Datasets whose classes a flip changes (a mirrored 2 is no digit).
+ORIENTED = ("digits",)
+
+
+def resolved_augment(augment: str, dataset: str) -> str:
+    """The augmentation policy ``finetune.augment`` names for ``data.dataset``."""
+    if augment != "auto":
+        return augment
+    if dataset == "text":
+        return "none"
+    return "jitter" if dataset in ORIENTED else "photo"
+
+
+def resolved_bn(bn: str, weights: str) -> str:
+    """The BatchNorm mode ``finetune.bn`` names for a backbone with ``backbone.weights``."""
+    if bn != "auto":
+        return bn
+    return "train" if weights == "none" else "frozen"
+
+
+def resolved(config: dict[str, Any], dataset: str, weights: str) -> dict[str, str]:
+    """The recipe values a run uses, ``auto`` resolved: what finetune's metrics record."""
+    return {
+        "augment": resolved_augment(config["augment"], dataset),
+        "bn": resolved_bn(config["bn"], weights),
+        "mix": config["mix"],
+    }
