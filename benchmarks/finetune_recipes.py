@@ -15,7 +15,8 @@ against the probe's, the resolved recipe and the fine-tune time.
 
 Sets: cifar10-dev (shared/data/cifar10-dev: 50 photos a class, of which val takes 10 under
 the committed data.min_val_examples), cifar10-dev-10 (10 a class), faces
-(benchmarks/faces.py) and patches (benchmarks/photo_patches.py).
+(benchmarks/faces.py), patches (benchmarks/photo_patches.py), and digits (the default run's
+data and glyph-pretrained backbone, params as committed).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ SETS: dict[str, dict[str, Any]] = {
     "cifar10-dev-10": {"folder": "cifar10-dev", "data": {"max_train_per_class": 10}},
     "faces": {"folder": "faces", "data": {}},
     "patches": {"folder": "patches", "data": {}},
+    "digits": {"folder": None, "data": {}},  # the default run: digits, glyph-pretrained ResNet-18
 }
 
 
@@ -85,6 +87,8 @@ def git(repo: Path, *args: str) -> str:
 def base_params(name: str) -> dict[str, Any]:
     """The committed params.yaml with the set's dataset and backbone flags."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if SETS[name]["folder"] is None:
+        return params
     params["data"].update(
         dataset="imagefolder", path=f"data/raw/{SETS[name]['folder']}", **SETS[name]["data"]
     )
@@ -101,7 +105,9 @@ def make_repo(work: Path, name: str) -> Path:
     shutil.copytree(ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copytree(ROOT / "data" / "weights", repo / "data" / "weights")
-    write_images(SETS[name]["folder"], repo / "data" / "raw")
+    shutil.copytree(ROOT / "data" / "raw", repo / "data" / "raw")
+    if SETS[name]["folder"] is not None:
+        write_images(SETS[name]["folder"], repo / "data" / "raw")
     (repo / "params.yaml").write_text(yaml.safe_dump(base_params(name), sort_keys=False))
     git(repo, "init", "-q")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True)
