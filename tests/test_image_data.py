@@ -181,6 +181,21 @@ def test_generated_image_folder_goes_through_every_stage(tmp_path, monkeypatch):
     assert set(test) == {"linear_probe", "finetuned"}
     text = Path("reports/report.md").read_text()
     assert "1 unreadable image file(s) skipped" in text and "| bird |" in text
+    assert "augmentation photo, BatchNorm frozen, mixing none" in text  # augment auto, for photos
+    # Each augmentation policy, BatchNorm mode and mixing trains on the tiny folder, and the
+    # metrics record what was used (auto resolved: weights none trains BatchNorm).
+    for augment, bn, mix in (
+        ("strong", "frozen", "none"),
+        ("none", "auto", "cutmix"),
+        ("jitter", "train", "mixup"),
+    ):
+        params = yaml.safe_load(Path("params.yaml").read_text())
+        params["finetune"].update(augment=augment, bn=bn, mix=mix)
+        Path("params.yaml").write_text(yaml.safe_dump(params))
+        finetune.main()
+        used = json.loads(Path("reports/live/finetune/metrics.json").read_text())["finetune"]
+        assert (used["augment"], used["bn"], used["mix"]) == (augment, "train" if bn == "auto" else bn, mix)
+        assert used["train_loss"] > 0
 
 
 @pytest.mark.parametrize("contents", ["empty class folders", "only unreadable files"])
