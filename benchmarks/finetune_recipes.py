@@ -145,7 +145,7 @@ def read_run(repo: Path) -> dict[str, Any]:
         "best_epoch": finetune["best_epoch"],
         "probe_val": finetune["start_val_accuracy"],
         "epoch1_val": first_epoch,
-        "recipe": {key: finetune[key] for key in ("augment", "bn", "mix") if key in finetune},
+        "used": {key: finetune[key] for key in ("augment", "bn", "mix") if key in finetune},
         "sizes": {split: counts["examples"] for split, counts in sizes.items()},
         "finetune_seconds": seconds,
     }
@@ -200,7 +200,7 @@ def table(runs: list[dict[str, Any]]) -> str:
     """One row per set and recipe: seeds, probe and fine-tuned test accuracy, their gap
     (mean, and the worst seed's), the worst first epoch against the probe on val."""
     lines = [
-        "| photo set | recipe | seeds | probe (%) | fine-tuned (%) | FT − probe | worst seed "
+        "| set | recipe | seeds | probe (%) | fine-tuned (%) | FT − probe | worst seed "
         "| epoch 1 − probe, val (worst) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]

@@ -13,11 +13,12 @@ from tests.conftest import default_params, tiny_text_params
 @pytest.mark.parametrize(
     ("dataset", "weights", "augment", "bn"),
     [
-        ("digits", "pretrain", "jitter", "frozen"),
+        ("digits", "pretrain", "jitter", "train"),
         ("imagefolder", "IMAGENET1K_V1", "photo", "frozen"),
         ("cifar10", "data/weights/mine.pt", "photo", "frozen"),
         ("imagefolder", "none", "photo", "train"),
-        ("text", "pretrain", "none", "frozen"),
+        ("imagefolder", "pretrain", "photo", "train"),
+        ("text", "pretrain", "none", "train"),
     ],
 )
 def test_auto_resolves_from_the_data_and_the_backbone(dataset, weights, augment, bn):

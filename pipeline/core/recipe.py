@@ -7,10 +7,14 @@ the flags, and the digits demo keeps what suits digits:
 - augment: texts have none; digits (and other glyph-like data a user names with
   ``jitter``) a mild affine jitter, since a flip or a crop changes what a digit means;
   photos (an image folder, CIFAR) random resized crops and horizontal flips.
-- bn: a pretrained backbone keeps its BatchNorm statistics (``frozen``): the linear probe
-  was trained on features computed with them, and recomputing them from small batches
-  wrecks the features in the first steps; a backbone at random init (``weights: none``)
-  has statistics worth nothing, which train.
+- bn: a backbone with published pretrained weights (a torchvision weights name, a
+  checkpoint file) keeps its BatchNorm statistics (``frozen``): the linear probe was trained
+  on features computed with them, and recomputing them from the batches of a small photo
+  set wrecks the features in the first steps (measured on cifar10-dev, faces and photo
+  patches: README). The glyph backbone this pipeline pretrains (``weights: pretrain``) and
+  one at random init (``none``) train them: the first learnt its statistics at the task's
+  own size from rendered glyphs, and on digits training them wins (also measured there);
+  the second has statistics worth nothing.
 
 finetune records the resolved values in its metrics, and the report shows them. Torch-free:
 params validation and the report import it.
@@ -41,7 +45,7 @@ def resolved_bn(bn: str, weights: str) -> str:
     """The BatchNorm mode ``finetune.bn`` names for a backbone with ``backbone.weights``."""
     if bn != "auto":
         return bn
-    return "train" if weights == "none" else "frozen"
+    return "train" if weights in ("pretrain", "none") else "frozen"
 
 
 def resolved(config: dict[str, Any], dataset: str, weights: str) -> dict[str, str]:

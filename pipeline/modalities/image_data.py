@@ -105,7 +105,7 @@ def printable(path: Path | str) -> str:
 def refuse_names_not_utf8(paths: list[Path], root: Path) -> None:
     """File names that are not UTF-8 cannot be stored in the prepared file lists, DVC's
     records and the reports: an error listing them, before any file is read."""
-    bad = [printable(path) for path in paths if printable(path) != str(path)]
+    bad = [shown for path in paths if (shown := printable(path)) != str(path)]
     if bad:
         raise StageError(
             f"data.path: {len(bad)} file name(s) under {printable(root)} are not UTF-8: "
