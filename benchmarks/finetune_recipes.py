@@ -171,6 +171,7 @@ def run(args: argparse.Namespace) -> None:
                 raise SystemExit(f"{args.set} {recipe!r} seed {seed} failed:\n{done.stdout}\n{done.stderr}")
             record = {"set": args.set, "recipe": recipe, "seed": seed, **read_run(repo)}
             record["wall_seconds"] = round(time.perf_counter() - started, 1)
+            record["code"] = commit  # HEAD now; the set's repository copied pipeline/ when it was made
             results["runs"] = [
                 r for r in results["runs"] if (r["set"], r["recipe"], r["seed"]) != (args.set, recipe, seed)
             ] + [record]
@@ -178,7 +179,6 @@ def run(args: argparse.Namespace) -> None:
                 "command": "python -m benchmarks.finetune_recipes run ...",
                 "machine": machine(),
                 "date": datetime.date.today().isoformat(),
-                "code": commit,
             }
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(results, indent=1) + "\n")
