@@ -12,21 +12,20 @@ Run from the repository root: ``python -m benchmarks.augment_speed [--epochs 2]`
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import time
 
 import torch
 from torch import nn
 
-from benchmarks.finetune_recipes import CIFAR10_DEV, ROOT, machine
+from benchmarks import results
+from benchmarks.finetune_recipes import CIFAR10_DEV
 from pipeline.core.common import seed_everything
 from pipeline.core.data import SeededAugmentation
 from pipeline.core.training import make_loader, to_device
 from pipeline.modalities.image_data import ImageFileDataset, checkpoint_transform, images_under
 from pipeline.modalities.image_models import LITE_MEAN, LITE_STD, build_backbone
 
-RESULTS = ROOT / "benchmarks" / "results" / "augment_speed.json"
+NAME = "augment_speed"
 POLICIES = ("jitter", "photo", "strong")
 SIZE = 96
 LITE0 = {"image_size": SIZE, "resize_size": round(SIZE * 256 / 224), "mean": LITE_MEAN, "std": LITE_STD}
@@ -72,7 +71,7 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="print the results file as a table, run nothing")
     args = parser.parse_args()
     if args.table:
-        print(table(json.loads(RESULTS.read_text())))
+        print(table(results.load(NAME)))
         return
     seed_everything(0)
     model = nn.Sequential(build_backbone("efficientnet_lite0", image_size=SIZE)[0], nn.LazyLinear(10))
@@ -86,28 +85,16 @@ def main() -> None:
         loss.backward()
         optimizer.step()
 
-    results = {}
+    measured = {}
     for policy in POLICIES:
         data = loader(policy, args.workers, 64)
-        results[policy] = {
+        measured[policy] = {
             "loader_images_per_second": images_per_second(data, args.epochs),
             "training_images_per_second": images_per_second(data, args.epochs, train_step),
         }
-        print(f"augment_speed: {policy}: {results[policy]}", flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "command": "python -m benchmarks.augment_speed "
-                f"--epochs {args.epochs} --workers {args.workers}",
-                "machine": machine(),
-                "date": datetime.date.today().isoformat(),
-                "results": results,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
+        print(f"augment_speed: {policy}: {measured[policy]}", flush=True)
+    command = f"python -m benchmarks.augment_speed --epochs {args.epochs} --workers {args.workers}"
+    print(table(results.save(NAME, command, measured)))
 
 
 if __name__ == "__main__":

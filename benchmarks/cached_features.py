@@ -14,6 +14,7 @@ import time
 import torch
 from torch import nn
 
+from benchmarks import results
 from pipeline.core.common import seed_everything
 from pipeline.core.data import stratified_split
 from pipeline.core.training import extract_features, fit_head, make_loader, to_device
@@ -60,6 +61,24 @@ def plain_loop(backbone: nn.Module, data: dict, epochs: int, device: torch.devic
     return time.perf_counter() - start
 
 
+NAME = "cached_features"
+
+
+def table(record: dict) -> str:
+    """Seconds of each method and the speed-up, from the results file."""
+    r = record["results"]
+    return "\n".join(
+        [
+            "| method | seconds |",
+            "|---|---:|",
+            f"| plain PyTorch loop (backbone forward every epoch) | {r['plain_seconds']:.1f} |",
+            f"| pipeline: extract once ({r['extraction_seconds']:.1f} s) + head on cached features "
+            f"| {r['pipeline_seconds']:.1f} |",
+            f"| speed-up | {r['plain_seconds'] / r['pipeline_seconds']:.1f}x |",
+        ]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
@@ -71,12 +90,16 @@ def main() -> None:
     data = datasets(args.image_size)
     ours, extraction = cached(backbone, data, args.epochs, device)
     plain = plain_loop(backbone, data, args.epochs, device)
-    print(f"device {device}, {args.epochs} head epochs, {len(data['train'])} training images")
-    print("| method | seconds |")
-    print("|---|---:|")
-    print(f"| plain PyTorch loop (backbone forward every epoch) | {plain:.1f} |")
-    print(f"| pipeline: extract once ({extraction:.1f} s) + head on cached features | {ours:.1f} |")
-    print(f"| speed-up | {plain / ours:.1f}x |")
+    measured = {
+        "device": str(device),
+        "epochs": args.epochs,
+        "training_images": len(data["train"]),
+        "plain_seconds": round(plain, 2),
+        "pipeline_seconds": round(ours, 2),
+        "extraction_seconds": round(extraction, 2),
+    }
+    command = f"python -m benchmarks.cached_features --epochs {args.epochs} --image-size {args.image_size}"
+    print(table(results.save(NAME, command, measured)))
 
 
 if __name__ == "__main__":

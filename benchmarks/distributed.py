@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from benchmarks import results
 from pipeline.core.distributed import GlobalBatchSampler, Ranks, parallel, split_batch
 from pipeline.core.models import Classifier
 from pipeline.core.training import grad_scaler, make_loader, train_epoch
@@ -80,6 +81,26 @@ def images_per_second(world: int, **args) -> float:
         return args["batch"] * args["steps"] / float(out.read_text())
 
 
+NAME = "distributed"
+
+
+def table(record: dict) -> str:
+    """Images a second in 1 and N processes, and the scaling efficiency, from the results file."""
+    r = record["results"]
+    lines = [
+        f"| processes ({r['where']}, {r['backend']}) | images/s |",
+        "|---:|---:|",
+        f"| 1 | {r['one']:.1f} |",
+        f"| {r['processes']} | {r['many']:.1f} |",
+        f"| scaling efficiency | {r['many'] / (r['processes'] * r['one']):.2f} |",
+    ]
+    if "gpu_bf16" in r:
+        lines.append(
+            f"| resnet50, 224 px, bf16 channels-last vs fp32 | {r['gpu_bf16']:.0f} vs {r['gpu_fp32']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet18")
@@ -93,23 +114,29 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     common = {"arch": args.arch, "size": args.size, "batch": args.batch, "steps": args.steps, "warmup": 3}
-    where = torch.cuda.get_device_name(0) if device == "cuda" else f"{os.cpu_count()} CPU cores"
-    backend = "nccl" if device == "cuda" else "gloo"
-    print(f"{args.arch} at {args.size} px, global batch {args.batch}, {where} ({backend})")
-    one = images_per_second(1, device=device, amp="auto", channels_last=True, **common)
-    many = images_per_second(args.processes, device=device, amp="auto", channels_last=True, **common)
-    print("| processes | images/s |\n|---:|---:|")
-    print(f"| 1 | {one:.1f} |\n| {args.processes} | {many:.1f} |")
-    print(f"scaling efficiency: {many / (args.processes * one):.2f}")
+    where = torch.cuda.get_device_name(0) if device == "cuda" else f"{os.cpu_count()}-core CPU"
+    measured = {
+        "arch": args.arch,
+        "size": args.size,
+        "batch": args.batch,
+        "where": where,
+        "backend": "nccl" if device == "cuda" else "gloo",
+        "processes": args.processes,
+        "one": round(images_per_second(1, device=device, amp="auto", channels_last=True, **common), 1),
+        "many": round(
+            images_per_second(args.processes, device=device, amp="auto", channels_last=True, **common), 1
+        ),
+    }
     if args.gpu_precision and device == "cuda":
         gpus = torch.cuda.device_count()
         big = {"arch": "resnet50", "size": 224, "batch": 64 * gpus, "steps": args.steps, "warmup": 3}
-        fast = images_per_second(gpus, device=device, amp="bfloat16", channels_last=True, **big)
-        plain = images_per_second(gpus, device=device, amp="off", channels_last=False, **big)
-        print(
-            f"resnet50 at 224 px on {gpus} GPU(s): bf16 channels-last DDP {fast:.0f} images/s, "
-            f"fp32 {plain:.0f} images/s ({fast / plain:.2f}x)"
+        measured["gpu_bf16"] = images_per_second(
+            gpus, device=device, amp="bfloat16", channels_last=True, **big
         )
+        measured["gpu_fp32"] = images_per_second(gpus, device=device, amp="off", channels_last=False, **big)
+    flags = " --gpu-precision" if args.gpu_precision else ""
+    command = f"python -m benchmarks.distributed --processes {args.processes}{flags}"
+    print(table(results.save(NAME, command, measured)))
 
 
 if __name__ == "__main__":

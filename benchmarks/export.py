@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import results
 from pipeline.core.models import Classifier, build_head
 from pipeline.core.onnx_model import onnx_logits, require_onnxruntime
 from pipeline.export import export_onnx
@@ -70,25 +71,40 @@ def measure(arch: str, size: int, repeats: int) -> dict[str, float]:
     return result
 
 
+NAME = "export"
+
+
+def table(record: dict) -> str:
+    """Each model's latency and throughput in both runtimes, from the results file."""
+    lines = [
+        "| model | input | PyTorch latency (ms) | onnxruntime latency (ms) | speed-up "
+        "| PyTorch img/s (batch 64) | onnxruntime img/s | speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in record["results"]:
+        lines.append(
+            f"| {r['arch']} | {r['size']} px | {r['pytorch_latency_ms']:.2f} "
+            f"| {r['onnxruntime_latency_ms']:.2f} "
+            f"| {r['pytorch_latency_ms'] / r['onnxruntime_latency_ms']:.2f}x "
+            f"| {r['pytorch_images_per_s']:.0f} | {r['onnxruntime_images_per_s']:.0f} "
+            f"| {r['onnxruntime_images_per_s'] / r['pytorch_images_per_s']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=50, help="batch-1 calls timed per runtime")
     args = parser.parse_args()
     print(f"CPU threads: {torch.get_num_threads()}")
-    print(
-        "| model | input | PyTorch latency (ms) | onnxruntime latency (ms) | speed-up "
-        "| PyTorch img/s (batch 64) | onnxruntime img/s | speed-up |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    measured = []
     for arch, size in MODELS:
-        r = measure(arch, size, args.repeats)
-        print(
-            f"| {arch} | {size} px | {r['pytorch_latency_ms']:.2f} | {r['onnxruntime_latency_ms']:.2f} "
-            f"| {r['pytorch_latency_ms'] / r['onnxruntime_latency_ms']:.2f}x "
-            f"| {r['pytorch_images_per_s']:.0f} | {r['onnxruntime_images_per_s']:.0f} "
-            f"| {r['onnxruntime_images_per_s'] / r['pytorch_images_per_s']:.2f}x |",
-            flush=True,
+        speeds = measure(arch, size, args.repeats)
+        measured.append(
+            {"arch": arch, "size": size, **{key: round(value, 3) for key, value in speeds.items()}}
         )
+        print(measured[-1], flush=True)
+    print(table(results.save(NAME, f"python -m benchmarks.export --repeats {args.repeats}", measured)))
 
 
 if __name__ == "__main__":

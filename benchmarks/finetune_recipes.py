@@ -15,17 +15,16 @@ against the probe's, the resolved recipe and the fine-tune time.
 
 Sets: cifar10-dev (shared/data/cifar10-dev: 50 photos a class, of which val takes 10 under
 the committed data.min_val_examples), cifar10-dev-10 (10 a class), faces
-(benchmarks/faces.py), patches (benchmarks/photo_patches.py), and digits (the default run's
-data and glyph-pretrained backbone, params as committed).
+(benchmarks/faces.py), patches (benchmarks/photo_patches.py), digits (the default run's
+data and glyph-pretrained backbone, params as committed) and agnews-dev (shared/data: news
+texts, MiniLM, the README's text config).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -36,36 +35,38 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "finetune_recipes.json"
-CIFAR10_DEV = ROOT.parent / "shared" / "data" / "cifar10-dev"
-BACKBONE = {"arch": "efficientnet_lite0", "weights": "IMAGENET1K_V1", "image_size": 96}
+from benchmarks import results
+
+ROOT = results.ROOT
+NAME = "finetune_recipes"
+SHARED = ROOT.parent / "shared" / "data"
+CIFAR10_DEV = SHARED / "cifar10-dev"
+LITE0 = {"backbone": {"arch": "efficientnet_lite0", "weights": "IMAGENET1K_V1", "image_size": 96}}
+# Each set: the folder under data/raw/ its data is written to (None: the default run's
+# digits), and the params it changes, section by section: what a user of that data sets.
 SETS: dict[str, dict[str, Any]] = {
-    "cifar10-dev": {"folder": "cifar10-dev", "data": {}},
-    "cifar10-dev-10": {"folder": "cifar10-dev", "data": {"max_train_per_class": 10}},
-    "faces": {"folder": "faces", "data": {}},
-    "patches": {"folder": "patches", "data": {}},
-    "digits": {"folder": None, "data": {}},  # the default run: digits, glyph-pretrained ResNet-18
+    "cifar10-dev": {"folder": "cifar10-dev", "params": LITE0},
+    "cifar10-dev-10": {"folder": "cifar10-dev", "params": {**LITE0, "data": {"max_train_per_class": 10}}},
+    "faces": {"folder": "faces", "params": LITE0},
+    "patches": {"folder": "patches", "params": LITE0},
+    "digits": {"folder": None, "params": {}},  # the default run: digits, glyph-pretrained ResNet-18
+    # The README's text config: agnews-dev with the offline MiniLM, 3 epochs, batch 32.
+    "agnews-dev": {
+        "folder": "agnews-dev",
+        "params": {
+            "data": {"dataset": "text"},
+            "backbone": {"arch": "sentence-transformers/all-MiniLM-L6-v2"},
+            "finetune": {"epochs": 3, "batch_size": 32},
+        },
+    },
 }
-
-
-def machine() -> dict[str, Any]:
-    """Where the figures were measured: the CPU's model and cores (and a GPU's name)."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line
-        ]
-        model = names[0] if names else model
-    return {"cpu": model, "cores": os.cpu_count(), "gpu": None}
 
 
 def write_images(folder: str, raw: Path) -> None:
     """The set's image tree at ``raw / folder``."""
     target = raw / folder
-    if folder == "cifar10-dev":
-        shutil.copytree(CIFAR10_DEV, target, ignore=shutil.ignore_patterns("README*"))
+    if folder in ("cifar10-dev", "agnews-dev"):
+        shutil.copytree(SHARED / folder, target, ignore=shutil.ignore_patterns("README*"))
     elif folder == "faces":
         from benchmarks.faces import write_faces
 
@@ -85,14 +86,12 @@ def git(repo: Path, *args: str) -> str:
 
 
 def base_params(name: str) -> dict[str, Any]:
-    """The committed params.yaml with the set's dataset and backbone flags."""
+    """The committed params.yaml with the set's own: its data and backbone flags."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    if SETS[name]["folder"] is None:
-        return params
-    params["data"].update(
-        dataset="imagefolder", path=f"data/raw/{SETS[name]['folder']}", **SETS[name]["data"]
-    )
-    params["backbone"].update(BACKBONE)
+    if SETS[name]["folder"] is not None:
+        params["data"].update(dataset="imagefolder", path=f"data/raw/{SETS[name]['folder']}")
+    for section, values in SETS[name]["params"].items():
+        params[section].update(values)
     return params
 
 
@@ -112,7 +111,7 @@ def make_repo(work: Path, name: str) -> Path:
     git(repo, "init", "-q")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True)
     git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", f"{name}: the committed params with Lite0 flags")
+    git(repo, "commit", "-q", "-m", f"{name}: the committed params with the set's flags")
     return repo
 
 
@@ -148,6 +147,7 @@ def read_run(repo: Path) -> dict[str, Any]:
         "used": {key: finetune[key] for key in ("augment", "bn", "mix") if key in finetune},
         "sizes": {split: counts["examples"] for split, counts in sizes.items()},
         "finetune_seconds": seconds,
+        "trainable_params": finetune["trainable_params"],
     }
 
 
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> None:
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": []}
+    runs = results.load(NAME)["results"] if results.path_of(NAME).is_file() else []
     for recipe in args.recipe:
         for seed in args.seeds:
             (repo / "params.yaml").write_text(
@@ -172,16 +172,12 @@ def run(args: argparse.Namespace) -> None:
             record = {"set": args.set, "recipe": recipe, "seed": seed, **read_run(repo)}
             record["wall_seconds"] = round(time.perf_counter() - started, 1)
             record["code"] = commit  # HEAD now; the set's repository copied pipeline/ when it was made
-            results["runs"] = [
-                r for r in results["runs"] if (r["set"], r["recipe"], r["seed"]) != (args.set, recipe, seed)
-            ] + [record]
-            results["meta"] = {
-                "command": "python -m benchmarks.finetune_recipes run ...",
-                "machine": machine(),
-                "date": datetime.date.today().isoformat(),
-            }
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+            runs = [r for r in runs if (r["set"], r["recipe"], r["seed"]) != (args.set, recipe, seed)] + [
+                record
+            ]
+            results.save(
+                NAME, "python -m benchmarks.finetune_recipes run --set <set> --recipe <overrides>", runs
+            )
             print(
                 f"{args.set} {recipe or 'defaults'} seed {seed}: probe {record['probe']:.4f}, "
                 f"fine-tuned {record['finetuned']:.4f} ({record['selected']}), epoch 1 val "
@@ -196,17 +192,66 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def table(runs: list[dict[str, Any]]) -> str:
-    """One row per set and recipe: seeds, probe and fine-tuned test accuracy, their gap
-    (mean, and the worst seed's), the worst first epoch against the probe on val."""
+# The cifar10-dev recipes the strategies page compares (the README's sweep of strategies).
+STRATEGIES = (
+    "",
+    "finetune.l2sp=0.01",
+    "finetune.strategy=adapters,finetune.backbone_lr_ratio=1",
+    "finetune.optimizer=sgd,finetune.momentum=0.9,lr=0.001,finetune.backbone_lr_ratio=1,"
+    "finetune.warmup_epochs=0,finetune.head_init=fresh,finetune.bn=train",
+)
+PARTS = {
+    "images": lambda run: run["set"] != "agnews-dev",
+    "texts": lambda run: run["set"] == "agnews-dev",
+    "strategies": lambda run: (
+        run["set"] == "agnews-dev" or (run["set"] == "cifar10-dev" and run["recipe"] in STRATEGIES)
+    ),
+}
+
+
+# What each set is, for the README's headline table.
+DESCRIBED = {
+    "cifar10-dev": "cifar10-dev: 40 photos a class (CIFAR-10), Lite0 ImageNet, 96 px",
+    "cifar10-dev-10": "the same, 10 photos a class",
+    "faces": "faces vs non-faces (LFW crops), Lite0",
+    "patches": "which of 10 photos a patch is from, Lite0",
+    "digits": "digits, the offline demo (glyph-pretrained ResNet-18)",
+    "agnews-dev": "agnews-dev: news topics, 2,000 texts, MiniLM",
+}
+
+
+def headline(record: dict[str, Any], sets: list[str]) -> str:
+    """The committed params on each of ``sets``: probe and fine-tuned test accuracy, mean of
+    the seeds."""
+    lines = ["| data (3 seeds) | linear probe | fine-tuned | gain |", "|---|---:|---:|---:|"]
+    for name in sets:
+        description = DESCRIBED[name]
+        runs = [r for r in record["results"] if r["set"] == name and r["recipe"] == ""]
+        if runs:
+            probe = statistics.mean(100 * r["probe"] for r in runs)
+            tuned = statistics.mean(100 * r["finetuned"] for r in runs)
+            lines.append(f"| {description} | {probe:.2f}% | {tuned:.2f}% | {tuned - probe:+.2f} |")
+    return "\n".join(lines)
+
+
+def table(record: dict[str, Any], part: str | None = None) -> str:
+    """One row per set and recipe (``part``: those PARTS names): seeds, probe and fine-tuned
+    test accuracy, their gap (mean, and the worst seed's), the worst first epoch against the
+    probe on val; for the strategies, also the parameters trained and the fine-tune time."""
+    if part == "headline":
+        return headline(record, [name for name in DESCRIBED if name != "agnews-dev"])
+    if part == "headline_texts":
+        return headline(record, ["agnews-dev"])
+    runs = [run for run in record["results"] if part is None or PARTS[part](run)]
+    costs = part == "strategies"
     lines = [
         "| set | recipe | seeds | probe (%) | fine-tuned (%) | FT − probe | worst seed "
-        "| epoch 1 − probe, val (worst) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| epoch 1 − probe, val (worst) |" + (" trainable params | fine-tune time (s) |" if costs else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if costs else ""),
     ]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for record in runs:
-        groups.setdefault((record["set"], record["recipe"]), []).append(record)
+    for run in runs:
+        groups.setdefault((run["set"], run["recipe"]), []).append(run)
     order = list(SETS)
     for (name, recipe), records in sorted(
         groups.items(), key=lambda item: (order.index(item[0][0]), item[0][1])
@@ -215,10 +260,15 @@ def table(runs: list[dict[str, Any]]) -> str:
         first = min(100 * (r["epoch1_val"] - r["probe_val"]) for r in records)
         probe = mean_std([100 * r["probe"] for r in records])
         tuned = mean_std([100 * r["finetuned"] for r in records])
-        lines.append(
+        row = (
             f"| {name} | {recipe or 'defaults'} | {len(records)} | {probe} | {tuned} | "
             f"{statistics.mean(gaps):+.2f} | {min(gaps):+.2f} | {first:+.2f} |"
         )
+        if costs:
+            trained = {r.get("trainable_params") for r in records}
+            shown = f"{trained.pop():,}" if len(trained) == 1 and None not in trained else "–"
+            row += f" {shown} | {statistics.mean(r['finetune_seconds'] for r in records):.0f} |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -236,7 +286,7 @@ def main() -> None:
         args.recipe = args.recipe if args.recipe is not None else [""]
         run(args)
     else:
-        print(table(json.loads(RESULTS.read_text())["runs"]))
+        print(table(results.load(NAME)))
 
 
 if __name__ == "__main__":

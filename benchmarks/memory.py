@@ -22,6 +22,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from benchmarks import results
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -64,6 +66,23 @@ def measure(per_class: int, side: int) -> tuple[float, float]:
     return peaks[0], peaks[1]
 
 
+NAME = "memory"
+
+
+def table(record: dict) -> str:
+    """Peak memory at 1x and 4x the images, and their ratio, from the results file."""
+    r = record["results"]
+    return "\n".join(
+        [
+            "| images | peak memory (MiB) |",
+            "|---:|---:|",
+            f"| {r['images']} | {r['peak_mib'][0]:.0f} |",
+            f"| {4 * r['images']} | {r['peak_mib'][1]:.0f} |",
+            f"| ratio | {r['peak_mib'][1] / r['peak_mib'][0]:.2f} |",
+        ]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=150)
@@ -74,13 +93,9 @@ def main() -> None:
         print(peak_memory_mb(args.per_class, args.side))
         return
     one, four = measure(args.per_class, args.side)
-    images = 2 * args.per_class
-    print(f"{args.side}x{args.side} JPEG images, prepare + extract (resnet18 at 64 px, 2 workers)")
-    print("| images | peak memory (MiB) |")
-    print("|---:|---:|")
-    print(f"| {images} | {one:.0f} |")
-    print(f"| {4 * images} | {four:.0f} |")
-    print(f"| ratio | {four / one:.2f} |")
+    measured = {"images": 2 * args.per_class, "side": args.side, "peak_mib": [round(one, 1), round(four, 1)]}
+    command = f"python -m benchmarks.memory --per-class {args.per_class} --side {args.side}"
+    print(table(results.save(NAME, command, measured)))
 
 
 if __name__ == "__main__":

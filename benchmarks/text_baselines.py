@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import results
 from pipeline.modalities import text, text_models
 
 ARCH = "sentence-transformers/all-MiniLM-L6-v2"
@@ -67,7 +68,13 @@ def tfidf_accuracy(parts: dict) -> float:
 
 def embeddings(texts: list[str]) -> dict[str, np.ndarray]:
     """Each text's frozen mean-pooled MiniLM embedding, by text."""
-    config = {"arch": ARCH, "weights": "pretrain", "max_length": 128, "truncation": "right"}
+    config = {
+        "arch": ARCH,
+        "revision": "main",
+        "weights": "pretrain",
+        "max_length": 128,
+        "truncation": "right",
+    }
     preprocessing = text.preprocessing({**config, "padding": "dynamic", "pooling": "mean"})
     encoder = text_models.TextEncoder(text_models.pretrained_encoder(ARCH), "mean").eval()
     ids, _ = text_models.tokenise(preprocessing, texts)
@@ -96,19 +103,35 @@ def main() -> None:
     def embedded(texts: list[str]) -> np.ndarray:
         return np.stack([vectors[t] for t in texts])
 
-    print("| baseline | training texts per class | seeds | test accuracy (%) |")
-    print("|---|---|---:|---:|")
+    measured = []
     for cap in args.per_class:
         for name, score in (
             ("TF-IDF + logistic regression", tfidf_accuracy),
             ("logistic regression on frozen MiniLM embeddings", lambda parts: best_on_val(parts, embedded)),
         ):
-            scores = [100 * score(runs[cap, seed]) for seed in args.seeds]
-            spread = f" ± {statistics.stdev(scores):.2f}" if len(scores) > 1 else ""
-            print(
-                f"| {name} | {cap or 'all'} | {len(scores)} | {statistics.fmean(scores):.2f}{spread} |",
-                flush=True,
-            )
+            scores = {seed: round(100 * score(runs[cap, seed]), 4) for seed in args.seeds}
+            measured.append({"baseline": name, "per_class": cap, "accuracy_by_seed": scores})
+            print(measured[-1], flush=True)
+    caps = " ".join(map(str, args.per_class))
+    seeds = " ".join(map(str, args.seeds))
+    command = f"python -m benchmarks.text_baselines --per-class {caps} --seeds {seeds}"
+    print(table(results.save(NAME, command, measured)))
+
+
+NAME = "text_baselines"
+
+
+def table(record: dict) -> str:
+    """Each baseline's test accuracy, mean ± std over its seeds, from the results file."""
+    lines = ["| baseline | training texts per class | seeds | test accuracy (%) |", "|---|---|---:|---:|"]
+    for row in record["results"]:
+        scores = list(row["accuracy_by_seed"].values())
+        spread = f" ± {statistics.stdev(scores):.2f}" if len(scores) > 1 else ""
+        lines.append(
+            f"| {row['baseline']} | {row['per_class'] or 'all'} | {len(scores)} | "
+            f"{statistics.fmean(scores):.2f}{spread} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks import results
 from pipeline.core.common import seed_everything
 from pipeline.core.distributed import GlobalBatchSampler, Ranks, ShardSampler
 from pipeline.core.models import Classifier
@@ -130,6 +131,30 @@ def plain_probe(texts: list[str], labels: torch.Tensor, preprocessing: dict, epo
     return time.perf_counter() - start
 
 
+NAME = "text_speed"
+
+
+def table(record: dict) -> str:
+    """Fine-tuning's texts a second and the probe's seconds, both ways, from the results file."""
+    r = record["results"]
+    train = r["probe_texts"] // 2
+    return "\n".join(
+        [
+            "| task | plain PyTorch loop | pipeline | speed-up |",
+            "|---|---:|---:|---:|",
+            f"| fine-tuning, one epoch of {r['finetune_texts']} texts, batch {r['batch_size']} "
+            f"(texts/s, tokenising included) | {r['finetune_texts'] / r['finetune_plain_seconds']:.1f} "
+            f"| {r['finetune_texts'] / r['finetune_pipeline_seconds']:.1f} "
+            f"| {r['finetune_plain_seconds'] / r['finetune_pipeline_seconds']:.2f}x |",
+            f"| linear probe, {r['probe_epochs']} epochs on {train} texts (+ {r['probe_texts'] - train} val) "
+            f"(s) | {r['probe_plain_seconds']:.1f} | {r['probe_pipeline_seconds']:.1f} "
+            f"| {r['probe_plain_seconds'] / r['probe_pipeline_seconds']:.1f}x |",
+            f"| tokenising the 2,000 agnews-dev training texts once (s) | | "
+            f"{r['tokenising_2000_seconds']:.2f} | |",
+        ]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=256, help="training texts for the fine-tuning epoch")
@@ -140,7 +165,13 @@ def main() -> None:
     parser.add_argument("--probe-epochs", type=int, default=10)
     args = parser.parse_args()
     seed_everything(0)
-    config = {"arch": ARCH, "weights": "pretrain", "max_length": 128, "truncation": "right"}
+    config = {
+        "arch": ARCH,
+        "revision": "main",
+        "weights": "pretrain",
+        "max_length": 128,
+        "truncation": "right",
+    }
     preprocessing = text.preprocessing({**config, "padding": "dynamic", "pooling": "mean"})
     texts, labels = agnews(args.texts)
     start = time.perf_counter()
@@ -151,19 +182,19 @@ def main() -> None:
     probe_texts, probe_labels = agnews(args.probe_texts, offset=args.texts)
     cached = pipeline_probe(probe_texts, probe_labels, preprocessing, args.probe_epochs)
     every_epoch = plain_probe(probe_texts, probe_labels, preprocessing, args.probe_epochs)
-    threads = torch.get_num_threads()
-    print(f"CPU threads: {threads}; tokenising the 2,000 agnews-dev training texts once: {tokenising:.2f} s")
-    print("| task | plain PyTorch loop | pipeline | speed-up |")
-    print("|---|---:|---:|---:|")
-    print(
-        f"| fine-tuning, {args.texts} texts, batch {args.batch_size} (texts/s) "
-        f"| {args.texts / plain:.1f} | {args.texts / ours:.1f} | {plain / ours:.2f}x |"
-    )
-    print(
-        f"| linear probe, {args.probe_epochs} epochs on {args.probe_texts // 2} texts "
-        f"(+ {args.probe_texts - args.probe_texts // 2} val) (s) | {every_epoch:.1f} | {cached:.1f} "
-        f"| {every_epoch / cached:.1f}x |"
-    )
+    measured = {
+        "threads": torch.get_num_threads(),
+        "tokenising_2000_seconds": round(tokenising, 3),
+        "finetune_texts": args.texts,
+        "batch_size": args.batch_size,
+        "finetune_plain_seconds": round(plain, 2),
+        "finetune_pipeline_seconds": round(ours, 2),
+        "probe_texts": args.probe_texts,
+        "probe_epochs": args.probe_epochs,
+        "probe_plain_seconds": round(every_epoch, 2),
+        "probe_pipeline_seconds": round(cached, 2),
+    }
+    print(table(results.save(NAME, "python -m benchmarks.text_speed", measured)))
 
 
 if __name__ == "__main__":

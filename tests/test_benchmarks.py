@@ -44,37 +44,11 @@ def test_the_photo_patches_are_a_split_tree_whose_test_patches_overlap_no_traini
     assert columns == {"train": set(range(6)), "test": {6, 7}}
 
 
-def readme_block(name: str) -> str:
-    """The README's text between <!-- name --> and <!-- /name -->."""
-    from tests.conftest import ROOT
-
-    text = (ROOT / "README.md").read_text()
-    start, end = f"<!-- {name} -->\n", f"<!-- /{name} -->"
-    assert start in text and end in text, f"README.md has no {start.strip()} block"
-    return text[text.index(start) + len(start) : text.index(end)].strip()
-
-
-def test_the_readme_recipe_table_is_the_one_the_results_file_makes():
-    """The table is generated (python -m benchmarks.finetune_recipes table), never typed."""
-    import json
-
-    from benchmarks.finetune_recipes import RESULTS, table
-
-    assert readme_block("finetune_recipes") == table(json.loads(RESULTS.read_text())["runs"])
-
-
 def test_the_recipe_table_follows_its_results(tmp_path):
     from benchmarks.finetune_recipes import table
 
     run = {"set": "faces", "recipe": "", "seed": 1, "probe": 0.9, "finetuned": 0.95}
     run.update(epoch1_val=0.8, probe_val=0.85)
-    row = table([run, {**run, "seed": 2, "finetuned": 0.9, "epoch1_val": 0.9}]).splitlines()[2]
+    record = {"results": [run, {**run, "seed": 2, "finetuned": 0.9, "epoch1_val": 0.9}]}
+    row = table(record).splitlines()[2]
     assert row == "| faces | defaults | 2 | 90.00 ± 0.00 | 92.50 ± 3.54 | +2.50 | +0.00 | -5.00 |"
-
-
-def test_the_readme_augmentation_speed_table_is_the_one_the_results_file_makes():
-    import json
-
-    from benchmarks.augment_speed import RESULTS, table
-
-    assert readme_block("augment_speed") == table(json.loads(RESULTS.read_text()))

@@ -137,6 +137,7 @@ def one_of(*choices: str) -> Callable[[Any, str], str]:
             raise ParamsError(f"{key}: unknown value {value!r}; choose one of: {', '.join(choices)}")
         return value
 
+    check.choices = choices  # what the params reference lists
     return check
 
 
