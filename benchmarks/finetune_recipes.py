@@ -237,7 +237,8 @@ def headline(record: dict[str, Any], sets: list[str]) -> str:
 def table(record: dict[str, Any], part: str | None = None) -> str:
     """One row per set and recipe (``part``: those PARTS names): seeds, probe and fine-tuned
     test accuracy, their gap (mean, and the worst seed's), the worst first epoch against the
-    probe on val; for the strategies, also the parameters trained and the fine-tune time."""
+    probe on val; for the strategies, also the parameters trained (the fine-tune times are
+    in the results file: the sweeps shared the machine with other work)."""
     if part == "headline":
         return headline(record, [name for name in DESCRIBED if name != "agnews-dev"])
     if part == "headline_texts":
@@ -246,8 +247,8 @@ def table(record: dict[str, Any], part: str | None = None) -> str:
     costs = part == "strategies"
     lines = [
         "| set | recipe | seeds | probe (%) | fine-tuned (%) | FT − probe | worst seed "
-        "| epoch 1 − probe, val (worst) |" + (" trainable params | fine-tune time (s) |" if costs else ""),
-        "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if costs else ""),
+        "| epoch 1 − probe, val (worst) |" + (" trainable params |" if costs else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if costs else ""),
     ]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for run in runs:
@@ -267,7 +268,7 @@ def table(record: dict[str, Any], part: str | None = None) -> str:
         if costs:
             trained = {r.get("trainable_params") for r in records}
             shown = f"{trained.pop():,}" if len(trained) == 1 and None not in trained else "–"
-            row += f" {shown} | {statistics.mean(r['finetune_seconds'] for r in records):.0f} |"
+            row += f" {shown} |"
         lines.append(row)
     return "\n".join(lines)
 

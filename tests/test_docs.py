@@ -139,12 +139,10 @@ def test_the_readmes_own_texts_commands_run_as_written(tiny_run, tmp_path):
     rows = generated_texts(per_class=12, seed=4)
     write_texts_csv(shared / "train.csv", rows[:24])
     write_texts_csv(shared / "test.csv", rows[24:])
-    output = run_block(repo, block("README.md", "Your own texts")).stdout
-    assert (
-        output.splitlines()[0]
-        == "source,text,class_1,probability_1,class_2,probability_2,class_3,probability_3,error"
-    )
-    assert "--text 1,Stocks fell sharply after the report," in output
+    lines = run_block(repo, block("README.md", "Your own texts")).stdout.splitlines()
+    header = "source,text,class_1,probability_1,class_2,probability_2,class_3,probability_3,error"
+    assert header in lines  # after what dvc exp run printed
+    assert lines[lines.index(header) + 1].startswith("--text 1,Stocks fell sharply after the report,")
 
 
 @pytest.mark.slow
