@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import results
 from pipeline.core.training import extract_features, make_loader
 from pipeline.modalities.image_data import ImageFileDataset, image_transform, scan_tree
 from pipeline.modalities.image_models import LITE_MEAN, LITE_STD, download_backbone
@@ -51,6 +52,16 @@ def probe_accuracy(root: Path, size: int, mean: list[float], std: list[float], p
     return classifier.score(*features["test"])
 
 
+NAME = "lite_normalisation"
+
+
+def table(record: dict) -> str:
+    """Each input scaling's test accuracy, from the results file."""
+    lines = ["| input scaling | test accuracy |", "|---|---:|"]
+    lines += [f"| {row['scaling']} | {row['accuracy']:.2%} |" for row in record["results"]]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/cifar10-dev"))
@@ -58,15 +69,18 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=50, help="training images per class")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(
-        f"Lite0 features at {args.size} px, logistic regression, {args.per_class} training images per class"
-    )
-    print("| input scaling | test accuracy |\n|---|---:|")
-    for name, (mean, std) in (
-        ("mean = std = 0.5 (Lite's own)", (LITE_MEAN, LITE_STD)),
-        ("ImageNet mean/std", IMAGENET),
-    ):
-        print(f"| {name} | {probe_accuracy(args.data, args.size, mean, std, args.per_class):.2%} |")
+    measured = [
+        {
+            "scaling": name,
+            "accuracy": round(probe_accuracy(args.data, args.size, mean, std, args.per_class), 4),
+        }
+        for name, (mean, std) in (
+            ("mean = std = 0.5 (Lite's own)", (LITE_MEAN, LITE_STD)),
+            ("ImageNet mean/std", IMAGENET),
+        )
+    ]
+    command = f"python -m benchmarks.lite_normalisation --size {args.size} --per-class {args.per_class}"
+    print(table(results.save(NAME, command, measured)))
 
 
 if __name__ == "__main__":

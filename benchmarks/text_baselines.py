@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from benchmarks import results
 from pipeline.modalities import text, text_models
@@ -31,17 +32,10 @@ C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
 def splits(per_class: int, seed: int, folder: Path) -> dict[str, tuple[list[str], np.ndarray]]:
-    """The texts and labels of the splits prepare makes: the default params' fractions."""
-    data = {
-        "dataset": "text",
-        "path": str(folder),
-        "text_column": "text",
-        "label_column": "label",
-        "skip_bad_texts": False,
-        "val_fraction": 0.15,
-        "test_fraction": 0.25,
-        "max_train_per_class": per_class,
-    }
+    """The texts and labels of the splits prepare makes: the committed params' data section
+    (fractions, the val floor), on texts."""
+    committed = yaml.safe_load((results.ROOT / "params.yaml").read_text())["data"]
+    data = {**committed, "dataset": "text", "path": str(folder), "max_train_per_class": per_class}
     made, _, _ = text.prepare_splits(data, seed)
     return {name: (columns["texts"], labels) for name, (columns, labels) in made.items()}
 

@@ -118,7 +118,7 @@ def reference(params_text: str, dvc_text: str) -> str:
         "",
     ]
     top = [key for key, rule in schema.SCHEMA.items() if not isinstance(rule, dict)]
-    sections = [("top level", None, top)] + [
+    sections = [("Top level", None, top)] + [
         (f"`{name}`", name, list(rule)) for name, rule in schema.SCHEMA.items() if isinstance(rule, dict)
     ]
     for title, section, keys in sections:
