@@ -21,9 +21,10 @@ from benchmarks import results
 from benchmarks.finetune_recipes import CIFAR10_DEV
 from pipeline.core.common import seed_everything
 from pipeline.core.data import SeededAugmentation
-from pipeline.core.training import make_loader, to_device
-from pipeline.modalities.image_data import ImageFileDataset, checkpoint_transform, images_under
-from pipeline.modalities.image_models import LITE_MEAN, LITE_STD, build_backbone
+from pipeline.core.loaders import make_loader
+from pipeline.core.training import to_device
+from pipeline.modalities.images.data import ImageFileDataset, checkpoint_transform, images_under
+from pipeline.modalities.images.models import LITE_MEAN, LITE_STD, build_backbone
 
 NAME = "augment_speed"
 POLICIES = ("jitter", "photo", "strong")

@@ -17,9 +17,10 @@ from torch import nn
 from benchmarks import results
 from pipeline.core.common import seed_everything
 from pipeline.core.data import stratified_split
-from pipeline.core.training import extract_features, fit_head, make_loader, to_device
-from pipeline.modalities.image_data import ImageArrayDataset, image_transform, load_digits_dataset
-from pipeline.modalities.image_models import PLAIN_MEAN, PLAIN_STD, build_backbone
+from pipeline.core.loaders import make_loader
+from pipeline.core.training import extract_features, fit_head, to_device
+from pipeline.modalities.images.data import ImageArrayDataset, image_transform, load_digits_dataset
+from pipeline.modalities.images.models import PLAIN_MEAN, PLAIN_STD, build_backbone
 
 
 def datasets(image_size: int) -> dict[str, ImageArrayDataset]:

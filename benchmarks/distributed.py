@@ -26,9 +26,10 @@ from torch.utils.data import TensorDataset
 
 from benchmarks import results
 from pipeline.core.distributed import GlobalBatchSampler, Ranks, parallel, split_batch
+from pipeline.core.loaders import make_loader
 from pipeline.core.models import Classifier
-from pipeline.core.training import grad_scaler, make_loader, train_epoch
-from pipeline.modalities.image_models import build_backbone
+from pipeline.core.training import grad_scaler, train_epoch
+from pipeline.modalities.images.models import build_backbone
 
 
 def worker(rank: int, world: int, args: dict, init_file: str, out: str) -> None:

@@ -22,8 +22,8 @@ from benchmarks import results
 from pipeline.core.models import Classifier, build_head
 from pipeline.core.onnx_model import onnx_logits, require_onnxruntime
 from pipeline.export import export_onnx
-from pipeline.modalities.image_models import build_backbone
 from pipeline.modalities.images import onnx_feed
+from pipeline.modalities.images.models import build_backbone
 
 MODELS = (("resnet18", 32), ("resnet18", 224), ("efficientnet_lite0", 224))
 THROUGHPUT_BATCH = 64

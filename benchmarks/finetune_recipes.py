@@ -54,7 +54,7 @@ SETS: dict[str, dict[str, Any]] = {
     "agnews-dev": {
         "folder": "agnews-dev",
         "params": {
-            "data": {"dataset": "text"},
+            "data": {"modality": "text", "dataset": "text"},
             "backbone": {"arch": "sentence-transformers/all-MiniLM-L6-v2"},
             "finetune": {"epochs": 3, "batch_size": 32},
         },
@@ -110,6 +110,7 @@ def make_repo(work: Path, name: str) -> Path:
     (repo / "params.yaml").write_text(yaml.safe_dump(base_params(name), sort_keys=False))
     git(repo, "init", "-q")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True)
+    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")  # no bytecode in the modality deps' hashes
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", f"{name}: the committed params with the set's flags")
     return repo

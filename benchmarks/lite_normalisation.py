@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from benchmarks import results
-from pipeline.core.training import extract_features, make_loader
-from pipeline.modalities.image_data import ImageFileDataset, image_transform, scan_tree
-from pipeline.modalities.image_models import LITE_MEAN, LITE_STD, download_backbone
-from pipeline.samples import chosen
+from pipeline.core.loaders import make_loader
+from pipeline.core.training import extract_features
+from pipeline.modalities.images.data import ImageFileDataset, image_transform, scan_tree
+from pipeline.modalities.images.models import LITE_MEAN, LITE_STD, download_backbone
+from pipeline.tools.samples import chosen
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 

@@ -24,7 +24,8 @@ import torch
 import yaml
 
 from benchmarks import results
-from pipeline.modalities import text, text_models
+from pipeline.modalities import text
+from pipeline.modalities.text import models as text_models
 
 ARCH = "sentence-transformers/all-MiniLM-L6-v2"
 DATA = Path("../shared/data/agnews-dev")
@@ -35,7 +36,13 @@ def splits(per_class: int, seed: int, folder: Path) -> dict[str, tuple[list[str]
     """The texts and labels of the splits prepare makes: the committed params' data section
     (fractions, the val floor), on texts."""
     committed = yaml.safe_load((results.ROOT / "params.yaml").read_text())["data"]
-    data = {**committed, "dataset": "text", "path": str(folder), "max_train_per_class": per_class}
+    data = {
+        **committed,
+        "modality": "text",
+        "dataset": "text",
+        "path": str(folder),
+        "max_train_per_class": per_class,
+    }
     made, _, _ = text.prepare_splits(data, seed)
     return {name: (columns["texts"], labels) for name, (columns, labels) in made.items()}
 

@@ -7,7 +7,7 @@ extra), the same agnews-dev texts, batch size, pooling, optimizer and threads, i
    ``max_length`` (as ``tokenizer(..., padding="max_length")`` in most tutorials) and
    trains AutoModel plus a linear layer on shuffled batches; the pipeline tokenises once,
    batches texts of about one length together and pads each batch to its longest text
-   (pipeline.core.distributed.GlobalBatchSampler, pipeline.modalities.text_models.Tokens),
+   (pipeline.core.distributed.GlobalBatchSampler, pipeline.modalities.text.models.Tokens),
    through its own training loop (pipeline.core.training.train_epoch).
 2. A linear probe over ``--probe-epochs`` epochs: the plain loop runs the frozen encoder
    forward on every batch of every epoch; the pipeline extracts features once (extract)
@@ -29,9 +29,11 @@ from torch import nn
 from benchmarks import results
 from pipeline.core.common import seed_everything
 from pipeline.core.distributed import GlobalBatchSampler, Ranks, ShardSampler
+from pipeline.core.loaders import make_loader
 from pipeline.core.models import Classifier
-from pipeline.core.training import extract_features, fit_head, grad_scaler, make_loader, train_epoch
-from pipeline.modalities import text, text_models
+from pipeline.core.training import extract_features, fit_head, grad_scaler, train_epoch
+from pipeline.modalities import text
+from pipeline.modalities.text import models as text_models
 
 ARCH = "sentence-transformers/all-MiniLM-L6-v2"
 DATA = Path("../shared/data/agnews-dev/train.csv")

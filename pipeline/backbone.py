@@ -1,8 +1,8 @@
 """Stage 2, backbone: materialize the pretrained backbone's weights into one pinned file.
 
-Reads params ``seed``, ``device``, ``amp``, ``backbone.*`` and ``distributed.*`` (pretraining
-runs in that many processes under DistributedDataParallel). What ``backbone.weights`` can
-name depends on the modality of ``backbone.arch`` (pipeline.modalities): for images
+Reads params ``seed``, ``device``, ``amp``, ``data.modality``, ``backbone.*`` and
+``distributed.*`` (pretraining runs in that many processes under DistributedDataParallel).
+What ``backbone.weights`` can name depends on the modality (pipeline.modalities): for images
 ``pretrain`` (the offline glyph task), ``none``, a torchvision weights name or a local
 checkpoint; for texts the encoder's own pretrained weights (``pretrain``) or ``none``.
 Writes models/backbone.pt (the preprocessing, the feature size and the weights, so
@@ -22,7 +22,7 @@ from pipeline.core.common import (
     write_json,
 )
 from pipeline.core.entry import run_stage
-from pipeline.core.params import load_params
+from pipeline.modalities import load_params
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     config, seed, settings = params["backbone"], params["seed"], params["distributed"]
     plan, ranks, device = distributed.start("backbone", settings, params["device"])
     seed_everything(seed)
-    modality = modalities.for_arch(config["arch"])
+    modality = modalities.get(params["data"]["modality"])
     checkpoint, metrics = modality.materialize(config, seed, device, params["amp"], ranks, settings)
     if not ranks.main:
         return

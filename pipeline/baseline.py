@@ -4,7 +4,7 @@ Transfer is worth what the pretrained features add over an untrained network's: 
 extracts features with ``backbone.arch`` at random init (seeded), fed as that architecture
 is fed without pretrained weights, fits the configured head the way train_head does, and
 scores it on the test split. Reads params ``seed``, ``device``, ``amp``,
-``class_weighted_loss``, ``data.num_workers``, ``backbone.arch``, ``backbone.image_size``,
+``class_weighted_loss``, ``data.modality``, ``data.num_workers``, ``backbone.arch``, ``backbone.image_size``,
 ``extract.batch_size``, ``head.*`` and ``distributed.{nproc_per_node,backend,timeout_s}``;
 reads data/prepared/ (and the image files it lists); writes metrics/baseline.json.
 Run: ``python -m pipeline.baseline``.
@@ -12,7 +12,7 @@ Run: ``python -m pipeline.baseline``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,11 +23,15 @@ from pipeline.core.common import METRICS_DIR, PREPARED_DIR, seed_everything, wri
 from pipeline.core.data import SPLITS, load_classes
 from pipeline.core.entry import run_stage
 from pipeline.core.metrics import summary_metrics
-from pipeline.core.params import load_params
 from pipeline.core.training import extract_features, fit_new_head
+from pipeline.modalities import load_params
+
+if TYPE_CHECKING:
+    from pipeline.modalities.contract import Modality
 
 
 def random_init_features(
+    modality: Modality,
     config: dict[str, Any],
     batch_size: int,
     num_workers: int,
@@ -37,7 +41,7 @@ def random_init_features(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Each split's features from params' ``backbone`` architecture (``config``) at random
     init (seeded), and the labels, in dataset order; each process extracts a share."""
-    backbone, preprocessing = modalities.for_arch(config["arch"]).random_init_backbone(config)
+    backbone, preprocessing = modality.random_init_backbone(config)
     features = {}
     for split in SPLITS:
         loader = modalities.inference_loader(split, preprocessing, batch_size, num_workers, device, ranks)
@@ -51,6 +55,7 @@ def main() -> None:
     _, ranks, device = distributed.start("baseline", params["distributed"], params["device"])
     seed_everything(seed)
     features = random_init_features(
+        modalities.get(params["data"]["modality"]),
         params["backbone"],
         params["extract"]["batch_size"],
         params["data"]["num_workers"],

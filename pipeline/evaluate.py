@@ -36,9 +36,8 @@ from pipeline.core.data import split_sources
 from pipeline.core.entry import run_stage
 from pipeline.core.metrics import calibration, per_class_metrics, summary_metrics
 from pipeline.core.models import load_head
-from pipeline.core.params import load_params
 from pipeline.core.training import predict_logits
-from pipeline.modalities import inference_loader, load_classifier
+from pipeline.modalities import inference_loader, load_classifier, load_params
 
 
 @torch.inference_mode()

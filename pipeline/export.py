@@ -38,8 +38,7 @@ from pipeline.core.common import (
 from pipeline.core.entry import run_stage
 from pipeline.core.errors import StageError
 from pipeline.core.onnx_model import onnx_logits, onnx_session, require_onnxruntime
-from pipeline.core.params import load_params
-from pipeline.modalities import inference_loader, load_classifier
+from pipeline.modalities import inference_loader, load_classifier, load_params
 
 
 def export_onnx(model: torch.nn.Module, checkpoint: dict[str, Any], path: Path) -> list[dict[str, Any]]:

@@ -21,9 +21,8 @@ from pipeline.core.checkpoints import read_backbone
 from pipeline.core.common import FEATURES_DIR, FEATURES_SUMMARY, PREPARED_DIR, atomic_path, write_json
 from pipeline.core.data import SPLITS, load_classes
 from pipeline.core.entry import run_stage
-from pipeline.core.params import load_params
 from pipeline.core.training import extract_features
-from pipeline.modalities import inference_loader, load_backbone
+from pipeline.modalities import inference_loader, load_backbone, load_params
 
 
 def split_features(

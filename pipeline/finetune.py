@@ -48,6 +48,7 @@ from pipeline.core.common import (
 from pipeline.core.data import SeededAugmentation, SeededBatchTransform
 from pipeline.core.entry import run_stage
 from pipeline.core.epoch_log import EpochLog
+from pipeline.core.loaders import loader_workers, make_loader, optimizer_steps
 from pipeline.core.models import (
     Classifier,
     batchnorm_layers,
@@ -57,22 +58,10 @@ from pipeline.core.models import (
     trainable_parameters,
     unfreeze_last_blocks,
 )
-from pipeline.core.params import load_params
-from pipeline.core.training import (
-    SELECTIONS,
-    BatchTransform,
-    EpochCallback,
-    Fitted,
-    balanced_class_weights,
-    fit,
-    l2sp_penalty,
-    loader_workers,
-    make_loader,
-    make_optimizer,
-    optimizer_steps,
-    unwrap,
-    warmup_cosine,
-)
+from pipeline.core.optim import balanced_class_weights, l2sp_penalty, make_optimizer, warmup_cosine
+from pipeline.core.selection import SELECTIONS
+from pipeline.core.training import BatchTransform, EpochCallback, Fitted, fit, unwrap
+from pipeline.modalities import load_params
 
 TIME_FILE = METRICS_DIR / "finetune_time.json"
 # Below this many val examples one example moves val accuracy by more than a point, and
@@ -110,7 +99,7 @@ def finetune(
 
     The head learns at ``lr`` and the backbone at ``lr * backbone_lr_ratio``, with linear
     warmup then cosine decay per optimizer step; the history records the rates the schedule
-    gave each epoch's last step. Best is by ``select`` (training.SELECTIONS: lowest val loss,
+    gave each epoch's last step. Best is by ``select`` (selection.SELECTIONS: lowest val loss,
     or highest val accuracy then lowest loss) among the epochs and the starting model: a
     fine-tune that never beats the start on val gives back the start's weights unchanged
     (the linear probe's head on the pretrained backbone, with ``head_init: probe``).
@@ -277,7 +266,9 @@ def main() -> None:
     classifier.to(device, memory_format=torch.channels_last)
     model = distributed.parallel(classifier, ranks, device, settings["sync_batchnorm"])
 
-    used = recipe.resolved(config, params["data"]["dataset"], backbone_checkpoint["weights"])
+    used = recipe.resolved(
+        config, modality.auto_augment(params["data"]["dataset"]), backbone_checkpoint["weights"]
+    )
     items = modalities.split_dataset("train", backbone_checkpoint, used["augment"])
     workers = loader_workers(items, params["data"]["num_workers"])
     train = SeededAugmentation(items, seed)

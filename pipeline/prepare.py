@@ -14,14 +14,14 @@ from pipeline import modalities
 from pipeline.core.common import PREPARED_DIR, seed_everything
 from pipeline.core.data import save_prepared
 from pipeline.core.entry import run_stage
-from pipeline.core.params import load_params
+from pipeline.modalities import load_params
 
 
 def main() -> None:
     params = load_params()
     data, seed = params["data"], params["seed"]
     seed_everything(seed)
-    modality = modalities.for_dataset(data["dataset"])
+    modality = modalities.get(params["data"]["modality"])
     splits, classes, skipped = modality.prepare_splits(data, seed)
     save_prepared(PREPARED_DIR, splits, classes, skipped)
     sizes = ", ".join(f"{name} {len(split[1])}" for name, split in splits.items())

@@ -42,7 +42,7 @@ from pipeline.core.entry import run_stage
 from pipeline.core.epoch_log import read_epoch_log
 from pipeline.core.errors import StageError
 from pipeline.core.metrics import highest_losses, most_confused_pairs
-from pipeline.core.params import load_params
+from pipeline.modalities import load_params
 
 MISTAKES_SHOWN = 16  # test examples with the highest loss the report shows
 LABELS = {"linear_probe": "Linear probe", "finetuned": "Fine-tuned", "random_init_probe": "Random-init probe"}
@@ -177,7 +177,7 @@ def export_note(result: dict[str, Any], items: str) -> str:
         f"`{ONNX_FILE}` (described by `{ONNX_FILE.with_suffix('.json')}`) {agreement} with PyTorch on "
         f"all {result['examples']} test {items}: largest |logit difference| "
         f"{result['max_abs_logit_difference']:.3g}, {result['top1_disagreements']} different top-1 "
-        "classes. `python -m pipeline.predict --onnx models/model.onnx PATH...` runs it."
+        "classes. `python -m pipeline predict --onnx models/model.onnx PATH...` runs it."
     )
 
 
@@ -234,7 +234,7 @@ def render_report(params: dict[str, Any], backbone_hash: str) -> str:
         confusion_figure(details),
         per_class_figure(details),
     )
-    modality = modalities.for_dataset(params["data"]["dataset"])
+    modality = modalities.get(params["data"]["modality"])
     predictions = read_predictions()
     worst = highest_loss_rows(predictions, MISTAKES_SHOWN)
     worst_view = modality.mistakes_view(worst, PREPARED_DIR, save_figure)

@@ -16,7 +16,7 @@ def test_the_faces_set_is_an_image_folder_the_pipeline_reads_and_a_rerun_replace
     from PIL import Image
 
     from benchmarks.faces import write_faces
-    from pipeline.modalities.image_data import scan_tree
+    from pipeline.modalities.images.data import scan_tree
 
     out = tmp_path / "faces"
     assert write_faces(out) == {"face": 100, "not_face": 100}
@@ -33,7 +33,7 @@ def test_the_faces_set_is_an_image_folder_the_pipeline_reads_and_a_rerun_replace
 
 def test_the_photo_patches_are_a_split_tree_whose_test_patches_overlap_no_training_one(tmp_path):
     from benchmarks.photo_patches import PHOTOS, write_patches
-    from pipeline.modalities.image_data import scan_tree
+    from pipeline.modalities.images.data import scan_tree
 
     assert write_patches(tmp_path / "patches") == {"train": 480, "test": 160}
     tree = scan_tree(tmp_path / "patches")

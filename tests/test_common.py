@@ -129,7 +129,7 @@ def test_predict_runs_on_the_gpu_asked_for_where_torch_sees_one(device, tmp_path
     import torch
     from PIL import Image
 
-    from pipeline import predict
+    from pipeline.tools import predict
     from tests.test_predict import save_classifier
 
     model = save_classifier(tmp_path / "finetuned.pt")

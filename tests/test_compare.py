@@ -1,4 +1,4 @@
-"""The pull-request model diff: pipeline.compare, .ci/model-diff, and the workflows."""
+"""The pull-request model diff: pipeline.tools.compare, .ci/model-diff, and the workflows."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ UNCHANGED_ROWS = (
 
 
 def compare(repo: Path, base: str = "main") -> str:
-    run(repo, sys.executable, "-m", "pipeline.compare", "--base", base)
+    run(repo, sys.executable, "-m", "pipeline.tools.compare", "--base", base)
     return (repo / "reports" / "compare.md").read_text()
 
 
@@ -145,13 +145,13 @@ def test_branch_with_no_change_says_so(tiny_repo):
 
 @pytest.mark.slow
 def test_unknown_base_is_a_clear_error(tiny_repo):
-    result = run(tiny_repo, sys.executable, "-m", "pipeline.compare", "--base", "nope", check=False)
+    result = run(tiny_repo, sys.executable, "-m", "pipeline.tools.compare", "--base", "nope", check=False)
     assert result.returncode == 2
     assert "--base: 'nope' is not a commit here" in result.stderr
 
 
 def test_repro_log_names_the_stages_that_ran_and_those_restored():
-    from pipeline.compare import stages_section
+    from pipeline.tools.compare import stages_section
 
     log = (
         "Stage 'prepare' didn't change, skipping\n"

@@ -5,8 +5,8 @@ from torch.nn.utils import parametrize
 
 from pipeline.core.errors import StageError
 from pipeline.core.models import Classifier
-from pipeline.modalities.conv_adapters import add_adapters, fold_adapters
-from pipeline.modalities.image_models import build_backbone
+from pipeline.modalities.images.adapters import add_adapters, fold_adapters
+from pipeline.modalities.images.models import build_backbone
 from tests.conftest import fine_tune_briefly
 
 

@@ -12,7 +12,7 @@ from pipeline.core.data import (
     split_sources,
     stratified_split,
 )
-from pipeline.modalities.image_data import ImageArrayDataset, image_transform, load_digits_dataset
+from pipeline.modalities.images.data import ImageArrayDataset, image_transform, load_digits_dataset
 
 
 @pytest.fixture(scope="module")

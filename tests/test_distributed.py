@@ -151,7 +151,8 @@ def test_a_last_step_of_one_image_is_dropped_so_batchnorm_trains(monkeypatch):
     with a step of 1, on which BatchNorm raises in training."""
     from torch import nn
 
-    from pipeline.core.training import grad_scaler, make_loader, train_epoch
+    from pipeline.core.loaders import make_loader
+    from pipeline.core.training import grad_scaler, train_epoch
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
@@ -221,7 +222,9 @@ def data(n: int = 40, seed: int = 0) -> TensorDataset:
 
 def train_linear(ranks: Ranks) -> tuple[dict, list[dict]]:
     """fit() of a linear model on ``data()``, global batch 8, as ``ranks`` runs it."""
-    from pipeline.core.training import best_val_accuracy, fit, make_loader
+    from pipeline.core.loaders import make_loader
+    from pipeline.core.selection import best_val_accuracy
+    from pipeline.core.training import fit
 
     torch.manual_seed(0)
     model = nn.Linear(8, 3)
@@ -239,7 +242,8 @@ def train_linear(ranks: Ranks) -> tuple[dict, list[dict]]:
 
 
 def extract_shared(ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor]:
-    from pipeline.core.training import extract_features, make_loader
+    from pipeline.core.loaders import make_loader
+    from pipeline.core.training import extract_features
 
     torch.manual_seed(1)
     backbone = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
@@ -367,7 +371,9 @@ def test_gradient_accumulation_trains_as_the_whole_batch_does(size):
     batch of 8 gives (a model without BatchNorm, to float tolerance), also where the epoch
     ends in a short global batch (44 and 42 images: a last group of 4 or 2 images in one
     step, whose mean loss counts whole, not halved)."""
-    from pipeline.core.training import fit, last_epoch, make_loader
+    from pipeline.core.loaders import make_loader
+    from pipeline.core.selection import last_epoch
+    from pipeline.core.training import fit
 
     results = []
     for cap in (0, 4):

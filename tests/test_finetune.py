@@ -207,7 +207,7 @@ def test_a_fine_tune_that_only_hurts_val_ships_the_probe_bit_for_bit(
 @pytest.mark.parametrize("mix", ["mixup", "cutmix"])
 def test_mixed_batches_train_and_the_same_seed_mixes_the_same_way(mix):
     from pipeline.core.data import SeededBatchTransform
-    from pipeline.modalities.image_data import batch_mixing
+    from pipeline.modalities.images.data import batch_mixing
 
     weights = []
     for _ in range(2):

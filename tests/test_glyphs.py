@@ -2,7 +2,7 @@ import string
 
 import numpy as np
 
-from pipeline.modalities.glyphs import CHARACTERS, glyph_fonts, render_glyph_dataset
+from pipeline.modalities.images.glyphs import CHARACTERS, glyph_fonts, render_glyph_dataset
 
 
 def test_glyph_classes_hold_no_digits_and_no_repeats():

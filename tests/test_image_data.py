@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline import backbone, baseline, evaluate, export, extract, finetune, prepare, report, train_head
 from pipeline.core.errors import StageError
-from pipeline.modalities.image_data import (
+from pipeline.modalities.images.data import (
     ImageArrayDataset,
     image_transform,
     load_cifar,
@@ -240,7 +240,7 @@ def test_an_image_over_the_pixel_limit_is_refused_by_name_before_it_is_decoded(t
 
 
 def test_pillows_own_limit_is_an_error_not_a_warning(tmp_path, monkeypatch):
-    from pipeline.modalities.image_data import TooManyPixels
+    from pipeline.modalities.images.data import TooManyPixels
 
     Image.new("L", (200, 200)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30_000)  # 40,000 pixels: Pillow would only warn
@@ -267,7 +267,7 @@ def test_images_are_resized_in_uint8_and_made_float_at_the_models_size():
 def test_only_photo_formats_are_read_and_eps_is_not(tmp_path):
     from PIL import UnidentifiedImageError
 
-    from pipeline.modalities.image_data import IMAGE_EXTENSIONS
+    from pipeline.modalities.images.data import IMAGE_EXTENSIONS
 
     assert {".jpg", ".jpeg", ".png", ".webp", ".tif", ".bmp", ".gif"} <= IMAGE_EXTENSIONS
     assert not {".eps", ".ps", ".pdf", ".psd"} & IMAGE_EXTENSIONS

@@ -4,7 +4,7 @@ from torch import nn
 
 from pipeline.core.errors import StageError
 from pipeline.core.models import Classifier, build_head, unfreeze_last_blocks
-from pipeline.modalities.image_models import (
+from pipeline.modalities.images.models import (
     build_backbone,
     checkpoint_state_dict,
     download_backbone,

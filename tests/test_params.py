@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.core.params import ParamsError, load_params, validate
+from pipeline.core.params import ParamsError, validate
+from pipeline.modalities import load_params
 from tests.conftest import ROOT, default_params
 
 
@@ -35,7 +36,18 @@ def test_lr_as_dvc_writes_it_is_read_as_a_number(tmp_path):
         (None, "lr", 0, "lr: must be greater than 0"),
         (None, "lr", True, "lr: expected a number"),
         (None, "lr", ".nan", "lr: expected a number"),
-        ("data", "dataset", "mnist", "data.dataset: unknown value 'mnist'; choose one of: digits"),
+        (
+            "data",
+            "dataset",
+            "mnist",
+            "data.dataset: 'mnist' is not a dataset of data.modality images; the images datasets are: digits",
+        ),
+        (
+            "data",
+            "modality",
+            "audio",
+            "data.modality: 'audio' is not a modality; choose one of: images, text",
+        ),
         ("backbone", "arch", "resnet19", "backbone.arch: unknown architecture 'resnet19'"),
         ("backbone", "weights", "imagenet", "backbone.weights: 'imagenet' is neither"),
         ("head", "type", "svm", "head.type: unknown value 'svm'; choose one of: linear, mlp"),
@@ -257,7 +269,7 @@ def test_every_selection_params_allows_has_a_rule_in_training_and_no_more():
     """params.py names finetune.select's choices without importing torch; training.py holds
     the rules: the two must list the same names."""
     from pipeline.core import params
-    from pipeline.core.training import SELECTIONS
+    from pipeline.core.selection import SELECTIONS
 
     assert set(params.SELECTIONS) == set(SELECTIONS)
 

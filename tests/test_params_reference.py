@@ -1,12 +1,12 @@
-"""docs/reference/params.md is what pipeline.params_reference writes from the schema,
+"""docs/reference/params.md is what pipeline.tools.params_reference writes from the schema,
 params.yaml's comments and dvc.yaml: a key undocumented, gone or changed fails here."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline import params_reference
 from pipeline.core.errors import StageError
+from pipeline.tools import params_reference
 from tests.conftest import ROOT
 
 
@@ -17,7 +17,7 @@ def page(params_text: str | None = None) -> str:
 
 def test_the_committed_params_reference_is_the_one_the_code_writes():
     committed = (ROOT / params_reference.REFERENCE_FILE).read_text()
-    assert committed == page(), "docs/reference/params.md is stale: run python -m pipeline.params_reference"
+    assert committed == page(), "docs/reference/params.md is stale: run python -m pipeline params-reference"
 
 
 def test_every_key_is_documented_with_its_rule_and_its_stages():

@@ -1,4 +1,4 @@
-"""python -m pipeline.predict: a CSV of top-k classes for image files and folders.
+"""python -m pipeline predict: a CSV of top-k classes for image files and folders.
 
 The fast tests use a small untrained classifier saved the way finetune saves one; the slow
 ones use the tiny run's fine-tuned model and ONNX export.
@@ -19,11 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import predict
 from pipeline.core.checkpoints import classifier_checkpoint, read_classifier
 from pipeline.core.errors import ParamsError, StageError
 from pipeline.core.models import Classifier, build_head
-from pipeline.modalities.image_models import build_backbone
+from pipeline.modalities.images.models import build_backbone
+from pipeline.tools import predict
 from tests.conftest import Run, run, subprocess_env
 
 CLASSES = ["cat", "dog", "fox"]
@@ -56,7 +56,7 @@ def model_file(tmp_path_factory) -> Path:
 def predict_csv(*args: str, cwd: Path | None = None) -> tuple[int, list[dict[str, str]], str]:
     """Run the command line; its exit code, CSV rows (stdout) and stderr."""
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.predict", *args],
+        [sys.executable, "-m", "pipeline.tools.predict", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -193,7 +193,7 @@ def test_predict_agrees_with_evaluate_and_onnx_on_the_test_split(tiny_run: Run, 
     through the command line with the fine-tuned model and with its ONNX export."""
     repo = tiny_run.repo
     samples = tmp_path / "samples"
-    run(repo, sys.executable, "-m", "pipeline.samples", str(samples), "--per-class", "0")
+    run(repo, sys.executable, "-m", "pipeline.tools.samples", str(samples), "--per-class", "0")
     evaluated = {
         int(row["index"]): row for row in csv.DictReader((repo / "metrics" / "test_predictions.csv").open())
     }
@@ -227,7 +227,7 @@ def test_a_file_name_that_is_not_utf8_is_written_escaped(tmp_path, model_file, c
 
 
 def test_the_samples_folder_the_readme_writes_is_ignored_by_git(tmp_path):
-    """`git add -A` after `python -m pipeline.samples data/samples` must not commit them."""
+    """`git add -A` after `python -m pipeline samples data/samples` must not commit them."""
     from tests.conftest import ROOT
 
     (tmp_path / ".gitignore").write_bytes((ROOT / ".gitignore").read_bytes())

@@ -5,9 +5,19 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from pipeline import modalities
 from pipeline.core import recipe
-from pipeline.core.params import ParamsError, load_params
+from pipeline.core.params import ParamsError
+from pipeline.modalities import load_params
 from tests.conftest import default_params, tiny_text_params
+
+
+def auto_augment(dataset: str) -> str:
+    """What the modality of ``dataset`` has ``finetune.augment: auto`` pick."""
+    (modality,) = [
+        modalities.get(name) for name in modalities.names() if dataset in modalities.get(name).DATASETS
+    ]
+    return modality.auto_augment(dataset)
 
 
 @pytest.mark.parametrize(
@@ -23,9 +33,13 @@ from tests.conftest import default_params, tiny_text_params
 )
 def test_auto_resolves_from_the_data_and_the_backbone(dataset, weights, augment, bn):
     config = {"augment": "auto", "bn": "auto", "mix": "none"}
-    assert recipe.resolved(config, dataset, weights) == {"augment": augment, "bn": bn, "mix": "none"}
+    assert recipe.resolved(config, auto_augment(dataset), weights) == {
+        "augment": augment,
+        "bn": bn,
+        "mix": "none",
+    }
     chosen = {"augment": "strong", "bn": "train", "mix": "cutmix"}
-    assert recipe.resolved(chosen, "imagefolder", weights) == chosen  # what is named is used
+    assert recipe.resolved(chosen, auto_augment(dataset), weights) == chosen  # what is named is used
 
 
 def test_photos_never_get_the_digit_jitter_by_default():
@@ -33,15 +47,15 @@ def test_photos_never_get_the_digit_jitter_by_default():
     affine jitter chosen for digits."""
     from torchvision.transforms import v2
 
-    from pipeline.modalities.image_data import image_transform
+    from pipeline.modalities.images.data import image_transform
 
     finetune = default_params()["finetune"]
     for dataset in ("imagefolder", "cifar10", "cifar100"):
-        policy = recipe.resolved(finetune, dataset, "IMAGENET1K_V1")["augment"]
+        policy = recipe.resolved(finetune, auto_augment(dataset), "IMAGENET1K_V1")["augment"]
         kinds = {type(step) for step in image_transform(96, [0.5] * 3, [0.5] * 3, policy).transforms}
         assert v2.RandomResizedCrop in kinds and v2.RandomHorizontalFlip in kinds
         assert v2.RandomAffine not in kinds
-    assert recipe.resolved(finetune, "digits", "pretrain")["augment"] == "jitter"
+    assert recipe.resolved(finetune, auto_augment("digits"), "pretrain")["augment"] == "jitter"
 
 
 def write(tmp_path, params) -> str:
@@ -56,9 +70,9 @@ def write(tmp_path, params) -> str:
         (
             "augment",
             "jitter",
-            "finetune.augment: 'jitter' transforms images, and data.dataset is text; choose auto or none",
+            "finetune.augment: 'jitter' transforms images, and data.modality is text; choose auto or none",
         ),
-        ("mix", "mixup", "finetune.mix: 'mixup' transforms images, and data.dataset is text; choose none"),
+        ("mix", "mixup", "finetune.mix: 'mixup' transforms images, and data.modality is text; choose none"),
     ],
 )
 def test_image_recipes_are_refused_for_texts_before_any_work(tmp_path, monkeypatch, key, value, message):

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import strategies
 from pipeline.core.errors import StageError
+from pipeline.tools import strategies
 from tests.conftest import declared_outputs
 
 BASE = {"seed": 1, "lr": 0.001, "finetune": {"strategy": "full", "l2sp": 0.0, "optimizer": "adamw"}}
@@ -97,7 +97,7 @@ def test_the_tools_write_outside_every_output_that_dvc_repro_replaces():
     """strategies' table and figure and compare's diff are written where no stage's out lies:
     the next `dvc repro` deletes a stage's outs before it runs (the report stage's
     reports/figures/ among them), and would take a figure written there with it."""
-    from pipeline import compare
+    from pipeline.tools import compare
 
     outs = [Path(out) for out in declared_outputs()]
     for path in (

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.core.data import PredictRequest
 from pipeline.core.errors import ParamsError, StageError
 from pipeline.core.models import Classifier, build_head, trainable_parameters
-from pipeline.modalities import text, text_models
+from pipeline.modalities import text
+from pipeline.modalities.text import models as text_models
 from tests.conftest import (
     ROOT,
     generated_texts,
@@ -250,7 +252,7 @@ shutil.copytree({str(folder)!r}, snapshot)
 (snapshot.parents[1] / "refs").mkdir()
 (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
 from pipeline.core.errors import StageError
-from pipeline.modalities import text_models
+from pipeline.modalities.text import models as text_models
 print(type(text_models.pretrained_encoder({hub_id!r})).__name__)
 from pipeline.modalities import text
 from tests.conftest import tiny_text_params
@@ -307,7 +309,9 @@ def test_predict_reads_texts_arguments_and_files_and_keeps_bad_rows_with_their_e
     notes.write_text("the soup\n\n  \nbright sun today\n")
     table = tmp_path / "news.jsonl"
     table.write_text('{"body": "the team won"}\n{"body": ""}\n[1]\n')
-    inputs = text.predict_inputs([str(notes), str(table)], ["the cake"], preprocessing, "body")
+    inputs = text.predict_inputs(
+        PredictRequest([str(notes), str(table)], ["the cake"], "body"), preprocessing
+    )
     assert inputs.columns["source"] == [
         "--text 1",
         f"{notes}:1",
@@ -323,9 +327,9 @@ def test_predict_reads_texts_arguments_and_files_and_keeps_bad_rows_with_their_e
     batch = inputs.stack([inputs.dataset[i][1] for i in (0, 2)])
     assert batch.shape == (2, 2, 5)
     with pytest.raises(StageError, match=re.escape("no column --text-column: 'text'")):
-        text.predict_inputs([str(table)], [], preprocessing, "text")
+        text.predict_inputs(PredictRequest([str(table)]), preprocessing)
     with pytest.raises(StageError, match=r"missing\.csv: no such file or folder"):
-        text.predict_inputs(["missing.csv"], [], preprocessing, "text")
+        text.predict_inputs(PredictRequest(["missing.csv"]), preprocessing)
 
 
 @pytest.mark.parametrize("what", ["a header only", "empty texts, skipped"])

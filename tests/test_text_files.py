@@ -8,7 +8,7 @@ import re
 import pytest
 
 from pipeline.core.errors import StageError
-from pipeline.modalities.text_files import data_files, natural_order, read_labels_file, read_rows
+from pipeline.modalities.text.files import data_files, natural_order, read_labels_file, read_rows
 
 
 def test_csv_with_quotes_commas_and_a_byte_order_mark_reads_with_its_line_numbers(tmp_path):

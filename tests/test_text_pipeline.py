@@ -60,7 +60,7 @@ def test_a_new_fine_tuning_rate_changes_only_finetune_s_params(tiny_text_run: Ru
 
 
 def predict(repo, *args: str) -> tuple[list[dict[str, str]], str]:
-    result = run(repo, sys.executable, "-m", "pipeline.predict", *args)
+    result = run(repo, sys.executable, "-m", "pipeline.tools.predict", *args)
     return list(csv.DictReader(io.StringIO(result.stdout))), result.stderr
 
 
@@ -108,11 +108,11 @@ def test_the_export_checked_every_test_text_and_ships_the_tokenizer(tiny_text_ru
 
 
 def test_predict_on_the_test_split_agrees_with_evaluate(tiny_text_run: Run, tmp_path):
-    """The test texts written out by pipeline.samples, predicted through the command line,
+    """The test texts written out by pipeline.tools.samples, predicted through the command line,
     get the class and probability evaluate gave them."""
     repo = tiny_text_run.repo
     samples = tmp_path / "samples"
-    run(repo, sys.executable, "-m", "pipeline.samples", str(samples), "--per-class", "0")
+    run(repo, sys.executable, "-m", "pipeline.tools.samples", str(samples), "--per-class", "0")
     rows, _ = predict(repo, str(samples / "test.csv"), "--top-k", "1")
     evaluated = list(csv.DictReader((repo / "metrics/test_predictions.csv").open()))
     assert len(rows) == len(evaluated)

@@ -7,7 +7,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.core.epoch_log import EpochLog, read_epoch_log
-from pipeline.core.training import evaluate_epoch, fit_head, grad_scaler, train_epoch, warmup_cosine
+from pipeline.core.optim import warmup_cosine
+from pipeline.core.training import evaluate_epoch, fit_head, grad_scaler, train_epoch
 
 
 def separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,7 +19,7 @@ def separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_fit_head_learns_and_stops_early():
-    from pipeline.core.training import lowest_val_loss
+    from pipeline.core.selection import lowest_val_loss
 
     torch.manual_seed(0)
     head, fitted = fit_head(
@@ -133,7 +134,7 @@ def test_evaluate_epoch_neither_trains_nor_keeps_gradients():
 
 
 def test_balanced_class_weights_favour_rare_classes():
-    from pipeline.core.training import balanced_class_weights
+    from pipeline.core.optim import balanced_class_weights
 
     weights = balanced_class_weights(torch.tensor([0, 0, 0, 1]), num_classes=3)
     assert weights.tolist() == pytest.approx([4 / 9, 4 / 3, 4 / 3])  # an absent class counts as one
@@ -187,7 +188,7 @@ def fit_on(history_rule, patience=None, epochs=6):
 
 
 def test_fit_keeps_the_weights_of_the_epoch_the_rule_selects():
-    from pipeline.core.training import best_val_accuracy, last_epoch, lowest_val_loss
+    from pipeline.core.selection import best_val_accuracy, last_epoch, lowest_val_loss
 
     for rule in (lowest_val_loss, best_val_accuracy, last_epoch):
         model, (kept, history, chosen) = fit_on(rule)
@@ -202,7 +203,8 @@ def test_fit_keeps_the_weights_of_the_epoch_the_rule_selects():
 
 @pytest.mark.parametrize("rule", ["loss", "accuracy"])
 def test_a_fit_that_only_hurts_val_gives_back_the_starting_weights_bit_for_bit(rule):
-    from pipeline.core.training import SELECTIONS, fit
+    from pipeline.core.selection import SELECTIONS
+    from pipeline.core.training import fit
 
     torch.manual_seed(0)
     model = nn.Linear(8, 3)
@@ -236,7 +238,8 @@ def test_a_fit_that_only_hurts_val_gives_back_the_starting_weights_bit_for_bit(r
 
 
 def test_a_trained_epoch_that_beats_the_start_replaces_it():
-    from pipeline.core.training import SELECTIONS, fit
+    from pipeline.core.selection import SELECTIONS
+    from pipeline.core.training import fit
 
     torch.manual_seed(0)
     model = nn.Linear(8, 3)
@@ -258,7 +261,7 @@ def test_a_trained_epoch_that_beats_the_start_replaces_it():
 
 
 def test_accuracy_selection_breaks_ties_by_loss_then_by_the_earlier_epoch_and_shuns_nan():
-    from pipeline.core.training import best_val_accuracy
+    from pipeline.core.selection import best_val_accuracy
 
     history = [
         {"epoch": 0, "val_accuracy": 0.9, "val_loss": 0.30},
@@ -280,7 +283,7 @@ def test_fit_stops_after_patience_epochs_the_rule_passed_over():
 
 def test_a_non_finite_val_loss_never_wins_and_the_head_says_so_when_all_are():
     from pipeline.core.errors import StageError
-    from pipeline.core.training import lowest_val_loss
+    from pipeline.core.selection import lowest_val_loss
 
     history = [{"val_loss": float("nan")}, {"val_loss": 2.0}, {"val_loss": float("inf")}]
     assert lowest_val_loss(history) is history[1]

@@ -213,9 +213,20 @@ class SeededBatchTransform:
             return self.transform(inputs, labels)
 
 
+@dataclass(frozen=True)
+class PredictRequest:
+    """What a user gave ``python -m pipeline predict``: files and folders (``-`` for
+    standard input), ``--text`` arguments, and the column a table of texts keeps them in.
+    Each modality reads what it takes and refuses the rest."""
+
+    paths: list[str]
+    texts: list[str] = field(default_factory=list)
+    text_column: str = "text"
+
+
 @dataclass
 class PredictInputs:
-    """What ``python -m pipeline.predict`` was given, as its modality reads it: the CSV's
+    """What ``python -m pipeline predict`` was given, as its modality reads it: the CSV's
     first columns (an image's path; a text's source and the text), a dataset of (position,
     input tensor or None, the error that kept it from being read), how a batch of inputs is
     made (``stack``), an order to read them in, and what it says of them."""

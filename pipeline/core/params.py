@@ -17,11 +17,10 @@ from typing import Any
 import yaml
 
 from pipeline.core.errors import ParamsError
-from pipeline.core.recipe import AUGMENTS, BN_MODES, FLIPPING, MIXES, ORIENTED
+from pipeline.core.recipe import AUGMENTS, BN_MODES, MIXES
 
 PARAMS_FILE = Path("params.yaml")
 
-DATASETS = ("digits", "imagefolder", "cifar10", "cifar100", "text")
 RAW_DIR = Path("data/raw")
 WEIGHTS_DIR = Path("data/weights")  # local backbone checkpoints (backbone.weights: a path)
 HEAD_TYPES = ("linear", "mlp")
@@ -240,7 +239,8 @@ SCHEMA: dict[str, Any] = {
     "amp": amp_mode,
     "class_weighted_loss": boolean,
     "data": {
-        "dataset": one_of(*DATASETS),
+        "modality": text,  # a registered modality: checked by pipeline.modalities.for_params
+        "dataset": text,  # one of that modality's datasets: checked there too
         "path": text,
         "text_column": text,
         "label_column": text,
@@ -254,7 +254,7 @@ SCHEMA: dict[str, Any] = {
         "max_train_per_class": non_negative_int,
     },
     "backbone": {
-        "arch": text,  # checked by the modality in check_backbone_model
+        "arch": text,  # checked by the modality's check_params
         "weights": weights_source,
         "revision": text,
         "image_size": positive_int,
@@ -337,16 +337,6 @@ def validate(raw: Any, schema: dict[str, Any] = SCHEMA, prefix: str = "") -> dic
     return checked
 
 
-def check_backbone_model(params: dict[str, Any]) -> None:
-    """``backbone.*`` describes a model the modality of ``data.dataset`` builds, checked by
-    that modality (pipeline.modalities): for images, a torchvision model, one of its weights
-    names, an image size it takes. This imports the modality's model library, the slow part
-    of loading params."""
-    from pipeline.modalities import for_dataset
-
-    for_dataset(params["data"]["dataset"]).check_backbone(params["backbone"])
-
-
 def check_weights_file(weights: str) -> None:
     """A local checkpoint lives under data/raw/weights/, which the backbone stage depends on:
     DVC then reruns it when the file's bytes change, and the run-cache never restores a
@@ -359,21 +349,16 @@ def check_weights_file(weights: str) -> None:
         )
 
 
-def check_recipe(finetune: dict[str, Any], dataset: str) -> None:
-    """An augmentation or mixing the data cannot take: any for texts, flips for digits."""
-    if dataset == "text":
-        for key, off in (("augment", ("auto", "none")), ("mix", ("none",))):
-            if finetune[key] not in off:
-                raise ParamsError(
-                    f"finetune.{key}: {finetune[key]!r} transforms images, and data.dataset is text; "
-                    f"choose {' or '.join(off)}"
-                )
-    if dataset in ORIENTED and finetune["augment"] in FLIPPING:
-        allowed = [name for name in AUGMENTS if name not in FLIPPING]
+def require_raw_path(data: dict[str, Any]) -> Path:
+    """``data.path``, once checked to lie under data/raw/: the stages depend on that folder,
+    so DVC reruns them when the data there changes. The modalities check what must be there."""
+    path = Path(data["path"])
+    if not is_under(path, RAW_DIR):
         raise ParamsError(
-            f"finetune.augment: {finetune['augment']!r} flips images left to right, which changes "
-            f"the class of a {dataset} image (a mirrored 2 or 5); choose one of: {', '.join(allowed)}"
+            f"data.path: {data['path']!r} must be a folder under {RAW_DIR}/ (the stages depend "
+            f"on {RAW_DIR}, so DVC reruns them when its data changes)"
         )
+    return path
 
 
 def cross_check(params: dict[str, Any]) -> None:
@@ -391,25 +376,7 @@ def cross_check(params: dict[str, Any]) -> None:
             f"of finetune.epochs: {finetune['epochs']}; use fewer warmup epochs (0 for none)"
         )
     check_weights_file(params["backbone"]["weights"])
-    check_recipe(finetune, params["data"]["dataset"])
     data = params["data"]
-    if data["dataset"] != "digits":
-        path = Path(data["path"])
-        if not is_under(path, RAW_DIR):
-            raise ParamsError(
-                f"data.path: {data['path']!r} must be a folder under {RAW_DIR}/ (the stages depend "
-                f"on {RAW_DIR}, so DVC reruns them when its images change)"
-            )
-        if data["dataset"] == "imagefolder" and not path.is_dir():
-            raise ParamsError(
-                f"data.path: {data['path']!r} is not a folder; put your class-per-folder images "
-                "there and track them with `dvc add`"
-            )
-        if data["dataset"] == "text" and not path.exists():
-            raise ParamsError(
-                f"data.path: {data['path']!r} does not exist; put your labelled texts there (a CSV, "
-                "TSV or JSON Lines file, or a folder with train/val/test files) and track them with `dvc add`"
-            )
     if data["val_fraction"] + data["test_fraction"] >= 0.9:
         raise ParamsError(
             "data.val_fraction + data.test_fraction: must leave at least 10% of the images "
@@ -417,12 +384,10 @@ def cross_check(params: dict[str, Any]) -> None:
         )
 
 
-def load_params(path: Path | str = PARAMS_FILE, check_models: bool = True) -> dict[str, Any]:
-    """Read params.yaml, validate every key and return plain, typed values.
-
-    ``check_models=False`` skips the checks that need the models' libraries (torchvision's
-    registry), for a stage that builds no model (report): every stage that does checks them.
-    """
+def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
+    """Read params.yaml, validate every key the stages share and return plain, typed values.
+    The stages load params through pipeline.modalities.load_params, which also has the run's
+    modality check the keys whose meaning is its own (the backbone, the recipe, the data)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -432,8 +397,6 @@ def load_params(path: Path | str = PARAMS_FILE, check_models: bool = True) -> di
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
     try:
         params = validate(raw)
-        if check_models:
-            check_backbone_model(params)
         cross_check(params)
     except ParamsError as error:
         raise ParamsError(f"{path}: {error}") from None

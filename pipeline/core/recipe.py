@@ -28,17 +28,6 @@ AUGMENTS = ("auto", "none", "jitter", "photo", "strong")
 FLIPPING = ("photo", "strong")  # policies that flip images left to right
 BN_MODES = ("auto", "train", "frozen")
 MIXES = ("none", "mixup", "cutmix")
-# Datasets whose classes a flip changes (a mirrored 2 is no digit).
-ORIENTED = ("digits",)
-
-
-def resolved_augment(augment: str, dataset: str) -> str:
-    """The augmentation policy ``finetune.augment`` names for ``data.dataset``."""
-    if augment != "auto":
-        return augment
-    if dataset == "text":
-        return "none"
-    return "jitter" if dataset in ORIENTED else "photo"
 
 
 def resolved_bn(bn: str, weights: str) -> str:
@@ -48,10 +37,11 @@ def resolved_bn(bn: str, weights: str) -> str:
     return "train" if weights in ("pretrain", "none") else "frozen"
 
 
-def resolved(config: dict[str, Any], dataset: str, weights: str) -> dict[str, str]:
-    """The recipe values a run uses, ``auto`` resolved: what finetune's metrics record."""
+def resolved(config: dict[str, Any], auto_augment: str, weights: str) -> dict[str, str]:
+    """The recipe values a run uses, ``auto`` resolved (``auto_augment``: the policy the
+    data's modality picks for it): what finetune's metrics record."""
     return {
-        "augment": resolved_augment(config["augment"], dataset),
+        "augment": auto_augment if config["augment"] == "auto" else config["augment"],
         "bn": resolved_bn(config["bn"], weights),
         "mix": config["mix"],
     }

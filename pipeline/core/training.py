@@ -9,15 +9,18 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.core.common import progress
-from pipeline.core.distributed import gather_in_order, sharded, sum_over_ranks
 from pipeline.core.errors import StageError
+from pipeline.core.loaders import batch_sizes, in_dataset_order, make_loader, totals
 from pipeline.core.models import build_head
+from pipeline.core.optim import Penalty, balanced_class_weights
+from pipeline.core.selection import Selection, epoch_record, lowest_val_loss, start_record
 
 EpochCallback = Callable[[dict[str, float]], None]
-Penalty = Callable[[], torch.Tensor]
+
+
 # A transform of a whole training batch (MixUp, CutMix): images and labels in, images and
 # per-class label weights (N x C) out.
 BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -30,67 +33,6 @@ class Fitted(NamedTuple):
     weights: dict[str, torch.Tensor]
     history: list[dict[str, float]]
     kept: dict[str, float]
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    device: torch.device,
-    shuffle: bool = False,
-    seed: int = 0,
-    num_workers: int = 0,
-    sampler: Sampler | None = None,
-) -> DataLoader:
-    """A seeded DataLoader (workers draw their seeds from it); pinned memory for a GPU.
-
-    ``sampler`` picks this process's items (distributed.GlobalBatchSampler for training,
-    distributed.ShardSampler for inference) in place of a plain order or shuffle. A
-    dataset's own ``collate`` (texts padded into one tensor) makes its batches.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
-        generator=generator,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        collate_fn=getattr(dataset, "collate", None),
-    )
-
-
-def loader_workers(dataset: Dataset, num_workers: int) -> int:
-    """Worker processes for a dataset: decoding files needs them (a dataset that
-    ``reads_files``); items already in memory do not."""
-    return num_workers if getattr(dataset, "reads_files", False) else 0
-
-
-def loader_indices(loader: DataLoader) -> torch.Tensor:
-    """The dataset positions an inference loader visits, in its order."""
-    return torch.as_tensor(list(iter(loader.sampler)), dtype=torch.long)
-
-
-def in_dataset_order(loader: DataLoader, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """An inference loader's rows of ``tensors`` in dataset order: every process's share put
-    together where the loader is sharded; this process's rows sorted back where its sampler
-    ordered them otherwise (texts by length)."""
-    indices = loader_indices(loader)
-    if sharded(loader.sampler):
-        return gather_in_order(indices, *tensors)
-    order = indices.argsort()
-    return tuple(tensor[order] for tensor in tensors)
-
-
-def totals(loader: DataLoader, *values: float) -> list[float]:
-    """Sums over a loader: over every process where the loader is sharded, else this one's."""
-    return sum_over_ranks(*values) if sharded(loader.sampler) else list(values)
-
-
-def batch_sizes(loader: DataLoader) -> list[int]:
-    """How many items each batch of ``loader`` holds, in order (the last may be short)."""
-    full, rest = divmod(len(loader.sampler), loader.batch_size)
-    return [loader.batch_size] * full + ([rest] if rest else [])
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -152,17 +94,6 @@ def predict_logits(
             logits.append(model(to_device(images, device)).float().cpu())
         actual.append(targets)
     return in_dataset_order(loader, torch.cat(logits), torch.cat(actual))
-
-
-def warmup_cosine(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warmup from 1% of the rate, then cosine decay to zero, stepped per batch."""
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps))
-    if warmup_steps == 0:
-        return cosine
-    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup_steps)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
 def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
@@ -250,40 +181,6 @@ def evaluate_epoch(
         seen += len(targets)
     total_loss, correct, seen = totals(loader, total_loss, correct, seen)
     return {"loss": total_loss / seen, "accuracy": correct / seen}
-
-
-def l2sp_penalty(parameters: list[nn.Parameter], alpha: float) -> Penalty:
-    """L2-SP (Li, Grandvalet and Davoine, ICML 2018): alpha/2 * sum ||theta - theta_pre||^2
-    over ``parameters``, theta_pre being their values now. Its gradient, alpha * (theta -
-    theta_pre), pulls the weights toward the pretrained ones instead of toward zero."""
-    reference = [parameter.detach().clone() for parameter in parameters]
-
-    def penalty() -> torch.Tensor:
-        return alpha / 2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(parameters, reference, strict=True))
-
-    return penalty
-
-
-def make_optimizer(groups: list[dict], name: str, momentum: float) -> torch.optim.Optimizer:
-    """AdamW, or SGD with ``momentum``, over param groups that carry their own lr and
-    weight_decay."""
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum)
-    return torch.optim.AdamW(groups)
-
-
-def optimizer_steps(loader: DataLoader, accumulate: int = 1) -> int:
-    """Optimizer steps per epoch: one per ``accumulate`` batches, and one for a remainder."""
-    return -(-len(loader) // accumulate)
-
-
-def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Weights of 1 / (a class's share of the labels), scaled so they average 1 over samples."""
-    counts = torch.bincount(labels, minlength=num_classes).float()
-    return len(labels) / (num_classes * counts.clamp(min=1))
-
-
-Selection = Callable[[list[dict[str, float]]], dict[str, float]]
 
 
 def fit(
@@ -436,54 +333,3 @@ def fit_new_head(
         weight,
         on_epoch,
     )
-
-
-def epoch_record(
-    epoch: int, train: dict[str, float], val: dict[str, float], rates: dict[str, float]
-) -> dict[str, float]:
-    """One row of a training log: losses and accuracies, and the learning rates used."""
-    return {
-        "epoch": epoch,
-        "train_loss": round(train["loss"], 6),
-        "train_accuracy": round(train["accuracy"], 6),
-        "val_loss": round(val["loss"], 6),
-        "val_accuracy": round(val["accuracy"], 6),
-        **rates,
-    }
-
-
-def start_record(val: dict[str, float]) -> dict[str, float]:
-    """The history's epoch 0: the model before any training, on val."""
-    return {"epoch": 0, "val_loss": round(val["loss"], 6), "val_accuracy": round(val["accuracy"], 6)}
-
-
-def lowest_val_loss(history: list[dict[str, float]], min_delta: float = 1e-6) -> dict[str, float]:
-    """The epoch with the lowest val loss (the head's rule, with early stopping): a later
-    epoch wins only by more than ``min_delta``, so a loss creeping down by millionths ends
-    training; a loss that is not finite never wins."""
-    best = history[0]
-    for record in history:
-        loss = record["val_loss"]
-        beats = not math.isfinite(best["val_loss"]) or loss < best["val_loss"] - min_delta
-        if math.isfinite(loss) and beats:
-            best = record
-    return best
-
-
-def best_val_accuracy(history: list[dict[str, float]]) -> dict[str, float]:
-    """The epoch with the highest val accuracy, ties to the lower val loss, then to the
-    earlier epoch; an epoch whose loss is not finite wins only if every one's is not."""
-
-    def rank(record: dict[str, float]) -> tuple[bool, float, float]:
-        finite = math.isfinite(record["val_loss"])
-        return finite, record["val_accuracy"], -record["val_loss"] if finite else 0.0
-
-    return max(history, key=rank)
-
-
-SELECTIONS: dict[str, Selection] = {"loss": lowest_val_loss, "accuracy": best_val_accuracy}
-
-
-def last_epoch(history: list[dict[str, float]]) -> dict[str, float]:
-    """The latest epoch (pretraining's rule: the schedule ends at its best)."""
-    return history[-1]

@@ -1,20 +1,17 @@
-"""What differs between modalities, behind one seam: one module per modality.
+"""What differs between modalities, behind one seam: one package per modality, found by
+name in a small registry and imported only when a run asks for it.
 
-The stages are modality-neutral: they ask this package for the module that handles the
-data at hand (by params' ``data.dataset`` or ``backbone.arch``, or by the ``modality`` a
-checkpoint records) and call the same functions on it:
+The stages are modality-neutral: they ask this package for the modality of params'
+``data.modality`` (``for_params``), or of the ``modality`` a checkpoint records
+(``for_checkpoint``), and call what pipeline.modalities.contract.Modality declares on it:
+params checks, the splits, the backbone, datasets, adapters, the export's inputs, predict's
+inputs and the report's views. A modality's package imports pipeline.core and nothing of
+another modality, so dvc.yaml makes each stage depend on ``pipeline/modalities/${data.modality}``
+alone: an edit to the text code reruns nothing of an image run, and the reverse.
 
-- ``check_backbone(config)``: params' backbone section, checked when params load;
-- ``prepare_splits(data, seed)``: the train/val/test splits, class names, skipped inputs;
-- ``materialize(config, seed, device, amp, ranks, settings)``: the backbone checkpoint;
-- ``random_init_backbone(config)``: the same architecture untrained, for the baseline;
-- ``build_backbone(preprocessing)`` (untrained), ``blocks(backbone)`` (for ``finetune.unfreeze``),
-  ``add_adapters(backbone, checkpoint, config)``, ``fold_adapters(model)``;
-- ``dataset(prepared_dir, split, preprocessing, augment)``: (input, label) items, with a
-  ``collate`` and item ``lengths`` where batching needs them;
-- ``onnx_signature(model, checkpoint)``, ``onnx_feed(batch)``: the export and its inputs;
-- ``predict_inputs(paths, texts, meta, text_column)``: what ``pipeline.predict`` was given;
-- ``describe(preprocessing)``, ``mistakes_view(rows, prepared_dir, save_figure)``: the report.
+A third modality is a package ``pipeline/modalities/<name>/`` that implements the contract,
+plus one line in ``BUILTIN`` (or ``register(name, module)`` for one that lives elsewhere,
+whose folder a project's dvc.yaml then lists as a dep).
 
 A batch, whatever the modality, is one tensor that the backbone's forward takes, so the
 training and inference loops (pipeline.core.training) never look inside it.
@@ -22,13 +19,13 @@ training and inference loops (pipeline.core.training) never look inside it.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from pipeline.core import params as core_params
 from pipeline.core.common import PREPARED_DIR
-from pipeline.core.errors import StageError
-from pipeline.modalities import images, text
+from pipeline.core.errors import ParamsError, StageError
 
 if TYPE_CHECKING:
     import torch
@@ -38,30 +35,74 @@ if TYPE_CHECKING:
     from pipeline.core.checkpoints import ClassifierCheckpoint
     from pipeline.core.distributed import Ranks
     from pipeline.core.models import Classifier
+    from pipeline.modalities.contract import Modality
 
-MODALITIES: dict[str, ModuleType] = {images.NAME: images, text.NAME: text}
-
-
-def for_dataset(dataset: str) -> ModuleType:
-    """The modality of params' ``data.dataset``: text, or images (digits, imagefolder, CIFAR)."""
-    return text if dataset == text.NAME else images
+# name: the module that implements it (pipeline.modalities.contract.Modality)
+BUILTIN = {"images": "pipeline.modalities.images", "text": "pipeline.modalities.text"}
+_registry: dict[str, str] = dict(BUILTIN)
 
 
-def for_arch(arch: str) -> ModuleType:
-    """The modality of params' ``backbone.arch``: images for a torchvision model, else text
-    (params check that it agrees with ``data.dataset``)."""
-    return images if images.is_architecture(arch) else text
+def register(name: str, module: str) -> None:
+    """Make the modality ``name``, implemented by the module ``module``, known to the stages."""
+    _registry[name] = module
 
 
-def for_checkpoint(checkpoint: dict[str, Any]) -> ModuleType:
-    """The modality a checkpoint, a sidecar or a preprocessing records."""
+def names() -> list[str]:
+    """The modalities a run can name in ``data.modality``."""
+    return list(_registry)
+
+
+def get(name: str) -> Modality:
+    """The modality ``name``, imported now (a run imports only its own)."""
     try:
-        return MODALITIES[checkpoint["modality"]]
+        module = _registry[name]
     except KeyError:
-        raise StageError(
-            f"a model file of modality {checkpoint.get('modality')!r}, which this pipeline does not know "
-            f"(it knows {', '.join(MODALITIES)}); update the project or rerun: dvc repro"
+        raise ParamsError(
+            f"data.modality: {name!r} is not a modality; choose one of: {', '.join(_registry)}"
         ) from None
+    return importlib.import_module(module)
+
+
+def for_params(params: dict[str, Any]) -> Modality:
+    """The modality params' ``data.modality`` names, once ``data.dataset`` is checked to be
+    one of its datasets."""
+    data = params["data"]
+    modality = get(data["modality"])
+    if data["dataset"] not in modality.DATASETS:
+        owners = [name for name in _registry if data["dataset"] in get(name).DATASETS]
+        hint = (
+            f"set data.modality: {owners[0]} for it (the stages' code deps in dvc.yaml follow that key)"
+            if owners
+            else f"the {data['modality']} datasets are: {', '.join(modality.DATASETS)}"
+        )
+        raise ParamsError(
+            f"data.dataset: {data['dataset']!r} is not a dataset of data.modality {data['modality']}; {hint}"
+        )
+    return modality
+
+
+def load_params(path: Path | str = core_params.PARAMS_FILE, check_models: bool = True) -> dict[str, Any]:
+    """params.yaml, every key checked: the shared keys by pipeline.core.params, the keys
+    whose meaning depends on the modality (the backbone, the recipe, the data's path) by the
+    run's modality. ``check_models=False`` skips the checks that import the model libraries
+    (torchvision's registry), for a stage that builds no model (report)."""
+    params = core_params.load_params(path)
+    try:
+        for_params(params).check_params(params, check_models)
+    except ParamsError as error:
+        raise ParamsError(f"{path}: {error}") from None
+    return params
+
+
+def for_checkpoint(checkpoint: dict[str, Any]) -> Modality:
+    """The modality a checkpoint, a sidecar or a preprocessing records."""
+    name = checkpoint.get("modality")
+    if name not in _registry:
+        raise StageError(
+            f"a model file of modality {name!r}, which this pipeline does not know "
+            f"(it knows {', '.join(_registry)}); update the project or rerun: dvc repro"
+        )
+    return get(name)
 
 
 def split_dataset(split: str, preprocessing: dict[str, Any], augment: str = "none") -> Dataset:
@@ -82,7 +123,7 @@ def inference_loader(
     back in dataset order), files decoded in ``num_workers`` processes: what extraction,
     the baseline, evaluation and the export's parity check run on."""
     from pipeline.core.distributed import Ranks, ShardSampler
-    from pipeline.core.training import loader_workers, make_loader
+    from pipeline.core.loaders import loader_workers, make_loader
 
     dataset = split_dataset(split, preprocessing)
     sampler = ShardSampler(

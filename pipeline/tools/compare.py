@@ -8,7 +8,7 @@ both sides). Metrics and figures are kept in git (``cache: false``); the per-cla
 of the base side come from the DVC cache.
 
 A fair diff compares two runs made on one machine: .ci/model-diff reproduces the base
-branch beside this one and passes its commit here. Run: ``python -m pipeline.compare --base main``.
+branch beside this one and passes its commit here. Run: ``python -m pipeline compare --base main``.
 """
 
 from __future__ import annotations
@@ -219,7 +219,8 @@ Linear probe:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description="Markdown diff of params, metrics and figures against a git revision."
+        prog="python -m pipeline compare",
+        description="Markdown diff of params, metrics and figures against a git revision.",
     )
     parser.add_argument("--base", default="main", help="git revision to compare with (default: main)")
     parser.add_argument(

@@ -1,5 +1,5 @@
 """Write the params reference, docs/reference/params.md, from the one place params are
-validated: ``python -m pipeline.params_reference [--check]``.
+validated: ``python -m pipeline params-reference [--check]``.
 
 Each key of params.yaml gets a row: its default (params.yaml's value), what it allows (the
 rule pipeline.core.params applies to it), the stages that read it (dvc.yaml's params) and
@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import modalities
 from pipeline.core import params as schema
 from pipeline.core.common import write_text
 from pipeline.core.entry import run_tool
@@ -57,9 +58,22 @@ def allowed(rule: Any) -> str:
         return "one of: " + ", ".join(f"`{choice}`" for choice in rule.choices)
     if rule.__name__ not in RULES:
         raise StageError(
-            f"pipeline/params_reference.py: no words for the rule {rule.__name__}; add them to RULES"
+            f"pipeline/tools/params_reference.py: no words for the rule {rule.__name__}; add them to RULES"
         )
     return RULES[rule.__name__]
+
+
+def modality_choices() -> dict[str, str]:
+    """The keys the modalities' registry checks (pipeline.modalities), in words: its names,
+    and each one's datasets."""
+    names = modalities.names()
+    datasets = "; ".join(
+        f"{name}: " + ", ".join(f"`{dataset}`" for dataset in modalities.get(name).DATASETS) for name in names
+    )
+    return {
+        "data.modality": "one of: " + ", ".join(f"`{name}`" for name in names),
+        "data.dataset": f"one of data.modality's datasets ({datasets})",
+    }
 
 
 def comments(params_text: str) -> dict[str, str]:
@@ -107,13 +121,14 @@ def reference(params_text: str, dvc_text: str) -> str:
     notes = comments(params_text)
     dvc = yaml.safe_load(dvc_text)
     declared, stage_order = readers(dvc), list(dvc["stages"])
+    choices = modality_choices()
     lines = [
         "# Params reference",
         "",
         "Every key of `params.yaml`, the pipeline's only configuration: its default, what it",
         "allows (checked when params load, before any stage works), the stages that read it (so",
         "the stages `dvc exp run -S key=value` reruns, with what follows them) and what it does.",
-        "Written by `python -m pipeline.params_reference` from `pipeline/core/params.py`,",
+        "Written by `python -m pipeline params-reference` from `pipeline/core/params.py`,",
         "`params.yaml` and `dvc.yaml`; a test fails where this page is not what it writes.",
         "",
     ]
@@ -139,7 +154,7 @@ def reference(params_text: str, dvc_text: str) -> str:
                 "`" + yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip() + "`"
             )
             lines.append(
-                f"| `{dotted}` | {cell(default)} | {cell(allowed(rule))} | "
+                f"| `{dotted}` | {cell(default)} | {cell(choices.get(dotted) or allowed(rule))} | "
                 f"{', '.join(stages) or '–'} | {cell(notes[dotted])} |"
             )
         lines.append("")
@@ -148,7 +163,7 @@ def reference(params_text: str, dvc_text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.params_reference", description=__doc__.split("\n\n")[0]
+        prog="python -m pipeline params-reference", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 where the page is stale")
     args = parser.parse_args(argv)
@@ -157,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = not REFERENCE_FILE.is_file() or REFERENCE_FILE.read_text() != page
         print(
-            f"{REFERENCE_FILE}: {'stale; run python -m pipeline.params_reference' if stale else 'up to date'}"
+            f"{REFERENCE_FILE}: {'stale; run python -m pipeline params-reference' if stale else 'up to date'}"
         )
         return 1 if stale else 0
     write_text(REFERENCE_FILE, page)

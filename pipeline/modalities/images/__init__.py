@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.core.errors import ParamsError, StageError
+from pipeline.core.params import require_raw_path
 
 if TYPE_CHECKING:
     import torch
@@ -27,18 +28,42 @@ if TYPE_CHECKING:
 
     from pipeline.core import distributed
     from pipeline.core.checkpoints import BackboneCheckpoint, ImagePreprocessing
-    from pipeline.core.data import PredictInputs, Splits
+    from pipeline.core.data import PredictInputs, PredictRequest, Splits
 
 NAME = "images"
+DATASETS = ("digits", "imagefolder", "cifar10", "cifar100")
+ORIENTED = ("digits",)  # datasets whose classes a flip changes (a mirrored 2 is no digit)
 ITEMS = "images"  # what messages and the report count
 SKIPPED = "unreadable image file(s) skipped (`data.skip_bad_images: true`)"  # the report's note
 
 
-def is_architecture(arch: str) -> bool:
-    """Whether ``arch`` names an image backbone (torchvision's registry, or the extras)."""
-    from pipeline.modalities.image_models import architectures
+def check_params(params: dict[str, Any], check_models: bool = True) -> None:
+    """The keys whose meaning is the images': the data's folder, an augmentation the data can
+    take, and (``check_models``) the backbone."""
+    from pipeline.core.recipe import AUGMENTS, FLIPPING
 
-    return arch in architectures()
+    data, augment = params["data"], params["finetune"]["augment"]
+    if data["dataset"] != "digits":  # the others are read from data.path
+        path = require_raw_path(data)
+        if data["dataset"] == "imagefolder" and not path.is_dir():
+            raise ParamsError(
+                f"data.path: {data['path']!r} is not a folder; put your class-per-folder images "
+                "there and track them with `dvc add`"
+            )
+    if data["dataset"] in ORIENTED and augment in FLIPPING:
+        allowed = [name for name in AUGMENTS if name not in FLIPPING]
+        raise ParamsError(
+            f"finetune.augment: {augment!r} flips images left to right, which changes "
+            f"the class of a {data['dataset']} image (a mirrored 2 or 5); choose one of: {', '.join(allowed)}"
+        )
+    if check_models:
+        check_backbone(params["backbone"])
+
+
+def auto_augment(dataset: str) -> str:
+    """The augmentation policy ``finetune.augment: auto`` picks: no flip where a flip changes
+    the class, the photo policy elsewhere (pipeline.core.recipe says what each does)."""
+    return "jitter" if dataset in ORIENTED else "photo"
 
 
 def check_backbone(config: dict[str, Any]) -> None:
@@ -46,14 +71,14 @@ def check_backbone(config: dict[str, Any]) -> None:
     one of its own, and it takes ``backbone.image_size``: checked when params load, before
     any stage works. Imports torchvision, the slow part of loading params."""
     from pipeline.core.params import BUILTIN_WEIGHTS, is_weights_file
-    from pipeline.modalities import image_models
+    from pipeline.modalities.images import models as image_models
 
     arch, weights, size = config["arch"], config["weights"], config["image_size"]
     available = image_models.architectures()
     if arch not in available:
         raise ParamsError(
             f"backbone.arch: unknown architecture {arch!r}; choose a torchvision classification "
-            f"model, one of: {', '.join(available)} (for texts, data.dataset: text with a "
+            f"model, one of: {', '.join(available)} (for texts, data.modality: text with a "
             "Hugging Face encoder)"
         )
     if weights not in BUILTIN_WEIGHTS and not is_weights_file(weights):
@@ -74,7 +99,7 @@ def prepare_splits(data: dict[str, Any], seed: int) -> tuple[Splits, list[str], 
     """The splits of ``data.dataset`` (digits, cifar10, cifar100, imagefolder), the class
     names and the files skipped as unreadable."""
     from pipeline.core.data import split_given
-    from pipeline.modalities import image_data
+    from pipeline.modalities.images import data as image_data
 
     fractions = (data["val_fraction"], data["test_fraction"], data["max_train_per_class"], seed)
     if data["dataset"] == "imagefolder":
@@ -91,7 +116,7 @@ def imagefolder_files(data: dict[str, Any]) -> tuple[dict, list[str], list[str]]
     """A class-per-folder tree's files by split ('all' where it has no split folders), its
     classes and the unreadable files skipped; unreadable files are an error listing them
     all, unless ``data.skip_bad_images``."""
-    from pipeline.modalities.image_data import scan_tree, unreadable_files
+    from pipeline.modalities.images.data import scan_tree, unreadable_files
 
     tree = scan_tree(Path(data["path"]))
     problems = unreadable_files(
@@ -137,7 +162,8 @@ def materialize(
     glyph task (``pretrain``, in ``ranks``' processes), random init (``none``), a local
     checkpoint, or torchvision's named weights."""
     from pipeline.core.checkpoints import backbone_checkpoint
-    from pipeline.modalities import glyphs, image_models
+    from pipeline.modalities.images import glyphs
+    from pipeline.modalities.images import models as image_models
 
     arch, weights, size = config["arch"], config["weights"], config["image_size"]
     mean, std, resize, metrics = image_models.PLAIN_MEAN, image_models.PLAIN_STD, size, {}
@@ -187,7 +213,7 @@ def preprocessing(
 def random_init_backbone(config: dict[str, Any]) -> tuple[nn.Module, ImagePreprocessing]:
     """``backbone.arch`` at random init (from torch's seeded generator), for the baseline,
     and the preprocessing that goes with no pretrained weights."""
-    from pipeline.modalities import image_models
+    from pipeline.modalities.images import models as image_models
 
     arch, size = config["arch"], config["image_size"]
     model, _ = image_models.build_backbone(arch, image_size=size)
@@ -197,7 +223,7 @@ def random_init_backbone(config: dict[str, Any]) -> tuple[nn.Module, ImagePrepro
 def build_backbone(preprocessing: dict[str, Any]) -> nn.Module:
     """The architecture ``preprocessing`` names, for its image size, with untrained weights
     (load_backbone puts a checkpoint's in)."""
-    from pipeline.modalities.image_models import build_backbone
+    from pipeline.modalities.images.models import build_backbone
 
     return build_backbone(preprocessing["arch"], image_size=preprocessing["image_size"])[0]
 
@@ -207,7 +233,7 @@ def dataset(prepared_dir: Path, split: str, preprocessing: dict[str, Any], augme
     the image files (``reads_files``: DataLoader workers decode them); ``augment`` names the
     training images' augmentation policy (image_data.augmentation)."""
     from pipeline.core.data import load_split
-    from pipeline.modalities.image_data import ImageArrayDataset, ImageFileDataset, checkpoint_transform
+    from pipeline.modalities.images.data import ImageArrayDataset, ImageFileDataset, checkpoint_transform
 
     images, labels = load_split(prepared_dir, split)
     transform = checkpoint_transform(preprocessing, augment)
@@ -218,29 +244,29 @@ def dataset(prepared_dir: Path, split: str, preprocessing: dict[str, Any], augme
 
 def batch_mixing(mix: str, alpha: float, num_classes: int) -> Callable | None:
     """The training batches' MixUp or CutMix (``finetune.mix``), None for none."""
-    from pipeline.modalities.image_data import batch_mixing
+    from pipeline.modalities.images.data import batch_mixing
 
     return batch_mixing(mix, alpha, num_classes)
 
 
 def blocks(backbone: nn.Module) -> list[nn.Module]:
     """The backbone's stages in order, for ``finetune.unfreeze``."""
-    from pipeline.modalities.image_models import feature_blocks
+    from pipeline.modalities.images.models import feature_blocks
 
     return feature_blocks(backbone)
 
 
 def add_adapters(backbone: nn.Module, checkpoint: dict[str, Any], config: dict[str, Any]) -> None:
     """Residual adapters beside every kxk convolution of the frozen backbone, BatchNorm's
-    scale and shift trainable (pipeline.modalities.conv_adapters)."""
-    from pipeline.modalities.conv_adapters import add_adapters
+    scale and shift trainable (pipeline.modalities.images.adapters)."""
+    from pipeline.modalities.images.adapters import add_adapters
 
     add_adapters(backbone, checkpoint["arch"])
 
 
 def fold_adapters(model: nn.Module) -> nn.Module:
     """The model with its adapters folded into the convolutions' kernels (exact)."""
-    from pipeline.modalities.conv_adapters import fold_adapters
+    from pipeline.modalities.images.adapters import fold_adapters
 
     fold_adapters(model)
     return model
@@ -266,22 +292,20 @@ def onnx_feed(batch: torch.Tensor) -> dict[str, np.ndarray]:
     return {"images": batch.numpy().astype(np.float32, copy=False)}
 
 
-def predict_inputs(
-    paths: list[str], texts: list[str], meta: dict[str, Any], text_column: str
-) -> PredictInputs:
+def predict_inputs(request: PredictRequest, meta: dict[str, Any]) -> PredictInputs:
     """Image files and folders (searched recursively for files with an image extension) for
-    ``python -m pipeline.predict``, preprocessed as ``meta`` (the model's) says; a file
+    ``python -m pipeline predict``, preprocessed as ``meta`` (the model's) says; a file
     that cannot be read is a row with its error."""
     import torch
 
     from pipeline.core.data import PredictInputs
-    from pipeline.modalities.image_data import ImagesToPredict, checkpoint_transform, image_files, printable
+    from pipeline.modalities.images.data import ImagesToPredict, checkpoint_transform, image_files, printable
 
-    if texts:
+    if request.texts:
         raise ParamsError("--text: this model classifies images; give image files or folders")
-    files, others = image_files(paths)
+    files, others = image_files(request.paths)
     if not files:
-        raise StageError(f"no image files in {', '.join(paths)}")
+        raise StageError(f"no image files in {', '.join(request.paths)}")
     return PredictInputs(
         columns={"path": [printable(path) for path in files]},
         dataset=ImagesToPredict(files, checkpoint_transform(meta)),
@@ -293,9 +317,9 @@ def predict_inputs(
     )
 
 
-def describe(preprocessing: dict[str, Any]) -> str:
-    """How inputs reach the backbone, for the report's first line."""
-    return f"at {preprocessing['image_size']} px"
+def describe(backbone: dict[str, Any]) -> str:
+    """How images reach the backbone (params' ``backbone`` section), for the report's first line."""
+    return f"at {backbone['image_size']} px"
 
 
 def mistakes_view(rows: list[dict[str, str]], prepared_dir: Path, save_figure: Callable) -> str:
@@ -331,6 +355,6 @@ def gallery_images(rows: list[dict[str, str]], prepared_dir: Path) -> list[np.nd
         with np.load(archive) as data:
             images = data["images"]
             return [images[int(row["index"])] for row in rows]
-    from pipeline.modalities.image_data import read_rgb  # imports torch: only image files need it
+    from pipeline.modalities.images.data import read_rgb  # imports torch: only image files need it
 
     return [read_rgb(row["source"]) for row in rows]

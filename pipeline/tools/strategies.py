@@ -1,4 +1,4 @@
-"""Compare transfer strategies from DVC experiments: ``python -m pipeline.strategies``.
+"""Compare transfer strategies from DVC experiments: ``python -m pipeline strategies``.
 
 Reads ``dvc exp show --json`` (run here, or a file saved from it with ``--json``), groups the
 experiments by their params other than ``seed``, and writes a markdown table and a figure:
@@ -228,7 +228,7 @@ def exp_show_json() -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.strategies", description=__doc__.split("\n\n")[0]
+        prog="python -m pipeline strategies", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--json", type=Path, help="a saved `dvc exp show --json` (default: run it here)")
     parser.add_argument("--out", type=Path, default=STRATEGIES_FILE)

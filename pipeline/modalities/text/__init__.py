@@ -1,9 +1,9 @@
 """The text modality: what the stages need of texts, behind the seam pipeline.modalities
 describes (every function here has its twin in pipeline.modalities.images).
 
-Texts come from CSV, TSV or JSON Lines files (pipeline.modalities.text_files); the
+Texts come from CSV, TSV or JSON Lines files (pipeline.modalities.text.files); the
 backbone is a Hugging Face encoder (BERT and its family) with its own pretrained weights
-or at random init, pooled into one vector per text (pipeline.modalities.text_models). A
+or at random init, pooled into one vector per text (pipeline.modalities.text.models). A
 split is tokenised once, in one call, when a stage builds its dataset; a batch is one
 int64 tensor N x 2 x L (token ids, attention mask), padded to its longest text, with
 texts of about one length batched together.
@@ -14,12 +14,14 @@ imports this module for its view of the mistakes and needs neither.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.core.errors import ParamsError, StageError
+from pipeline.core.params import require_raw_path
 
 if TYPE_CHECKING:
     import torch
@@ -28,24 +30,51 @@ if TYPE_CHECKING:
 
     from pipeline.core import distributed
     from pipeline.core.checkpoints import BackboneCheckpoint, TextPreprocessing
-    from pipeline.core.data import PredictInputs, Splits
-    from pipeline.modalities.text_files import Rows
+    from pipeline.core.data import PredictInputs, PredictRequest, Splits
+    from pipeline.modalities.text.files import Rows
 
 NAME = "text"
+DATASETS = ("text",)
 ITEMS = "texts"  # what messages and the report count
 SKIPPED = "empty text(s) skipped (`data.skip_bad_texts: true`)"  # the report's note
 WEIGHTS = ("pretrain", "none")
 SHOWN_CHARACTERS = 300  # of each text in the report's table
 
 
+def check_params(params: dict[str, Any], check_models: bool = True) -> None:
+    """The keys whose meaning is the texts': the data's file or folder, no image
+    augmentation, and (``check_models``) the backbone."""
+    data, finetune = params["data"], params["finetune"]
+    if not require_raw_path(data).exists():
+        raise ParamsError(
+            f"data.path: {data['path']!r} does not exist; put your labelled texts there (a CSV, "
+            "TSV or JSON Lines file, or a folder with train/val/test files) and track them with `dvc add`"
+        )
+    for key, off in (("augment", ("auto", "none")), ("mix", ("none",))):
+        if finetune[key] not in off:
+            raise ParamsError(
+                f"finetune.{key}: {finetune[key]!r} transforms images, and data.modality is text; "
+                f"choose {' or '.join(off)}"
+            )
+    if check_models:
+        check_backbone(params["backbone"])
+
+
+def auto_augment(dataset: str) -> str:
+    """``finetune.augment: auto`` for texts: none (the policies transform images)."""
+    return "none"
+
+
 def check_backbone(config: dict[str, Any]) -> None:
     """``backbone.arch`` names a text encoder (not an image model; a folder under
     data/weights/ that holds one) and ``backbone.weights`` is one a text encoder takes:
     checked when params load, before any stage works."""
-    from pipeline.modalities import images, text_models
+    from torchvision.models import list_models
+
+    from pipeline.modalities.text import models as text_models
 
     arch = config["arch"]
-    if images.is_architecture(arch):
+    if arch in list_models():
         raise ParamsError(
             f"backbone.arch: {arch!r} is an image model, and data.dataset is text; choose a Hugging "
             "Face text encoder: sentence-transformers/all-MiniLM-L6-v2 (offline, the text extra), "
@@ -70,7 +99,7 @@ def prepare_splits(data: dict[str, Any], seed: int) -> tuple[Splits, list[str], 
     files, the missing splits held out of train (or one file split three ways), stratified;
     the class names; the empty texts skipped."""
     from pipeline.core.data import split_given
-    from pipeline.modalities import text_files
+    from pipeline.modalities.text import files as text_files
 
     root = Path(data["path"])
     files = text_files.data_files(root)
@@ -101,7 +130,7 @@ def prepare_splits(data: dict[str, Any], seed: int) -> tuple[Splits, list[str], 
 def drop_empty_texts(rows: dict[str, Rows], files: dict[str, Path], skip: bool) -> list[str]:
     """Empty or whitespace-only texts: an error that lists them (file and line), or, with
     ``data.skip_bad_texts``, dropped; returns the sources of those dropped."""
-    from pipeline.modalities.text_files import refuse
+    from pipeline.modalities.text.files import refuse
 
     skipped = []
     for split, part in rows.items():
@@ -118,7 +147,7 @@ def drop_empty_texts(rows: dict[str, Rows], files: dict[str, Path], skip: bool) 
 def class_names(root: Path, rows: dict[str, Rows], files: dict[str, Path]) -> list[str]:
     """The classes in label order: labels.txt's where the folder has one, else the training
     labels in natural order; a label outside them is an error naming its file and line."""
-    from pipeline.modalities.text_files import LABELS_FILE, natural_order, read_labels_file, refuse
+    from pipeline.modalities.text.files import LABELS_FILE, natural_order, read_labels_file, refuse
 
     training = rows.get("all") or rows["train"]
     labels_file = root / LABELS_FILE if root.is_dir() else None
@@ -179,7 +208,7 @@ def materialize(
     kept beside the weights. Nothing trains here, so ``device`` and the processes are
     unused."""
     from pipeline.core.checkpoints import backbone_checkpoint
-    from pipeline.modalities import text_models
+    from pipeline.modalities.text import models as text_models
 
     chosen = preprocessing(config)
     if config["weights"] == "pretrain":
@@ -198,7 +227,7 @@ def materialize(
 def unpinned_warning(arch: str, revision: str, commit: str) -> str | None:
     """A warning where a hub id is read at a branch or tag, which can move upstream without
     DVC seeing it: it names the commit it resolved to, to pin."""
-    from pipeline.modalities import text_models
+    from pipeline.modalities.text import models as text_models
 
     if not text_models.is_hub_id(arch) or text_models.is_commit(revision):
         return None
@@ -216,7 +245,7 @@ def preprocessing(config: dict[str, Any], weights: str | None = None) -> TextPre
     and pooling, and the hub commit read ("" where the encoder is not read from the hub). A
     ``max_length`` beyond the encoder's positions, or too short to hold a token beside the
     special tokens, is an error."""
-    from pipeline.modalities import text_models
+    from pipeline.modalities.text import models as text_models
 
     arch = config["arch"]
     # One commit for the config, the tokenizer and (in materialize) the weights.
@@ -258,7 +287,7 @@ def preprocessing(config: dict[str, Any], weights: str | None = None) -> TextPre
 def random_init_backbone(config: dict[str, Any]) -> tuple[nn.Module, TextPreprocessing]:
     """``backbone.arch`` at random init (from torch's seeded generator), for the baseline,
     fed as the pretrained one is: the same tokenizer, length, padding and pooling."""
-    from pipeline.modalities import text_models
+    from pipeline.modalities.text import models as text_models
 
     chosen = preprocessing(config, weights="none")
     model = text_models.encoder_from_config(chosen["config"])
@@ -268,7 +297,7 @@ def random_init_backbone(config: dict[str, Any]) -> tuple[nn.Module, TextPreproc
 def build_backbone(preprocessing: dict[str, Any]) -> nn.Module:
     """The encoder ``preprocessing`` describes, with untrained weights (load_backbone puts a
     checkpoint's in)."""
-    from pipeline.modalities import text_models
+    from pipeline.modalities.text import models as text_models
 
     model = text_models.encoder_from_config(preprocessing["config"])
     return text_models.TextEncoder(model, preprocessing["pooling"])
@@ -284,7 +313,7 @@ def dataset(prepared_dir: Path, split: str, preprocessing: dict[str, Any], augme
     a ``collate`` that pads a batch, and ``truncated``: how many texts lost tokens. Texts
     have no augmentation (``augment`` is the images')."""
     from pipeline.core.data import load_split
-    from pipeline.modalities import text_models
+    from pipeline.modalities.text import models as text_models
 
     columns, labels = load_split(prepared_dir, split)
     ids, truncated = text_models.tokenise(preprocessing, columns["texts"])
@@ -297,7 +326,7 @@ def dataset(prepared_dir: Path, split: str, preprocessing: dict[str, Any], augme
 
 def blocks(backbone: nn.Module) -> list[nn.Module]:
     """The encoder's transformer layers in order, for ``finetune.unfreeze``."""
-    from pipeline.modalities.text_models import encoder_blocks
+    from pipeline.modalities.text.models import encoder_blocks
 
     return encoder_blocks(backbone)
 
@@ -305,14 +334,14 @@ def blocks(backbone: nn.Module) -> list[nn.Module]:
 def add_adapters(backbone: nn.Module, checkpoint: dict[str, Any], config: dict[str, Any]) -> None:
     """LoRA adapters of rank ``finetune.adapter_rank`` beside the frozen encoder's attention
     projections (PEFT)."""
-    from pipeline.modalities.text_models import add_lora
+    from pipeline.modalities.text.models import add_lora
 
     add_lora(backbone, config["adapter_rank"])
 
 
 def fold_adapters(model: nn.Module) -> nn.Module:
     """The model with its LoRA updates merged into the encoder's weights (a plain encoder)."""
-    from pipeline.modalities.text_models import merge_lora
+    from pipeline.modalities.text.models import merge_lora
 
     merge_lora(model.backbone)
     return model
@@ -326,7 +355,7 @@ def onnx_signature(
     to ``max_length``)."""
     import torch
 
-    from pipeline.modalities.text_models import OnnxTextInputs
+    from pipeline.modalities.text.models import OnnxTextInputs
 
     longest = checkpoint["max_length"]
     inputs = [
@@ -346,18 +375,16 @@ def onnx_feed(batch: torch.Tensor) -> dict[str, np.ndarray]:
     return {"input_ids": batch[:, 0].numpy(), "attention_mask": batch[:, 1].numpy()}
 
 
-def predict_inputs(
-    paths: list[str], texts: list[str], meta: dict[str, Any], text_column: str
-) -> PredictInputs:
-    """Texts for ``python -m pipeline.predict``: ``--text`` arguments, then each PATH: a CSV,
+def predict_inputs(request: PredictRequest, meta: dict[str, Any]) -> PredictInputs:
+    """Texts for ``python -m pipeline predict``: ``--text`` arguments, then each PATH: a CSV,
     TSV or JSON Lines file (its ``text_column``), ``-`` (standard input) or any other file,
     one text a line (blank lines skipped). An empty text, or a row that cannot be read, is
     a row with its error; texts are tokenised once and predicted longest first."""
     import sys
 
     from pipeline.core.data import PredictInputs
-    from pipeline.modalities import text_models
-    from pipeline.modalities.text_files import FORMATS, decoded, lines_of, records
+    from pipeline.modalities.text import models as text_models
+    from pipeline.modalities.text.files import FORMATS, decoded, lines_of, records
 
     sources, found, problems = [], [], []
 
@@ -366,14 +393,14 @@ def predict_inputs(
         found.append(content)
         problems.append(problem or ("" if content.strip() else "an empty text"))
 
-    for number, content in enumerate(texts, start=1):
+    for number, content in enumerate(request.texts, start=1):
         add(f"--text {number}", content)
-    for name in paths:
+    for name in request.paths:
         path = Path(name)
         if name == "-":
             lines = [(f"stdin:{number}", line) for number, line in enumerate(lines_of(sys.stdin.read()), 1)]
         elif path.is_file() and path.suffix.lower() in FORMATS:
-            for record in records(path, text_column, text_key="--text-column"):
+            for record in records(path, request.text_column, text_key="--text-column"):
                 add(f"{path}:{record.line}", record.text, record.problem)
             continue
         elif path.is_file():
@@ -399,16 +426,16 @@ def predict_inputs(
     )
 
 
-def describe(config: dict[str, Any]) -> str:
-    """How texts reach the encoder, for the report's first line."""
-    side = "their end kept" if config["truncation"] == "left" else "their start kept"
+def describe(backbone: dict[str, Any]) -> str:
+    """How texts reach the encoder (params' ``backbone`` section), for the report's first line."""
+    side = "their end kept" if backbone["truncation"] == "left" else "their start kept"
     return (
-        f"reading at most {config['max_length']} tokens a text ({side}), {config['pooling']}-pooled, "
-        f"padding {'each batch to its longest text' if config['padding'] == 'dynamic' else 'to max_length'}"
+        f"reading at most {backbone['max_length']} tokens a text ({side}), {backbone['pooling']}-pooled, "
+        f"padding {'each batch to its longest text' if backbone['padding'] == 'dynamic' else 'to max_length'}"
     )
 
 
-def mistakes_view(rows: list[dict[str, str]], prepared_dir: Path, save_figure: Any) -> str:
+def mistakes_view(rows: list[dict[str, str]], prepared_dir: Path, save_figure: Callable) -> str:
     """The report's view of the highest-loss test texts (``rows``, highest first): a table
     of each text (its first SHOWN_CHARACTERS characters), true class, prediction,
     probability and loss."""

@@ -1,6 +1,6 @@
 """Write a prepared split's examples as files to try predict on.
 
-    python -m pipeline.samples data/samples --split test --per-class 5
+    python -m pipeline samples data/samples --split test --per-class 5
 
 Images go one folder per class: an in-memory dataset (digits, CIFAR) as lossless PNGs named
 by each image's index in the split (``<class>/test-00042.png``), so predict sees the very
@@ -62,7 +62,7 @@ def write_samples(out: Path, split: str, per_class: int, prepared_dir: Path = PR
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.samples", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline samples", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="a new folder to write <class>/<file> into")
     parser.add_argument("--split", default="test", choices=SPLITS, help="which prepared split (default test)")
     parser.add_argument("--per-class", type=int, default=5, help="images per class; 0 for all (default 5)")

@@ -1,9 +1,9 @@
 """Predict the classes of new images or texts with the fine-tuned model, or its ONNX export.
 
-    python -m pipeline.predict photos/ more/cat.jpg --out predictions.csv
-    python -m pipeline.predict photos/ --onnx models/model.onnx --top-k 5
-    python -m pipeline.predict news.csv --text-column body        # a text model
-    python -m pipeline.predict --text "Stocks fell sharply" notes.txt -
+    python -m pipeline predict photos/ more/cat.jpg --out predictions.csv
+    python -m pipeline predict photos/ --onnx models/model.onnx --top-k 5
+    python -m pipeline predict news.csv --text-column body        # a text model
+    python -m pipeline predict --text "Stocks fell sharply" notes.txt -
 
 For an image model: image files and folders (searched recursively for files with an image
 extension). For a text model: ``--text`` arguments, and files: CSV, TSV or JSON Lines (their
@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.core.checkpoints import read_classifier, read_sidecar
 from pipeline.core.common import FINETUNED_FILE, progress, resolve_device, write_text
-from pipeline.core.data import PredictInputs
+from pipeline.core.data import PredictInputs, PredictRequest
 from pipeline.core.entry import run_tool
 from pipeline.core.errors import ParamsError
 from pipeline.core.params import DEVICES
@@ -100,7 +100,7 @@ def predictions_csv(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline predict", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "paths",
         nargs="*",
@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     meta = read_sidecar(args.onnx) if args.onnx else read_classifier(args.model)
     check_args(args, meta["classes"])
-    inputs = for_checkpoint(meta).predict_inputs(args.paths, args.text, meta, args.text_column)
+    request = PredictRequest(args.paths, args.text, args.text_column)
+    inputs = for_checkpoint(meta).predict_inputs(request, meta)
     probabilities = onnx_predictor(args.onnx, meta) if args.onnx else torch_predictor(meta, args.device)
     rows, errors = read_all(inputs, probabilities, args, meta["classes"])
     table = predictions_csv(inputs.columns, rows, errors, args.top_k)

@@ -21,10 +21,13 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from pipeline.core import distributed
+from pipeline.core.loaders import make_loader, optimizer_steps
 from pipeline.core.models import Classifier
-from pipeline.core.training import fit, last_epoch, make_loader, optimizer_steps, warmup_cosine
-from pipeline.modalities.image_data import ImageArrayDataset, image_transform
-from pipeline.modalities.image_models import PLAIN_MEAN, PLAIN_STD, build_backbone
+from pipeline.core.optim import warmup_cosine
+from pipeline.core.selection import last_epoch
+from pipeline.core.training import fit
+from pipeline.modalities.images.data import ImageArrayDataset, image_transform
+from pipeline.modalities.images.models import PLAIN_MEAN, PLAIN_STD, build_backbone
 
 GREEK = "ΓΔΘΛΞΠΣΦΨΩαβγδεζηθικλμνξπρστυφχψω"
 SYMBOLS = "#$%&@*+=?!<>/\\{}[]()§¶~^"
