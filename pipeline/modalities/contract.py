@@ -92,6 +92,11 @@ class Modality(Protocol):
     def predict_inputs(self, request: PredictRequest, meta: dict[str, Any]) -> PredictInputs:
         """What the user gave predict, read as this modality reads it."""
 
+    def write_samples(
+        self, prepared_dir: Path, split: str, keep: list[int], classes: list[str], out: Path
+    ) -> None:
+        """The ``keep`` items of a prepared split as files in ``out`` that predict reads."""
+
     # report
     def describe(self, backbone: dict[str, Any]) -> str:
         """How inputs reach the backbone (params' ``backbone`` section), for the report."""

@@ -6,20 +6,19 @@ Images go one folder per class: an in-memory dataset (digits, CIFAR) as lossless
 by each image's index in the split (``<class>/test-00042.png``), so predict sees the very
 pixels evaluate saw; a dataset of image files is copied. Texts go to one CSV,
 ``<split>.csv`` (columns index, text, label). The folder must not exist yet: nothing is
-overwritten. Reads data/prepared/ (run ``dvc repro prepare`` first).
+overwritten. Reads data/prepared/ (run ``dvc repro prepare`` first) and params'
+``data.modality``, whose package writes the files.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import shutil
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from pipeline.core.common import PREPARED_DIR, atomic_path
+from pipeline import modalities
+from pipeline.core.common import PREPARED_DIR
 from pipeline.core.data import SPLITS, load_classes, load_split
 from pipeline.core.entry import run_tool
 from pipeline.core.errors import ParamsError
@@ -37,27 +36,12 @@ def chosen(labels: np.ndarray, per_class: int) -> list[int]:
 
 
 def write_samples(out: Path, split: str, per_class: int, prepared_dir: Path = PREPARED_DIR) -> int:
-    """Write the files; return how many."""
-    images, labels = load_split(prepared_dir, split)
-    classes = load_classes(prepared_dir)
+    """Write the files, as the run's modality (params' ``data.modality``) writes its inputs;
+    return how many."""
+    _, labels = load_split(prepared_dir, split)
     keep = chosen(labels, per_class)
-    if isinstance(images, dict) and "texts" in images:
-        rows = [(index, images["texts"][index], classes[labels[index]]) for index in keep]
-        with atomic_path(out) as staged:
-            staged.mkdir()
-            with open(staged / f"{split}.csv", "w", newline="", encoding="utf-8") as file:
-                csv.writer(file).writerows([("index", "text", "label"), *rows])
-        return len(keep)
-    with atomic_path(out) as staged:
-        for name in classes:
-            (staged / name).mkdir(parents=True)
-        for index in keep:
-            folder = staged / classes[labels[index]]
-            if isinstance(images, dict):
-                source = Path(images["paths"][index])
-                shutil.copyfile(source, folder / f"{split}-{index:05d}{source.suffix.lower()}")
-            else:
-                Image.fromarray(images[index]).save(folder / f"{split}-{index:05d}.png")
+    modality = modalities.get(modalities.load_params(check_models=False)["data"]["modality"])
+    modality.write_samples(prepared_dir, split, keep, load_classes(prepared_dir), out)
     return len(keep)
 
 

@@ -317,6 +317,30 @@ def predict_inputs(request: PredictRequest, meta: dict[str, Any]) -> PredictInpu
     )
 
 
+def write_samples(prepared_dir: Path, split: str, keep: list[int], classes: list[str], out: Path) -> None:
+    """The ``keep`` items of a prepared split as files in ``out``, one folder per class: an
+    image held in memory as a PNG named by its index in the split (``<class>/test-00042.png``),
+    so predict sees the very pixels evaluate saw; an image file copied."""
+    import shutil
+
+    from PIL import Image
+
+    from pipeline.core.common import atomic_path
+    from pipeline.core.data import load_split
+
+    images, labels = load_split(prepared_dir, split)
+    with atomic_path(out) as staged:
+        for name in classes:
+            (staged / name).mkdir(parents=True)
+        for index in keep:
+            folder = staged / classes[labels[index]]
+            if isinstance(images, dict):
+                source = Path(images["paths"][index])
+                shutil.copyfile(source, folder / f"{split}-{index:05d}{source.suffix.lower()}")
+            else:
+                Image.fromarray(images[index]).save(folder / f"{split}-{index:05d}.png")
+
+
 def describe(backbone: dict[str, Any]) -> str:
     """How images reach the backbone (params' ``backbone`` section), for the report's first line."""
     return f"at {backbone['image_size']} px"

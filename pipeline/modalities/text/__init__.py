@@ -426,6 +426,22 @@ def predict_inputs(request: PredictRequest, meta: dict[str, Any]) -> PredictInpu
     )
 
 
+def write_samples(prepared_dir: Path, split: str, keep: list[int], classes: list[str], out: Path) -> None:
+    """The ``keep`` texts of a prepared split as one CSV, ``out/<split>.csv`` (columns index,
+    text, label), which predict reads."""
+    import csv
+
+    from pipeline.core.common import atomic_path
+    from pipeline.core.data import load_split
+
+    columns, labels = load_split(prepared_dir, split)
+    rows = [(index, columns["texts"][index], classes[labels[index]]) for index in keep]
+    with atomic_path(out) as staged:
+        staged.mkdir()
+        with open(staged / f"{split}.csv", "w", newline="", encoding="utf-8") as file:
+            csv.writer(file).writerows([("index", "text", "label"), *rows])
+
+
 def describe(backbone: dict[str, Any]) -> str:
     """How texts reach the encoder (params' ``backbone`` section), for the report's first line."""
     side = "their end kept" if backbone["truncation"] == "left" else "their start kept"
