@@ -5,6 +5,7 @@ text), or says on its first line why not (``# not tested: <reason>``)."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -119,7 +120,7 @@ def run_block(repo: Path, code: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_the_readmes_own_photos_commands_run_as_written(tiny_run, tmp_path):
     """On the tiny config, with a generated class-per-folder tree where the README says to put
-    it, and a folder of new photos to predict."""
+    it, and a folder of new photos to predict; then an image of the tree is deleted."""
     repo = copy_repo(tiny_run.repo, tmp_path / "repo")
     make_tree(repo / "data" / "raw" / "images", classes=("cat", "dog", "bird"), per_class=3)
     make_tree(repo / "new-photos", classes=("a",), per_class=1)
@@ -127,6 +128,10 @@ def test_the_readmes_own_photos_commands_run_as_written(tiny_run, tmp_path):
     assert "Experiment" in output  # dvc exp show's table
     rows = (repo / "predictions.csv").read_text().splitlines()
     assert rows[0].startswith("path,class_1,probability_1") and len(rows) == 1 + 7
+    # The folder is a DVC dependency: a changed image reruns the stages that read it.
+    assert run(repo, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
+    next((repo / "data/raw/images/cat").iterdir()).unlink()
+    assert {"prepare", "extract"} <= set(json.loads(run(repo, "dvc", "status", "--json").stdout))
 
 
 @pytest.mark.slow

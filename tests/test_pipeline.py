@@ -17,7 +17,6 @@ from tests.conftest import (
     copy_repo,
     declared_outputs,
     make_pipeline_repo,
-    make_tree,
     ran_stages,
     read_params,
     restored_stages,
@@ -245,32 +244,6 @@ def test_pull_on_a_second_clone_restores_every_stage_without_running_it(tiny_run
     assert ran_stages(repro_pull.output) == []
     assert snapshot(restored) == snapshot(tiny_run.repo)
     print(f"second clone: dvc pull {pull.seconds:.1f} s, dvc repro --pull {repro_pull.seconds:.1f} s")
-
-
-def test_own_image_folder_tracked_with_dvc_add_runs_and_reruns_when_images_change(tiny_repo):
-    """The DVC side of bringing your own images: the stages that read data/raw rerun when
-    its files change (every stage on an image folder: tests/test_images.py)."""
-    make_tree(tiny_repo / "data" / "raw" / "images", classes=("cat", "dog"), per_class=3)
-    run(tiny_repo, "dvc", "add", "data/raw/images")
-    run(tiny_repo, "git", "add", "-A")
-    run(tiny_repo, "git", "commit", "-q", "-m", "images")
-    changes = [
-        "data.dataset=imagefolder",
-        "data.path=data/raw/images",
-        "data.val_fraction=0.25",
-        "data.test_fraction=0.25",
-        "backbone.weights=none",
-    ]
-    sets = [arg for change in changes for arg in ("-S", change)]
-    result = run(tiny_repo, "dvc", "exp", "run", *sets, "extract")
-    assert sorted(ran_stages(result.stdout)) == ["backbone", "extract", "prepare"]
-    assert json.loads((tiny_repo / "data/prepared/classes.json").read_text()) == ["cat", "dog"]
-    status = run(tiny_repo, "dvc", "status", "extract", "--with-deps").stdout
-    assert status.strip() == "Data and pipelines are up to date."
-
-    (tiny_repo / "data/raw/images/cat/0_grey.png").unlink()
-    status = json.loads(run(tiny_repo, "dvc", "status", "extract", "--with-deps", "--json").stdout)
-    assert {"prepare", "extract"} <= set(status)
 
 
 def test_a_local_checkpoint_is_a_dependency_whose_bytes_rerun_the_backbone(tiny_repo):

@@ -13,6 +13,7 @@ tests/test_stage_params.py does the same for params.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def module_file(name: str) -> Path | None:
     return None
 
 
+@functools.cache
 def imported_modules(path: Path) -> set[str]:
     """The pipeline modules a file imports anywhere (a function's lazy import included),
     and the packages that hold them, whose ``__init__.py`` runs first."""
@@ -65,7 +67,8 @@ def imported_modules(path: Path) -> set[str]:
     return modules | packages
 
 
-def import_closure(module: str) -> set[str]:
+@functools.cache
+def import_closure(module: str) -> frozenset[str]:
     """``module`` and every pipeline module it imports, transitively."""
     seen, todo = set(), [module]
     while todo:
@@ -73,7 +76,7 @@ def import_closure(module: str) -> set[str]:
         if name not in seen:
             seen.add(name)
             todo += imported_modules(module_file(name))
-    return seen
+    return frozenset(seen)
 
 
 def test_the_closure_follows_lazy_imports_and_skips_type_checking_ones(tmp_path):
