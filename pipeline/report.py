@@ -13,7 +13,7 @@ Run: ``python -m pipeline.report``.
 from __future__ import annotations
 
 import csv
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -43,6 +43,9 @@ from pipeline.core.epoch_log import read_epoch_log
 from pipeline.core.errors import StageError
 from pipeline.core.metrics import highest_losses, most_confused_pairs
 from pipeline.modalities import load_params
+
+if TYPE_CHECKING:
+    from pipeline.modalities.contract import Modality
 
 MISTAKES_SHOWN = 16  # test examples with the highest loss the report shows
 LABELS = {"linear_probe": "Linear probe", "finetuned": "Fine-tuned", "random_init_probe": "Random-init probe"}
@@ -224,23 +227,10 @@ def recipe_note(finetune: dict[str, Any]) -> str:
     return f", augmentation {finetune['augment']}, BatchNorm {finetune['bn']}, mixing {finetune['mix']}"
 
 
-def render_report(params: dict[str, Any], backbone_hash: str) -> str:
-    test, details = read_json(METRICS_DIR / "test.json"), read_json(METRICS_DIR / "per_class.json")
-    baseline = read_json(METRICS_DIR / "baseline.json")
-    backbone = read_json(METRICS_DIR / "backbone.json")
-    histories = {stage: read_epoch_log(LIVE_DIR / stage, stage) for stage in ("head", "finetune")}
-    curves, confusion, per_class = (
-        training_curves_figure(histories),
-        confusion_figure(details),
-        per_class_figure(details),
-    )
-    modality = modalities.get(params["data"]["modality"])
-    predictions = read_predictions()
-    worst = highest_loss_rows(predictions, MISTAKES_SHOWN)
-    worst_view = modality.mistakes_view(worst, PREPARED_DIR, save_figure)
-    reliability = reliability_figure(details)
-    mistakes = sum(row["actual"] != row["predicted"] for row in predictions)
-    config = params["backbone"]
+def run_notes(modality: Modality, config: dict[str, Any], backbone: dict[str, Any]) -> str:
+    """What the report says after its first line: the inputs (and texts truncated), the
+    pretraining, the processes and device each training ran on, what fine-tuning trained and
+    kept, what prepare skipped."""
     skipped = read_json(PREPARED_DIR / "skipped.json")
     skipped_note = (
         f"\n\n**{len(skipped)} {modality.SKIPPED}**, listed in `{PREPARED_DIR}/skipped.json`."
@@ -269,7 +259,27 @@ def render_report(params: dict[str, Any], backbone_hash: str) -> str:
         f"{finetune['trainable_params']:,} parameters; {kept_note(finetune)}."
     )
     inputs = splits_note(read_json(FEATURES_SUMMARY), modality.ITEMS, config["max_length"])
-    notes = inputs + pretrain + processes + trained + skipped_note
+    return inputs + pretrain + processes + trained + skipped_note
+
+
+def render_report(params: dict[str, Any], backbone_hash: str) -> str:
+    test, details = read_json(METRICS_DIR / "test.json"), read_json(METRICS_DIR / "per_class.json")
+    baseline = read_json(METRICS_DIR / "baseline.json")
+    backbone = read_json(METRICS_DIR / "backbone.json")
+    histories = {stage: read_epoch_log(LIVE_DIR / stage, stage) for stage in ("head", "finetune")}
+    curves, confusion, per_class = (
+        training_curves_figure(histories),
+        confusion_figure(details),
+        per_class_figure(details),
+    )
+    modality = modalities.get(params["data"]["modality"])
+    predictions = read_predictions()
+    worst = highest_loss_rows(predictions, MISTAKES_SHOWN)
+    worst_view = modality.mistakes_view(worst, PREPARED_DIR, save_figure)
+    reliability = reliability_figure(details)
+    mistakes = sum(row["actual"] != row["predicted"] for row in predictions)
+    config = params["backbone"]
+    notes = run_notes(modality, config, backbone)
     return f"""# Transfer-learning report
 
 Dataset **{params["data"]["dataset"]}**, backbone **{config["arch"]}** with weights
