@@ -24,10 +24,10 @@ import torch
 import yaml
 
 from benchmarks import results
+from benchmarks.text_speed import ARCH, minilm_preprocessing
 from pipeline.modalities import text
 from pipeline.modalities.text import models as text_models
 
-ARCH = "sentence-transformers/all-MiniLM-L6-v2"
 DATA = Path("../shared/data/agnews-dev")
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
@@ -69,14 +69,7 @@ def tfidf_accuracy(parts: dict) -> float:
 
 def embeddings(texts: list[str]) -> dict[str, np.ndarray]:
     """Each text's frozen mean-pooled MiniLM embedding, by text."""
-    config = {
-        "arch": ARCH,
-        "revision": "main",
-        "weights": "pretrain",
-        "max_length": 128,
-        "truncation": "right",
-    }
-    preprocessing = text.preprocessing({**config, "padding": "dynamic", "pooling": "mean"})
+    preprocessing = minilm_preprocessing()
     encoder = text_models.TextEncoder(text_models.pretrained_encoder(ARCH), "mean").eval()
     ids, _ = text_models.tokenise(preprocessing, texts)
     order = sorted(range(len(texts)), key=lambda i: len(ids[i]))

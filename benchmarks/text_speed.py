@@ -54,6 +54,19 @@ def padded_to_max_length(texts: list[str], max_length: int) -> dict[str, torch.T
     return tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
 
 
+def minilm_preprocessing() -> dict:
+    """How the pipeline feeds MiniLM with the committed text keys: 128 tokens, the start
+    kept, dynamic padding, mean pooling."""
+    config = {
+        "arch": ARCH,
+        "revision": "main",
+        "weights": "pretrain",
+        "max_length": 128,
+        "truncation": "right",
+    }
+    return text.preprocessing({**config, "padding": "dynamic", "pooling": "mean"})
+
+
 def encoder(preprocessing: dict) -> text_models.TextEncoder:
     torch.manual_seed(0)
     return text_models.TextEncoder(text_models.pretrained_encoder(ARCH), "mean")
@@ -167,14 +180,7 @@ def main() -> None:
     parser.add_argument("--probe-epochs", type=int, default=10)
     args = parser.parse_args()
     seed_everything(0)
-    config = {
-        "arch": ARCH,
-        "revision": "main",
-        "weights": "pretrain",
-        "max_length": 128,
-        "truncation": "right",
-    }
-    preprocessing = text.preprocessing({**config, "padding": "dynamic", "pooling": "mean"})
+    preprocessing = minilm_preprocessing()
     texts, labels = agnews(args.texts)
     start = time.perf_counter()
     text_models.tokenise(preprocessing, agnews(2000)[0])
