@@ -95,14 +95,23 @@ def base_params(name: str) -> dict[str, Any]:
     return params
 
 
+def sync_code(repo: Path) -> None:
+    """This checkout's pipeline code and dvc.yaml in ``repo``, replacing what an earlier run
+    copied there, so each record's ``code`` is the code that ran (DVC reruns the stages whose
+    code changed and restores the rest)."""
+    shutil.rmtree(repo / "pipeline", ignore_errors=True)
+    shutil.copytree(ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")  # no bytecode in the modality deps' hashes
+
+
 def make_repo(work: Path, name: str) -> Path:
     """A git+dvc repository with this checkout's pipeline and the set's images."""
     repo = work / name
     if (repo / ".dvc").is_dir():
+        sync_code(repo)
         return repo
     repo.mkdir(parents=True)
-    shutil.copytree(ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copytree(ROOT / "data" / "weights", repo / "data" / "weights")
     shutil.copytree(ROOT / "data" / "raw", repo / "data" / "raw")
     if SETS[name]["folder"] is not None:
@@ -110,7 +119,7 @@ def make_repo(work: Path, name: str) -> Path:
     (repo / "params.yaml").write_text(yaml.safe_dump(base_params(name), sort_keys=False))
     git(repo, "init", "-q")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True)
-    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")  # no bytecode in the modality deps' hashes
+    sync_code(repo)
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", f"{name}: the committed params with the set's flags")
     return repo
@@ -172,7 +181,7 @@ def run(args: argparse.Namespace) -> None:
                 raise SystemExit(f"{args.set} {recipe!r} seed {seed} failed:\n{done.stdout}\n{done.stderr}")
             record = {"set": args.set, "recipe": recipe, "seed": seed, **read_run(repo)}
             record["wall_seconds"] = round(time.perf_counter() - started, 1)
-            record["code"] = commit  # HEAD now; the set's repository copied pipeline/ when it was made
+            record["code"] = commit  # the pipeline/ that sync_code copied
             runs = [r for r in runs if (r["set"], r["recipe"], r["seed"]) != (args.set, recipe, seed)] + [
                 record
             ]

@@ -58,7 +58,14 @@ from pipeline.core.models import (
     trainable_parameters,
     unfreeze_last_blocks,
 )
-from pipeline.core.optim import balanced_class_weights, l2sp_penalty, make_optimizer, warmup_cosine
+from pipeline.core.optim import (
+    balanced_class_weights,
+    ema_decay,
+    l2sp_penalty,
+    make_optimizer,
+    moving_average,
+    warmup_cosine,
+)
 from pipeline.core.selection import SELECTIONS
 from pipeline.core.training import BatchTransform, EpochCallback, Fitted, fit, unwrap
 from pipeline.modalities import load_params
@@ -92,6 +99,7 @@ def finetune(
     layer_decay: float = 1.0,
     blocks: list[nn.Module] = (),
     batch_transform: BatchTransform | None = None,
+    ema_epochs: float = 0.0,
 ) -> Fitted:
     """Train the trainable part of a Classifier (possibly wrapped in DistributedDataParallel);
     returns fit()'s result: the best-on-val weights, the history, whose epoch 0 is the model
@@ -108,7 +116,9 @@ def finetune(
     weight decay toward zero; the head keeps ``weight_decay``. With ``layer_decay`` below 1
     each of the backbone's ``blocks`` learns that much slower than the block above it
     (layer-wise rate decay), the layers below the first block slower still.
-    ``batch_transform`` (MixUp, CutMix) mixes each training batch.
+    ``batch_transform`` (MixUp, CutMix) mixes each training batch. With ``ema_epochs`` above
+    0 each epoch is judged, and the kept weights are, a moving average of the weights over
+    about that many epochs of steps, starting at the starting model.
     """
     classifier = unwrap(model)
     backbone = [p for p in classifier.backbone.parameters() if p.requires_grad]
@@ -123,6 +133,7 @@ def finetune(
     scheduler = warmup_cosine(optimizer, warmup_epochs * steps, epochs * steps)
     weight = class_weight.to(device) if class_weight is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+    average = moving_average(classifier, ema_decay(ema_epochs, steps)) if ema_epochs else None
     return fit(
         model,
         train_loader,
@@ -141,6 +152,7 @@ def finetune(
         penalty=l2sp_penalty(backbone, l2sp) if l2sp else None,
         start_is_candidate=True,
         batch_transform=batch_transform,
+        average=average,
     )
 
 
@@ -320,6 +332,7 @@ def main() -> None:
         layer_decay=config["layer_decay"],
         blocks=modality.blocks(classifier.backbone),
         batch_transform=SeededBatchTransform(mixing, seed, ranks.rank) if mixing else None,
+        ema_epochs=config["ema_epochs"],
     )
     seconds = time.perf_counter() - started
     if not ranks.main:
@@ -344,6 +357,7 @@ def main() -> None:
         device=device_name(device),
         strategy=config["strategy"],
         **used,
+        ema_epochs=config["ema_epochs"],
         trainable_params=trainable,
         **selection_summary(history, best, config["select"]),
     )
@@ -353,7 +367,8 @@ def main() -> None:
     )
     print(
         f"finetune: {config['strategy']} trained {trainable:,} of {total:,} parameters in {seconds:.1f} s "
-        f"(augment {used['augment']}, bn {used['bn']}, mix {used['mix']})"
+        f"(augment {used['augment']}, bn {used['bn']}, mix {used['mix']}, "
+        f"ema_epochs {config['ema_epochs']:g})"
     )
     print(selection_message(history, best, config["select"]))
 

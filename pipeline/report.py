@@ -224,7 +224,10 @@ def recipe_note(finetune: dict[str, Any]) -> str:
     """The recipe finetune used, ``auto`` resolved (its metrics record it)."""
     if "augment" not in finetune:
         return ""
-    return f", augmentation {finetune['augment']}, BatchNorm {finetune['bn']}, mixing {finetune['mix']}"
+    note = f", augmentation {finetune['augment']}, BatchNorm {finetune['bn']}, mixing {finetune['mix']}"
+    if finetune.get("ema_epochs"):
+        return f"{note}, weights averaged over {finetune['ema_epochs']:g} epochs (EMA)"
+    return f"{note}, no weight average" if "ema_epochs" in finetune else note
 
 
 def run_notes(modality: Modality, config: dict[str, Any], backbone: dict[str, Any]) -> str:

@@ -106,7 +106,8 @@ def test_full_run_writes_every_declared_output_and_fills_the_run_cache(tiny_run)
     assert (finetune["augment"], finetune["bn"], finetune["mix"]) == ("jitter", "frozen", "none")
     report = (repo / "reports/report.md").read_text()
     assert "Fine-tuned in 1 process (gloo) on cpu, pretrained in 1 process (gloo) on cpu" in report
-    assert "(strategy full, augmentation jitter, BatchNorm frozen, mixing none)" in report
+    recipe = "augmentation jitter, BatchNorm frozen, mixing none, weights averaged over 2 epochs (EMA)"
+    assert f"(strategy full, {recipe})" in report
     print(f"tiny pipeline, every stage: {tiny_run.seconds:.0f} s")
 
 

@@ -318,3 +318,63 @@ def test_bfloat16_amp_runs_autocast_on_the_cpu_for_training_and_extraction():
     dtypes.clear()
     extract_features(model, loader(), device, "auto")  # auto: float32 off CUDA
     assert set(dtypes) == {torch.float32}
+
+
+def test_ema_decay_counts_epochs_of_steps_and_is_zero_for_a_step_or_less():
+    from pipeline.core.optim import ema_decay
+
+    assert ema_decay(1.0, 10) == pytest.approx(0.9)
+    assert ema_decay(2.0, 10) == pytest.approx(0.95)
+    assert ema_decay(0.5, 2) == 0.0 and ema_decay(0.1, 3) == 0.0
+
+
+def test_the_moving_average_starts_at_the_model_and_moves_a_share_of_the_way_each_update():
+    from pipeline.core.optim import moving_average
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    start = {key: value.clone() for key, value in model.state_dict().items()}
+    average = moving_average(model, decay=0.75)
+    assert all(torch.equal(average.module.state_dict()[key], start[key]) for key in start)
+    model.train()
+    model(torch.randn(16, 4))  # BatchNorm's statistics and batch count move
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    average.update_parameters(model)
+    state = average.module.state_dict()
+    assert torch.allclose(state["0.weight"], start["0.weight"] + 0.25)
+    moved = model[1].running_mean
+    assert torch.allclose(state["1.running_mean"], 0.75 * start["1.running_mean"] + 0.25 * moved)
+    assert state["1.num_batches_tracked"].item() == 1  # an integer buffer is copied, not averaged
+
+
+def test_fit_with_a_moving_average_judges_and_keeps_the_average_not_the_model():
+    from pipeline.core.optim import moving_average
+    from pipeline.core.selection import last_epoch
+    from pipeline.core.training import fit
+
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    start = model.weight.detach().clone()
+    average = moving_average(model, decay=0.9)
+    kept, _, chosen = fit(
+        model,
+        loader(),
+        loader(24),
+        nn.CrossEntropyLoss(),
+        torch.optim.SGD(model.parameters(), lr=0.5),
+        3,
+        torch.device("cpu"),
+        select=last_epoch,
+        start_is_candidate=True,
+        average=average,
+    )
+    assert torch.equal(kept["weight"], average.module.weight)
+    assert not torch.equal(kept["weight"], model.weight) and not torch.equal(kept["weight"], start)
+    replay = nn.Linear(8, 3)
+    replay.load_state_dict(kept)
+    val = evaluate_epoch(replay, loader(24), nn.CrossEntropyLoss(), torch.device("cpu"))
+    assert round(val["loss"], 6) == chosen["val_loss"]
+    # 15 steps at 0.9: the start still weighs 0.9 ** 15 of the average
+    share = ((kept["weight"] - model.weight).norm() / (start - model.weight).norm()).item()
+    assert 0.05 < share < 0.9

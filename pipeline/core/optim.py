@@ -1,5 +1,5 @@
 """What an optimizer step is made of: the optimizer, the warmup-cosine schedule, the L2-SP
-penalty and balanced class weights."""
+penalty, the weights' moving average and balanced class weights."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 Penalty = Callable[[], torch.Tensor]
 
@@ -32,6 +33,32 @@ def l2sp_penalty(parameters: list[nn.Parameter], alpha: float) -> Penalty:
         return alpha / 2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(parameters, reference, strict=True))
 
     return penalty
+
+
+def ema_decay(epochs: float, steps_per_epoch: int) -> float:
+    """The per-step decay of a moving average whose weights' mean age is about ``epochs``
+    epochs of ``steps_per_epoch`` optimizer steps: 1 - 1 / (epochs * steps), 0 (the average
+    is the model) when that is a step or less. Counted in epochs, not steps, so one value
+    means the same on 400 images and on 400,000."""
+    return max(0.0, 1.0 - 1.0 / (epochs * steps_per_epoch))
+
+
+def moving_average(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average (EMA, as in timm's fine-tuning recipe) of ``model``'s
+    weights and float buffers (BatchNorm statistics), starting at their values now; each
+    ``update_parameters(model)`` moves it ``1 - decay`` of the way to the model. Integer
+    buffers (BatchNorm's batch count) are copied, not averaged."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], _count: torch.Tensor) -> None:
+        if averaged and torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1.0 - decay)
+        else:
+            torch._foreach_copy_(averaged, current)
+
+    average = AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    average.update_parameters(model)  # the first update copies: the average starts at the model
+    return average
 
 
 def make_optimizer(groups: list[dict], name: str, momentum: float) -> torch.optim.Optimizer:

@@ -295,6 +295,7 @@ SCHEMA: dict[str, Any] = {
         "weight_decay": non_negative_float,
         "l2sp": non_negative_float,
         "label_smoothing": below_one,
+        "ema_epochs": non_negative_float,
         "augment": augment_policy,
         "mix": one_of(*MIXES),
         "mix_alpha": positive_float,

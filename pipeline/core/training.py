@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.core.common import progress
@@ -115,6 +116,7 @@ def train_epoch(
     accumulate: int = 1,
     penalty: Penalty | None = None,
     batch_transform: BatchTransform | None = None,
+    average: AveragedModel | None = None,
 ) -> dict[str, float | list[float]]:
     """One pass of training; returns the mean loss and the accuracy (over every process),
     and ``lr``: each param group's rate in the epoch's last optimizer step.
@@ -127,7 +129,8 @@ def train_epoch(
     NaN gradients) leaves the schedule where it was. ``penalty`` (e.g. L2-SP) is added to the
     loss that trains, not to the loss reported. ``batch_transform`` (MixUp, CutMix) mixes
     each batch and its labels: the loss is taken against the mixed labels, and accuracy
-    counts a prediction right where it names the label with the largest weight.
+    counts a prediction right where it names the label with the largest weight. ``average``
+    (a moving average of the weights) follows each optimizer step the scaler did not skip.
     """
     model.train()
     for module in frozen:
@@ -155,8 +158,11 @@ def train_epoch(
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            if scheduler is not None and scaler.get_scale() >= scale:
-                scheduler.step()
+            if scaler.get_scale() >= scale:
+                if scheduler is not None:
+                    scheduler.step()
+                if average is not None:
+                    average.update_parameters(unwrap(model))
         total_loss += loss.item() * len(targets)
         correct += (logits.argmax(1) == (targets.argmax(1) if targets.dim() == 2 else targets)).sum().item()
         seen += len(targets)
@@ -202,6 +208,7 @@ def fit(
     penalty: Penalty | None = None,
     start_is_candidate: bool = False,
     batch_transform: BatchTransform | None = None,
+    average: AveragedModel | None = None,
 ) -> Fitted:
     """The project's one training loop: a train step and an eval step per epoch, one loss
     scaler, and ``select`` (a rule over the history so far) naming the epoch whose weights
@@ -219,8 +226,13 @@ def fit(
     optimizer's param groups, named by ``rate_names`` (one per group; an empty name leaves
     its group's rate out), and the kept epoch's record;
     ``on_epoch`` gets each record as its epoch ends (a stage's dvclive log).
+
+    With ``average`` (optim.moving_average of the model, made before training) the average
+    is what each epoch evaluates and what the kept weights are; the train loss and accuracy
+    stay those of the model that trains.
     """
     scaler = grad_scaler(device, amp)
+    evaluated = unwrap(model) if average is None else average.module
     weights, kept, history, passed_over = None, None, [], 0
     if start_is_candidate:
         history.append(start_record(evaluate_epoch(unwrap(model), val_loader, loss_fn, device, amp)))
@@ -242,14 +254,15 @@ def fit(
             accumulate,
             penalty,
             batch_transform,
+            average,
         )
-        val = evaluate_epoch(unwrap(model), val_loader, loss_fn, device, amp)
+        val = evaluate_epoch(evaluated, val_loader, loss_fn, device, amp)
         rates = {name: rate for name, rate in zip(rate_names, train["lr"], strict=True) if name}
         history.append(epoch_record(epoch, train, val, rates))
         if on_epoch is not None:
             on_epoch(history[-1])
         if select(history) is history[-1]:
-            weights, kept, passed_over = weights_on_cpu(unwrap(model)), history[-1], 0
+            weights, kept, passed_over = weights_on_cpu(evaluated), history[-1], 0
         else:
             passed_over += 1
             if patience is not None and passed_over >= patience:
