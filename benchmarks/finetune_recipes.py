@@ -205,10 +205,11 @@ def mean_std(values: list[float]) -> str:
 # The cifar10-dev recipes the strategies page compares (the README's sweep of strategies).
 STRATEGIES = (
     "",
-    "finetune.l2sp=0.01",
-    "finetune.strategy=adapters,finetune.backbone_lr_ratio=1",
+    "finetune.ema_epochs=0",
+    "finetune.l2sp=0.01,finetune.ema_epochs=0",
+    "finetune.strategy=adapters,finetune.backbone_lr_ratio=1,finetune.ema_epochs=0",
     "finetune.optimizer=sgd,finetune.momentum=0.9,lr=0.001,finetune.backbone_lr_ratio=1,"
-    "finetune.warmup_epochs=0,finetune.head_init=fresh,finetune.bn=train",
+    "finetune.warmup_epochs=0,finetune.head_init=fresh,finetune.bn=train,finetune.ema_epochs=0",
 )
 PARTS = {
     "images": lambda run: run["set"] != "agnews-dev",

@@ -7,7 +7,8 @@ rate; ``dvc exp run -S lr=1e-4``), ``device``, ``amp``, ``class_weighted_loss``,
 ``data.num_workers``, ``data.dataset`` (what ``finetune.augment: auto`` resolves by),
 ``finetune.*`` and ``distributed.*``; reads data/prepared/ (and the
 image files it lists), models/backbone.pt and models/head.pt; writes models/finetuned.pt
-(the best on val of the starting model and each epoch, by ``finetune.select``) and, through
+(the best on val of the starting model and each epoch, by ``finetune.select``; with
+``finetune.ema_epochs``, each epoch's moving average of the weights) and, through
 dvclive, reports/live/finetune/ (per-epoch losses, accuracies and the learning rates the
 schedule used; metrics.json with the latest and the best epoch, which of the starting model
 and the fine-tuned one was kept and the start's val scores, the world size and the

@@ -326,9 +326,10 @@ def random_image_loader(seed: int) -> DataLoader:
     return DataLoader(TensorDataset(images, labels), batch_size=8)
 
 
-def fine_tune_briefly(model: torch.nn.Module, **settings) -> None:
+def fine_tune_briefly(model: torch.nn.Module, **settings) -> Any:
     """Fine-tune ``model`` (a Classifier) on a few random images: a small plain recipe,
-    with ``settings`` (any of finetune's keyword arguments) in place of its values."""
+    with ``settings`` (any of finetune's keyword arguments) in place of its values; returns
+    finetune's Fitted."""
     from pipeline.finetune import finetune
 
     recipe = dict(
@@ -341,7 +342,7 @@ def fine_tune_briefly(model: torch.nn.Module, **settings) -> None:
         amp="off",
         select="accuracy",
     )
-    finetune(
+    return finetune(
         model, random_image_loader(0), random_image_loader(1), torch.device("cpu"), **{**recipe, **settings}
     )
 

@@ -232,3 +232,21 @@ def test_layer_decay_slows_each_block_below_the_top_one():
     assert stage.backbone_groups(trainable, blocks, 1.0) == [(trainable, 1.0)]
     top_only = list(blocks[2].parameters())  # unfreeze: 1 leaves the lower groups empty
     assert stage.backbone_groups(top_only, blocks, 0.5) == [(top_only, 1.0)]
+
+
+def test_a_moving_average_keeps_the_kept_weights_nearer_the_start_than_the_trained_ones(monkeypatch):
+    from pipeline.core.selection import last_epoch
+
+    monkeypatch.setitem(stage.SELECTIONS, "last", last_epoch)  # keep the last epoch, whatever val says
+    drift = {}
+    for ema_epochs in (0.0, 2.0):
+        model = small_classifier()
+        start = {key: value.clone() for key, value in model.state_dict().items()}
+        fitted = fine_tune_briefly(model, ema_epochs=ema_epochs, select="last", epochs=3)
+        assert fitted.kept is fitted.history[-1]
+        trained = model.state_dict()
+        assert (fitted.weights["head.weight"] == trained["head.weight"]).all().item() == (ema_epochs == 0)
+        drift[ema_epochs] = sum(
+            ((fitted.weights[key].float() - start[key].float()) ** 2).sum().item() for key in start
+        )
+    assert 0 < drift[2.0] < drift[0.0]

@@ -67,6 +67,7 @@ def test_lr_as_dvc_writes_it_is_read_as_a_number(tmp_path):
             "finetune.mix: unknown value 'blend'; choose one of: none, mixup, cutmix",
         ),
         ("finetune", "layer_decay", 1.5, "finetune.layer_decay: must be above 0 and at most 1 (1 is off)"),
+        ("finetune", "ema_epochs", -1, "finetune.ema_epochs: must be 0 or more, got -1"),
         (
             "finetune",
             "augment",
