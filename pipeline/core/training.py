@@ -135,7 +135,7 @@ def train_epoch(
     model.train()
     for module in frozen:
         module.eval()
-    total_loss, correct, seen, rates = 0.0, 0, 0, []
+    tally, rates = Tally(device), []
     sizes = batch_sizes(loader)
     groups = [sum(sizes[start : start + accumulate]) for start in range(0, len(sizes), accumulate)]
     optimizer.zero_grad(set_to_none=True)
@@ -163,11 +163,30 @@ def train_epoch(
                     scheduler.step()
                 if average is not None:
                     average.update_parameters(unwrap(model))
-        total_loss += loss.item() * len(targets)
-        correct += (logits.argmax(1) == (targets.argmax(1) if targets.dim() == 2 else targets)).sum().item()
-        seen += len(targets)
-    total_loss, correct, seen = totals(loader, total_loss, correct, seen)
-    return {"loss": total_loss / seen, "accuracy": correct / seen, "lr": rates}
+        tally.add(loss, logits, targets.argmax(1) if targets.dim() == 2 else targets)
+    return {**tally.means(loader), "lr": rates}
+
+
+class Tally:
+    """A pass's summed loss and correct predictions, kept on the device: reading them back
+    each step would make the CPU wait for the GPU to finish every batch before queueing the
+    next."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.seen = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """One batch: its mean ``loss``, and ``logits`` scored against class ``labels``."""
+        self.loss += loss.detach().double() * len(labels)
+        self.correct += (logits.argmax(1) == labels).sum()
+        self.seen += len(labels)
+
+    def means(self, loader: DataLoader) -> dict[str, float]:
+        """Mean loss and accuracy over the pass (over every process where ``loader`` is sharded)."""
+        loss, correct, seen = totals(loader, self.loss.item(), self.correct.item(), self.seen)
+        return {"loss": loss / seen, "accuracy": correct / seen}
 
 
 @torch.inference_mode()
@@ -176,17 +195,14 @@ def evaluate_epoch(
 ) -> dict[str, float]:
     """Mean loss and accuracy over a loader (over every process's share), in eval mode."""
     model.eval()
-    total_loss, correct, seen = 0.0, 0, 0
+    tally = Tally(device)
     for images, targets in progress(loader, "val"):
         images, targets = to_device(images, device), targets.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(images)
             loss = loss_fn(logits, targets)
-        total_loss += loss.item() * len(targets)
-        correct += (logits.argmax(1) == targets).sum().item()
-        seen += len(targets)
-    total_loss, correct, seen = totals(loader, total_loss, correct, seen)
-    return {"loss": total_loss / seen, "accuracy": correct / seen}
+        tally.add(loss, logits, targets)
+    return tally.means(loader)
 
 
 def fit(
