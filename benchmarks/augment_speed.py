@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,14 +33,17 @@ SIZE = 96
 LITE0 = {"image_size": SIZE, "resize_size": round(SIZE * 256 / 224), "mean": LITE_MEAN, "std": LITE_STD}
 
 
-def loader(policy: str, workers: int, batch: int) -> torch.utils.data.DataLoader:
-    paths = sorted(images_under(CIFAR10_DEV / "train"))
+def loader(
+    policy: str, workers: int, batch: int, photos: Path = CIFAR10_DEV, device: str = "cpu"
+) -> torch.utils.data.DataLoader:
+    """The training photos of ``photos`` (cifar10-dev) under ``policy``, as finetune loads them."""
+    paths = sorted(images_under(photos / "train"))
     classes = sorted({path.parent.name for path in paths})
     labels = [classes.index(path.parent.name) for path in paths]
     dataset = SeededAugmentation(
         ImageFileDataset([str(p) for p in paths], labels, checkpoint_transform(LITE0, policy)), 0
     )
-    return make_loader(dataset, batch, torch.device("cpu"), shuffle=True, num_workers=workers)
+    return make_loader(dataset, batch, torch.device(device), shuffle=True, num_workers=workers)
 
 
 def images_per_second(data: torch.utils.data.DataLoader, epochs: int, step=None) -> float:

@@ -52,3 +52,37 @@ def test_the_recipe_table_follows_its_results(tmp_path):
     record = {"results": [run, {**run, "seed": 2, "finetuned": 0.9, "epoch1_val": 0.9}]}
     row = table(record).splitlines()[2]
     assert row == "| faces | defaults | 2 | 90.00 ± 0.00 | 92.50 ± 3.54 | +2.50 | +0.00 | -5.00 |"
+
+
+def test_the_gpu_benchmark_refuses_a_machine_without_cuda(monkeypatch):
+    import sys
+
+    import torch
+
+    from benchmarks import gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["benchmarks.gpu", "--parts", "steps"])
+    with pytest.raises(SystemExit, match="torch sees no CUDA GPU"):
+        gpu.main()
+
+
+def test_the_gpu_benchmark_times_the_plain_and_the_pipeline_loop_and_tables_them():
+    import torch
+
+    from benchmarks import gpu
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        rows = gpu.step_speeds(torch.device("cpu"), steps=1, batch=2, size=32)
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    assert [row["arch"] for row in rows] == ["resnet50", "efficientnet_lite0"]
+    loops = ("plain_fp32", "pipeline", "pipeline_nondeterministic")
+    assert all(row[loop] > 0 for row in rows for loop in loops)
+    record = {"results": {"gpu": "a GPU", "torch": "2", "steps": rows}}
+    lines = gpu.table(record, "steps").splitlines()
+    plain, ours = rows[0]["plain_fp32"], rows[0]["pipeline"]
+    assert lines[0].startswith("| fine-tuning step, a GPU, torch 2 |")
+    assert lines[2].startswith(f"| resnet50, 32 px, batch 2 (images/s) | {plain:.0f} | {ours:.0f} ")
+    assert f"({ours / plain:.2f}x)" in lines[2]

@@ -1,0 +1,349 @@
+"""Benchmark: the pipeline on a CUDA GPU, in one run.
+
+1. ``steps``: the fine-tuning step at photo size (224 px, batch 64, random images already on
+   the GPU), images a second after a warm-up, for resnet50 and efficientnet_lite0: the plain
+   PyTorch loop tutorials write (float32, ``loss.item()`` every step) against the pipeline's
+   loop (training.train_epoch: ``amp: auto``, i.e. bfloat16 autocast, channels-last, the loss
+   summed on the GPU), run as the stages run it (``seed_everything``: deterministic kernels)
+   and without deterministic kernels (what they cost).
+2. ``loaders``: does the photo augmentation keep the GPU fed? cifar10-dev's photos decoded and
+   augmented by finetune's photo policy at 96 px (the own-photos recipe) in N DataLoader
+   workers: images a second of the loader alone, and of the whole loop (that loader feeding
+   the pipeline's training step of EfficientNet-Lite0 on the GPU), for N = 2 (the committed
+   ``data.num_workers``) and more.
+3. ``cached``: benchmarks/cached_features.py on the GPU: the head trained on cached features
+   against the plain loop that runs the frozen backbone every epoch.
+4. ``runs``: ``dvc repro`` in a temporary DVC repository of the committed params.yaml (the
+   digits demo) and of the README's own-photos flags on cifar10-dev (Lite0, IMAGENET1K_V1,
+   96 px), with ``device: auto``, which picks the GPU: the wall time, the fine-tuning stage's
+   images a second, the test accuracies, and whether ``dvc repro -f -s finetune`` then gives
+   the same weights (deterministic kernels on the GPU).
+
+Writes benchmarks/results/gpu.json (after each part, so a part cut short keeps the others).
+Needs a CUDA GPU, the lite extra and cifar10-dev. Run from the repository root:
+``python -m benchmarks.gpu [--photos ../shared/data/cifar10-dev] [--parts steps loaders cached runs]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from benchmarks import augment_speed, cached_features, results
+from benchmarks.finetune_recipes import CIFAR10_DEV, LITE0
+from pipeline.core.common import seed_everything
+from pipeline.core.loaders import make_loader
+from pipeline.core.models import Classifier
+from pipeline.core.training import grad_scaler, train_epoch
+from pipeline.modalities.images.models import build_backbone
+
+NAME = "gpu"
+ROOT = results.ROOT
+PARTS = ("steps", "loaders", "cached", "runs")
+RUNS = ("digits", "photos")
+
+
+def wait_for(device: torch.device) -> None:
+    """Let the GPU finish what is queued: a clock read before that times the queueing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plain_loop_speed(model: nn.Module, batches: list, device: torch.device) -> float:
+    """Images a second of the textbook loop over ``batches`` (the first three warm up)."""
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    running = 0.0
+    for index, (images, labels) in enumerate(batches):
+        if index == 3:
+            wait_for(device)
+            start = time.perf_counter()
+        loss = nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        running += loss.item()
+    wait_for(device)
+    return sum(len(labels) for _, labels in batches[3:]) / (time.perf_counter() - start)
+
+
+def pipeline_loop_speed(model: nn.Module, data: TensorDataset, batch: int, device: torch.device) -> float:
+    """Images a second of training.train_epoch over ``data`` (after a three-batch warm-up)."""
+    model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler, loss = grad_scaler(device, "auto"), nn.CrossEntropyLoss()
+    # Built with the CPU's settings: the images are already on the GPU (nothing to pin).
+    warmup = make_loader(torch.utils.data.Subset(data, range(3 * batch)), batch, torch.device("cpu"))
+    timed = torch.utils.data.Subset(data, range(3 * batch, len(data)))
+    loader = make_loader(timed, batch, torch.device("cpu"))
+    train_epoch(model, warmup, loss, device, optimizer, scaler, amp="auto")
+    wait_for(device)
+    start = time.perf_counter()
+    train_epoch(model, loader, loss, device, optimizer, scaler, amp="auto")
+    wait_for(device)
+    return len(timed) / (time.perf_counter() - start)
+
+
+def fresh_classifier(arch: str, size: int) -> nn.Module:
+    torch.manual_seed(0)
+    backbone, features = build_backbone(arch, image_size=size)
+    return Classifier(backbone, nn.Linear(features, 10))
+
+
+def step_speeds(device: torch.device, steps: int, batch: int = 64, size: int = 224) -> list[dict[str, Any]]:
+    """Each architecture's images a second in the plain loop and the pipeline's, with and
+    without deterministic kernels."""
+    images = torch.rand(batch * (steps + 3), 3, size, size, device=device)
+    labels = torch.randint(0, 10, (len(images),), device=device)
+    batches = [(images[i : i + batch], labels[i : i + batch]) for i in range(0, len(images), batch)]
+    rows = []
+    for arch in ("resnet50", "efficientnet_lite0"):
+        torch.use_deterministic_algorithms(False)
+        plain = plain_loop_speed(fresh_classifier(arch, size), batches, device)
+        seed_everything(0)  # what every stage does first
+        ours = pipeline_loop_speed(fresh_classifier(arch, size), TensorDataset(images, labels), batch, device)
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = True
+        free = pipeline_loop_speed(fresh_classifier(arch, size), TensorDataset(images, labels), batch, device)
+        torch.backends.cudnn.benchmark = False
+        rows.append(
+            {
+                "arch": arch,
+                "size": size,
+                "batch": batch,
+                "plain_fp32": round(plain, 1),
+                "pipeline": round(ours, 1),
+                "pipeline_nondeterministic": round(free, 1),
+            }
+        )
+        print(f"gpu: steps: {rows[-1]}", flush=True)
+    return rows
+
+
+def loader_speeds(
+    device: torch.device, photos: Path, workers: list[int], epochs: int
+) -> list[dict[str, Any]]:
+    """For each worker count: the photo policy's loader alone, and the loop it feeds on the GPU."""
+    seed_everything(0)
+    model = fresh_classifier("efficientnet_lite0", augment_speed.SIZE)
+    model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler, loss = grad_scaler(device, "auto"), nn.CrossEntropyLoss()
+    rows = []
+    for count in workers:
+        data = augment_speed.loader("photo", count, 64, photos=photos, device=device.type)
+        alone = augment_speed.images_per_second(data, epochs)
+        start, seen = time.perf_counter(), 0
+        for epoch in range(epochs):
+            data.dataset.set_epoch(epoch)
+            seen += len(data.dataset)
+            train_epoch(model, data, loss, device, optimizer, scaler, amp="auto")
+        wait_for(device)
+        rows.append(
+            {
+                "workers": count,
+                "loader_images_per_second": alone,
+                "training_images_per_second": round(seen / (time.perf_counter() - start), 1),
+            }
+        )
+        print(f"gpu: loaders: {rows[-1]}", flush=True)
+    return rows
+
+
+def cached_speeds(device: torch.device, epochs: int = 30) -> dict[str, float]:
+    """benchmarks/cached_features.py's two methods, on ``device``."""
+    seed_everything(0)
+    backbone, _ = build_backbone("resnet18")
+    data = cached_features.datasets(32)
+    ours, extraction = cached_features.cached(backbone, data, epochs, device)
+    plain = cached_features.plain_loop(backbone, data, epochs, device)
+    row = {"epochs": epochs, "plain_seconds": round(plain, 2), "pipeline_seconds": round(ours, 2)}
+    row["extraction_seconds"] = round(extraction, 2)
+    print(f"gpu: cached: {row}", flush=True)
+    return row
+
+
+def dvc(repo: Path, *args: str) -> str:
+    """``dvc <args>`` in ``repo`` with this interpreter (its ``python`` first on the PATH)."""
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    command = [sys.executable, "-m", "dvc", *args]
+    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"dvc {' '.join(args)} failed in {repo}:\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+def run_repo(work: Path, params: dict[str, Any], photos: Path | None) -> Path:
+    """A DVC repository (no git: none is needed to reproduce) with this checkout's pipeline."""
+    repo = work / ("photos" if photos else "digits")
+    shutil.copytree(ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("raw", "weights"):
+        shutil.copytree(ROOT / "data" / folder, repo / "data" / folder)
+    if photos is not None:
+        shutil.copytree(photos, repo / "data" / "raw" / "photos", ignore=shutil.ignore_patterns("README*"))
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, repo / name)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc(repo, "init", "--no-scm", "-q")
+    return repo
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pipeline_run(work: Path, params: dict[str, Any], photos: Path | None) -> dict[str, Any]:
+    """One whole ``dvc repro``, then finetune again: seconds, speed, accuracy, same weights?"""
+    repo = run_repo(work, params, photos)
+    start = time.perf_counter()
+    dvc(repo, "repro")
+    seconds = time.perf_counter() - start
+    first = digest(repo / "models" / "finetuned.pt")
+    dvc(repo, "repro", "-f", "-s", "finetune")
+    test = json.loads((repo / "metrics" / "test.json").read_text())
+    speed = json.loads((repo / "metrics" / "finetune_time.json").read_text())["finetune"]
+    summary = json.loads((repo / "reports" / "live" / "finetune" / "metrics.json").read_text())["finetune"]
+    row = {
+        "run": "photos" if photos else "digits",
+        "device": summary["device"],
+        "seconds": round(seconds, 1),
+        "finetune_seconds": speed["seconds"],
+        "finetune_images_per_second": speed["examples_per_second"],
+        "probe": test["linear_probe"]["accuracy"],
+        "finetuned": test["finetuned"]["accuracy"],
+        "same_weights_again": digest(repo / "models" / "finetuned.pt") == first,
+    }
+    print(f"gpu: runs: {row}", flush=True)
+    return row
+
+
+def photo_params(photos: Path) -> dict[str, Any]:
+    """The committed params.yaml with the README's own-photos flags."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(dataset="imagefolder", path="data/raw/photos")
+    params["backbone"].update(LITE0["backbone"])
+    return params
+
+
+def run_params(name: str, photos: Path) -> tuple[dict[str, Any], Path | None]:
+    """The params and photos of run ``name``: digits (committed params) or photos."""
+    if name == "digits":
+        return yaml.safe_load((ROOT / "params.yaml").read_text()), None
+    return photo_params(photos), photos
+
+
+def where(record: dict) -> str:
+    r = record["results"]
+    return f"{r['gpu']}, torch {r['torch']}"
+
+
+def table(record: dict, part: str = "steps") -> str:
+    """One part's table (steps, loaders, cached, runs), from the results file."""
+    r = record["results"]
+    if part == "steps":
+        lines = [
+            f"| fine-tuning step, {where(record)} | plain loop, float32 | pipeline | "
+            "pipeline, no deterministic kernels |",
+            "|---|---:|---:|---:|",
+        ]
+        for row in r["steps"]:
+            lines.append(
+                f"| {row['arch']}, {row['size']} px, batch {row['batch']} (images/s) "
+                f"| {row['plain_fp32']:.0f} | {row['pipeline']:.0f} "
+                f"({row['pipeline'] / row['plain_fp32']:.2f}x) "
+                f"| {row['pipeline_nondeterministic']:.0f} "
+                f"({row['pipeline_nondeterministic'] / row['plain_fp32']:.2f}x) |"
+            )
+    elif part == "loaders":
+        lines = [
+            f"| DataLoader workers ({where(record)}) | loader alone (images/s) | training loop (images/s) |",
+            "|---:|---:|---:|",
+        ]
+        for index, row in enumerate(r["loaders"]):
+            first = " (the run's first pass at 96 px)" if index == 0 else ""
+            lines.append(
+                f"| {row['workers']} | {row['loader_images_per_second']:.0f} "
+                f"| {row['training_images_per_second']:.0f}{first} |"
+            )
+    elif part == "cached":
+        c = r["cached"]
+        lines = [
+            f"| method ({where(record)}) | seconds |",
+            "|---|---:|",
+            f"| plain PyTorch loop (backbone forward every epoch) | {c['plain_seconds']:.1f} |",
+            f"| pipeline: extract once ({c['extraction_seconds']:.1f} s) + head on cached features "
+            f"| {c['pipeline_seconds']:.1f} |",
+            f"| speed-up | {c['plain_seconds'] / c['pipeline_seconds']:.1f}x |",
+        ]
+    else:
+        lines = [
+            f"| `dvc repro` ({where(record)}) | seconds | of which fine-tuning | fine-tuning (images/s) "
+            "| probe | fine-tuned | finetune again: same weights |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        names = {"digits": "committed params.yaml (digits)", "photos": "own-photos flags, cifar10-dev"}
+        for row in r["runs"]:
+            lines.append(
+                f"| {names[row['run']]} | {row['seconds']:.0f} | {row['finetune_seconds']:.0f} "
+                f"| {row['finetune_images_per_second']:.0f} "
+                f"| {row['probe']:.2%} | {row['finetuned']:.2%} "
+                f"| {'yes' if row['same_weights_again'] else 'no'} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--photos", type=Path, default=CIFAR10_DEV, help="cifar10-dev's train/ and test/")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per loop (after 3 warm-up steps)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[2, 8, 16])
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    parser.add_argument("--epochs", type=int, default=3, help="passes over the photos per worker count")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks.gpu: torch sees no CUDA GPU; run it on a machine with one")
+    if not (args.photos / "train").is_dir():
+        raise SystemExit(f"--photos {args.photos}: no train/ folder; give cifar10-dev's folder")
+    device = torch.device("cuda")
+    measured = results.load(NAME)["results"] if results.path_of(NAME).is_file() else {}
+    measured.update(gpu=torch.cuda.get_device_name(device), torch=torch.__version__.split("+")[0])
+    command = "python -m benchmarks.gpu"
+    for part in args.parts:
+        if part == "steps":
+            measured["steps"] = step_speeds(device, args.steps)
+        elif part == "loaders":
+            measured["loaders"] = loader_speeds(device, args.photos, args.workers, args.epochs)
+        elif part == "cached":
+            measured["cached"] = cached_speeds(device)
+        else:
+            for name in args.runs:  # each saved as it ends: a run cut short keeps the other
+                with tempfile.TemporaryDirectory() as work:
+                    row = pipeline_run(Path(work), *run_params(name, args.photos))
+                kept = [old for old in measured.get("runs", []) if old["run"] != name]
+                measured["runs"] = sorted([*kept, row], key=lambda r: RUNS.index(r["run"]))
+                results.save(NAME, command, measured)
+        results.save(NAME, command, measured)
+    record = results.load(NAME)
+    for part in PARTS:
+        if part in record["results"]:
+            print(table(record, part), end="\n\n")
+
+
+if __name__ == "__main__":
+    main()
