@@ -104,14 +104,20 @@ def fresh_classifier(arch: str, size: int) -> nn.Module:
     return Classifier(backbone, nn.Linear(features, 10))
 
 
-def step_speeds(device: torch.device, steps: int, batch: int = 64, size: int = 224) -> list[dict[str, Any]]:
+def step_speeds(
+    device: torch.device,
+    steps: int,
+    batch: int = 64,
+    size: int = 224,
+    archs: tuple[str, ...] = ("resnet50", "efficientnet_lite0"),
+) -> list[dict[str, Any]]:
     """Each architecture's images a second in the plain loop and the pipeline's, with and
     without deterministic kernels."""
     images = torch.rand(batch * (steps + 3), 3, size, size, device=device)
     labels = torch.randint(0, 10, (len(images),), device=device)
     batches = [(images[i : i + batch], labels[i : i + batch]) for i in range(0, len(images), batch)]
     rows = []
-    for arch in ("resnet50", "efficientnet_lite0"):
+    for arch in archs:
         torch.use_deterministic_algorithms(False)
         plain = plain_loop_speed(fresh_classifier(arch, size), batches, device)
         seed_everything(0)  # what every stage does first

@@ -96,11 +96,23 @@ def tiny_params() -> dict[str, Any]:
     return params
 
 
+def threads_per_worker() -> int:
+    """The cores each pytest-xdist worker may use: torch takes every core by default, and
+    two workers (each with a stage process) taking both of 2 cores slow each other down."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    torch.set_num_threads(threads_per_worker())
+
+
 def subprocess_env() -> dict[str, str]:
     """The environment for dvc and the stages: this interpreter's python first on PATH."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["DVC_NO_ANALYTICS"] = "1"
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_worker()))
     env.setdefault("GIT_AUTHOR_NAME", "test")
     env.setdefault("GIT_AUTHOR_EMAIL", "test@example.com")
     env.setdefault("GIT_COMMITTER_NAME", "test")

@@ -74,15 +74,15 @@ def test_the_gpu_benchmark_times_the_plain_and_the_pipeline_loop_and_tables_them
 
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        rows = gpu.step_speeds(torch.device("cpu"), steps=1, batch=2, size=32)
+        rows = gpu.step_speeds(torch.device("cpu"), steps=1, batch=2, size=32, archs=("resnet18",))
     finally:
         torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    assert [row["arch"] for row in rows] == ["resnet50", "efficientnet_lite0"]
+    assert [row["arch"] for row in rows] == ["resnet18"]
     loops = ("plain_fp32", "pipeline", "pipeline_nondeterministic")
     assert all(row[loop] > 0 for row in rows for loop in loops)
     record = {"results": {"gpu": "a GPU", "torch": "2", "steps": rows}}
     lines = gpu.table(record, "steps").splitlines()
     plain, ours = rows[0]["plain_fp32"], rows[0]["pipeline"]
     assert lines[0].startswith("| fine-tuning step, a GPU, torch 2 |")
-    assert lines[2].startswith(f"| resnet50, 32 px, batch 2 (images/s) | {plain:.0f} | {ours:.0f} ")
+    assert lines[2].startswith(f"| resnet18, 32 px, batch 2 (images/s) | {plain:.0f} | {ours:.0f} ")
     assert f"({ours / plain:.2f}x)" in lines[2]
