@@ -1,6 +1,6 @@
 """Stage 2, backbone: materialize the pretrained backbone's weights into one pinned file.
 
-Reads params ``seed``, ``device``, ``amp``, ``data.modality``, ``backbone.*`` and
+Reads params ``seed``, ``device``, ``amp``, ``deterministic``, ``data.modality``, ``backbone.*`` and
 ``distributed.*`` (pretraining runs in that many processes under DistributedDataParallel).
 What ``backbone.weights`` can name depends on the modality (pipeline.modalities): for images
 ``pretrain`` (the offline glyph task), ``none``, a torchvision weights name or a local
@@ -29,7 +29,7 @@ def main() -> None:
     params = load_params()
     config, seed, settings = params["backbone"], params["seed"], params["distributed"]
     plan, ranks, device = distributed.start("backbone", settings, params["device"])
-    seed_everything(seed)
+    seed_everything(seed, params["deterministic"])
     modality = modalities.get(params["data"]["modality"])
     checkpoint, metrics = modality.materialize(config, seed, device, params["amp"], ranks, settings)
     if not ranks.main:

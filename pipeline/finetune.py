@@ -3,7 +3,7 @@
 Starts from the trained head (linear probe, then fine-tune), not a fresh one, and keeps
 that starting model when no epoch beats it on val: finetune never hands on a model worse
 on val than the probe it was given. Reads params ``seed``, ``lr`` (the head's learning
-rate; ``dvc exp run -S lr=1e-4``), ``device``, ``amp``, ``class_weighted_loss``,
+rate; ``dvc exp run -S lr=1e-4``), ``device``, ``amp``, ``deterministic``, ``class_weighted_loss``,
 ``data.num_workers``, ``data.dataset`` (what ``finetune.augment: auto`` resolves by),
 ``finetune.*`` and ``distributed.*``; reads data/prepared/ (and the
 image files it lists), models/backbone.pt and models/head.pt; writes models/finetuned.pt
@@ -271,7 +271,7 @@ def main() -> None:
     per_process, accumulate = distributed.split_batch(
         config["batch_size"], ranks.world_size, settings["max_batch_per_process"], "finetune.batch_size"
     )
-    seed_everything(seed)
+    seed_everything(seed, params["deterministic"])
     backbone_checkpoint, head_checkpoint = read_backbone(), read_head()
     modality = modalities.for_checkpoint(backbone_checkpoint)
     classifier = starting_classifier(backbone_checkpoint, head_checkpoint, config)
@@ -356,6 +356,7 @@ def main() -> None:
         world_size=ranks.world_size,
         backend=plan.backend,
         device=device_name(device),
+        deterministic=params["deterministic"],
         strategy=config["strategy"],
         **used,
         ema_epochs=config["ema_epochs"],

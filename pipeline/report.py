@@ -230,6 +230,13 @@ def recipe_note(finetune: dict[str, Any]) -> str:
     return f"{note}, no weight average" if "ema_epochs" in finetune else note
 
 
+def determinism_note(finetune: dict) -> str:
+    """What a rerun gives, by params ``deterministic`` (recorded in finetune's metrics)."""
+    if finetune.get("deterministic", True):
+        return "a CPU run is bit-exact from run to run, a GPU run uses torch's deterministic kernels"
+    return "deterministic: false, so on a GPU cuDNN picked its fastest kernels and a rerun differs a little"
+
+
 def run_notes(modality: Modality, config: dict[str, Any], backbone: dict[str, Any]) -> str:
     """What the report says after its first line: the inputs (and texts truncated), the
     pretraining, the processes and device each training ran on, what fine-tuning trained and
@@ -254,8 +261,7 @@ def run_notes(modality: Modality, config: dict[str, Any], backbone: dict[str, An
             + (f" on {run['device']}" if "device" in run else "")
             for what, run in runs
         )
-        + " (results depend on the world size and the device: a CPU run is bit-exact from run to run,"
-        " a GPU run uses deterministic kernels where torch has them)."
+        + f" (results depend on the world size and the device: {determinism_note(finetune)})."
     )
     trained = (
         f" Fine-tuning (strategy {finetune['strategy']}{recipe_note(finetune)}) trained "

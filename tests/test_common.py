@@ -161,3 +161,19 @@ def test_the_device_a_stage_records_names_the_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     assert device_name(torch.device("cuda", 0)) == "cuda (NVIDIA H200)"
     assert device_name(torch.device("cpu")) == "cpu"
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_seeding_asks_for_deterministic_kernels_or_for_cudnns_fastest(deterministic):
+    import torch
+
+    from pipeline.core.common import seed_everything
+
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    try:
+        seed_everything(0, deterministic)
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+        assert torch.backends.cudnn.benchmark is not deterministic
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=True)
+        torch.backends.cudnn.benchmark = before[1]

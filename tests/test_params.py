@@ -36,6 +36,7 @@ def test_lr_as_dvc_writes_it_is_read_as_a_number(tmp_path):
         (None, "lr", 0, "lr: must be greater than 0"),
         (None, "lr", True, "lr: expected a number"),
         (None, "lr", ".nan", "lr: expected a number"),
+        (None, "deterministic", "fast", "deterministic: expected true or false"),
         (
             "data",
             "dataset",

@@ -49,3 +49,11 @@ def test_the_report_says_whether_finetune_kept_the_starting_model_or_an_epoch():
     )
     tie = kept_note({**finetune, "selected": "fine-tuned", "decided_by": "loss, at equal accuracy"})
     assert "better than the starting model on val loss, at equal accuracy (val loss 0.3900" in tie
+
+
+def test_the_report_says_whether_a_gpu_rerun_gives_the_same_bits():
+    from pipeline.report import determinism_note
+
+    assert "torch's deterministic kernels" in determinism_note({"deterministic": True})
+    assert "torch's deterministic kernels" in determinism_note({})  # a run from before the key
+    assert determinism_note({"deterministic": False}).startswith("deterministic: false, so on a GPU cuDNN")

@@ -237,6 +237,7 @@ SCHEMA: dict[str, Any] = {
     "lr": positive_float,
     "device": one_of(*DEVICES),
     "amp": amp_mode,
+    "deterministic": boolean,
     "class_weighted_loss": boolean,
     "data": {
         "modality": text,  # a registered modality: checked by pipeline.modalities.for_params
