@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -44,7 +43,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from benchmarks import augment_speed, cached_features, results
-from benchmarks.finetune_recipes import CIFAR10_DEV, LITE0
+from benchmarks.finetune_recipes import CIFAR10_DEV, LITE0, sync_code
+from benchmarks.run_cache import dvc_env
 from pipeline.core.common import seed_everything
 from pipeline.core.loaders import make_loader
 from pipeline.core.models import Classifier
@@ -118,12 +118,12 @@ def step_speeds(
     batches = [(images[i : i + batch], labels[i : i + batch]) for i in range(0, len(images), batch)]
     rows = []
     for arch in archs:
-        torch.use_deterministic_algorithms(False)
+        torch.use_deterministic_algorithms(False)  # torch's defaults
+        torch.backends.cudnn.benchmark = False
         plain = plain_loop_speed(fresh_classifier(arch, size), batches, device)
-        seed_everything(0)  # what every stage does first
+        seed_everything(0)  # what backbone and finetune do first: deterministic kernels
         ours = pipeline_loop_speed(fresh_classifier(arch, size), TensorDataset(images, labels), batch, device)
-        torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.benchmark = True
+        seed_everything(0, deterministic=False)  # params deterministic: false
         free = pipeline_loop_speed(fresh_classifier(arch, size), TensorDataset(images, labels), batch, device)
         torch.backends.cudnn.benchmark = False
         rows.append(
@@ -185,10 +185,8 @@ def cached_speeds(device: torch.device, epochs: int = 30) -> dict[str, float]:
 
 def dvc(repo: Path, *args: str) -> str:
     """``dvc <args>`` in ``repo`` with this interpreter (its ``python`` first on the PATH)."""
-    env = dict(os.environ, DVC_NO_ANALYTICS="1")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     command = [sys.executable, "-m", "dvc", *args]
-    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=repo, env=dvc_env(), capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"dvc {' '.join(args)} failed in {repo}:\n{done.stdout}\n{done.stderr}")
     return done.stdout
@@ -197,13 +195,11 @@ def dvc(repo: Path, *args: str) -> str:
 def run_repo(work: Path, params: dict[str, Any], photos: Path | None) -> Path:
     """A DVC repository (no git: none is needed to reproduce) with this checkout's pipeline."""
     repo = work / ("photos" if photos else "digits")
-    shutil.copytree(ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     for folder in ("raw", "weights"):
         shutil.copytree(ROOT / "data" / folder, repo / "data" / folder)
     if photos is not None:
         shutil.copytree(photos, repo / "data" / "raw" / "photos", ignore=shutil.ignore_patterns("README*"))
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy(ROOT / name, repo / name)
+    sync_code(repo)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dvc(repo, "init", "--no-scm", "-q")
     return repo
