@@ -234,7 +234,7 @@ def determinism_note(finetune: dict) -> str:
     """What a rerun gives, by params ``deterministic`` (recorded in finetune's metrics)."""
     if finetune.get("deterministic", True):
         return "a CPU run is bit-exact from run to run, a GPU run uses torch's deterministic kernels"
-    return "deterministic: false, so on a GPU cuDNN picked its fastest kernels and a rerun differs a little"
+    return "deterministic: false, so on a GPU cuDNN picked its fastest kernels; a rerun may differ a little"
 
 
 def run_notes(modality: Modality, config: dict[str, Any], backbone: dict[str, Any]) -> str:

@@ -130,7 +130,7 @@ def read_json(path: Path | str) -> Any:
 def seed_everything(seed: int, deterministic: bool = True) -> None:
     """Seed python, numpy and torch, and ask torch for deterministic kernels; with
     ``deterministic`` false (params ``deterministic``), let cuDNN time and pick its fastest
-    kernels instead, which on a GPU trains faster and gives a rerun slightly different floats."""
+    kernels instead, which on a GPU trains faster and may give a rerun slightly different floats."""
     import torch
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
