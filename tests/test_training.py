@@ -378,3 +378,15 @@ def test_fit_with_a_moving_average_judges_and_keeps_the_average_not_the_model():
     # 15 steps at 0.9: the start still weighs 0.9 ** 15 of the average
     share = ((kept["weight"] - model.weight).norm() / (start - model.weight).norm()).item()
     assert 0.05 < share < 0.9
+
+
+def test_a_pass_sums_its_loss_and_hits_on_the_device_in_float64():
+    from pipeline.core.training import Tally
+
+    tally = Tally(torch.device("cpu"))
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
+    tally.add(torch.tensor(0.5), logits[:2], torch.tensor([0, 0]))
+    tally.add(torch.tensor(0.25), logits[2:], torch.tensor([0]))
+    assert tally.loss.dtype == torch.float64 and tally.correct.dtype == torch.long
+    loader = DataLoader(TensorDataset(torch.zeros(3)), batch_size=2)
+    assert tally.means(loader) == {"loss": (0.5 * 2 + 0.25) / 3, "accuracy": 2 / 3}

@@ -170,16 +170,18 @@ def train_epoch(
 class Tally:
     """A pass's summed loss and correct predictions, kept on the device: reading them back
     each step would make the CPU wait for the GPU to finish every batch before queueing the
-    next."""
+    next. The loss sums in float64 (as Python's floats did), float32 on Apple's MPS, which
+    has no float64."""
 
     def __init__(self, device: torch.device) -> None:
-        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.loss = torch.zeros((), dtype=dtype, device=device)
         self.correct = torch.zeros((), dtype=torch.long, device=device)
         self.seen = 0
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """One batch: its mean ``loss``, and ``logits`` scored against class ``labels``."""
-        self.loss += loss.detach().double() * len(labels)
+        self.loss += loss.detach().to(self.loss.dtype) * len(labels)
         self.correct += (logits.argmax(1) == labels).sum()
         self.seen += len(labels)
 
