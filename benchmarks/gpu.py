@@ -27,7 +27,6 @@ Needs a CUDA GPU, the lite extra and cifar10-dev. Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -43,9 +42,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from benchmarks import augment_speed, cached_features, results
-from benchmarks.finetune_recipes import CIFAR10_DEV, LITE0, sync_code
+from benchmarks.finetune_recipes import CIFAR10_DEV, SETS, base_params, sync_code
 from benchmarks.run_cache import dvc_env
-from pipeline.core.common import seed_everything
+from pipeline.core.common import file_sha256, seed_everything
 from pipeline.core.loaders import make_loader
 from pipeline.core.models import Classifier
 from pipeline.core.training import grad_scaler, train_epoch
@@ -55,6 +54,7 @@ NAME = "gpu"
 ROOT = results.ROOT
 PARTS = ("steps", "loaders", "cached", "runs")
 RUNS = ("digits", "photos")
+PHOTO_SET = "cifar10-dev"  # benchmarks.finetune_recipes' set: its folder and own-photos flags
 
 
 def wait_for(device: torch.device) -> None:
@@ -198,15 +198,12 @@ def run_repo(work: Path, params: dict[str, Any], photos: Path | None) -> Path:
     for folder in ("raw", "weights"):
         shutil.copytree(ROOT / "data" / folder, repo / "data" / folder)
     if photos is not None:
-        shutil.copytree(photos, repo / "data" / "raw" / "photos", ignore=shutil.ignore_patterns("README*"))
+        target = repo / "data" / "raw" / SETS[PHOTO_SET]["folder"]
+        shutil.copytree(photos, target, ignore=shutil.ignore_patterns("README*"))
     sync_code(repo)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dvc(repo, "init", "--no-scm", "-q")
     return repo
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def pipeline_run(work: Path, params: dict[str, Any], photos: Path | None) -> dict[str, Any]:
@@ -215,7 +212,7 @@ def pipeline_run(work: Path, params: dict[str, Any], photos: Path | None) -> dic
     start = time.perf_counter()
     dvc(repo, "repro")
     seconds = time.perf_counter() - start
-    first = digest(repo / "models" / "finetuned.pt")
+    first = file_sha256(repo / "models" / "finetuned.pt")
     dvc(repo, "repro", "-f", "-s", "finetune")
     test = json.loads((repo / "metrics" / "test.json").read_text())
     speed = json.loads((repo / "metrics" / "finetune_time.json").read_text())["finetune"]
@@ -228,25 +225,17 @@ def pipeline_run(work: Path, params: dict[str, Any], photos: Path | None) -> dic
         "finetune_images_per_second": speed["examples_per_second"],
         "probe": test["linear_probe"]["accuracy"],
         "finetuned": test["finetuned"]["accuracy"],
-        "same_weights_again": digest(repo / "models" / "finetuned.pt") == first,
+        "same_weights_again": file_sha256(repo / "models" / "finetuned.pt") == first,
     }
     print(f"gpu: runs: {row}", flush=True)
     return row
-
-
-def photo_params(photos: Path) -> dict[str, Any]:
-    """The committed params.yaml with the README's own-photos flags."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"].update(dataset="imagefolder", path="data/raw/photos")
-    params["backbone"].update(LITE0["backbone"])
-    return params
 
 
 def run_params(name: str, photos: Path) -> tuple[dict[str, Any], Path | None]:
     """The params and photos of run ``name``: digits (committed params) or photos."""
     if name == "digits":
         return yaml.safe_load((ROOT / "params.yaml").read_text()), None
-    return photo_params(photos), photos
+    return base_params(PHOTO_SET), photos  # the committed params with the own-photos flags
 
 
 def where(record: dict) -> str:
