@@ -85,9 +85,10 @@ def git(repo: Path, *args: str) -> str:
     ).stdout
 
 
-def base_params(name: str) -> dict[str, Any]:
-    """The committed params.yaml with the set's own: its data and backbone flags."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+def base_params(name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The committed params.yaml (or ``params``) with the set's own: its data and backbone
+    flags."""
+    params = params or yaml.safe_load((ROOT / "params.yaml").read_text())
     if SETS[name]["folder"] is not None:
         params["data"].update(dataset="imagefolder", path=f"data/raw/{SETS[name]['folder']}")
     for section, values in SETS[name]["params"].items():

@@ -8,7 +8,9 @@ rate; ``dvc exp run -S lr=1e-4``), ``device``, ``amp``, ``deterministic``, ``cla
 ``finetune.*`` and ``distributed.*``; reads data/prepared/ (and the
 image files it lists), models/backbone.pt and models/head.pt; writes models/finetuned.pt
 (the best on val of the starting model and each epoch, by ``finetune.select``; with
-``finetune.ema_epochs``, each epoch's moving average of the weights) and, through
+``finetune.ema_epochs``, each epoch's moving average of the weights; with
+``finetune.interpolate`` below 1, the kept epoch moved back toward the starting model, if
+that still beats the start on val) and, through
 dvclive, reports/live/finetune/ (per-epoch losses, accuracies and the learning rates the
 schedule used; metrics.json with the latest and the best epoch, which of the starting model
 and the fine-tuned one was kept and the start's val scores, the world size and the
@@ -67,8 +69,17 @@ from pipeline.core.optim import (
     moving_average,
     warmup_cosine,
 )
-from pipeline.core.selection import SELECTIONS
-from pipeline.core.training import BatchTransform, EpochCallback, Fitted, fit, unwrap
+from pipeline.core.selection import SELECTIONS, Selection, start_record
+from pipeline.core.training import (
+    BatchTransform,
+    EpochCallback,
+    Fitted,
+    evaluate_epoch,
+    fit,
+    interpolated_weights,
+    unwrap,
+    weights_on_cpu,
+)
 from pipeline.modalities import load_params
 
 TIME_FILE = METRICS_DIR / "finetune_time.json"
@@ -101,6 +112,7 @@ def finetune(
     blocks: list[nn.Module] = (),
     batch_transform: BatchTransform | None = None,
     ema_epochs: float = 0.0,
+    interpolate: float = 1.0,
 ) -> Fitted:
     """Train the trainable part of a Classifier (possibly wrapped in DistributedDataParallel);
     returns fit()'s result: the best-on-val weights, the history, whose epoch 0 is the model
@@ -119,7 +131,9 @@ def finetune(
     (layer-wise rate decay), the layers below the first block slower still.
     ``batch_transform`` (MixUp, CutMix) mixes each training batch. With ``ema_epochs`` above
     0 each epoch is judged, and the kept weights are, a moving average of the weights over
-    about that many epochs of steps, starting at the starting model.
+    about that many epochs of steps, starting at the starting model. With ``interpolate``
+    below 1 the kept epoch's weights are then moved back toward the starting model's
+    (interpolate_with_start), and judged against the start on val again.
     """
     classifier = unwrap(model)
     backbone = [p for p in classifier.backbone.parameters() if p.requires_grad]
@@ -135,7 +149,8 @@ def finetune(
     weight = class_weight.to(device) if class_weight is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
     average = moving_average(classifier, ema_decay(ema_epochs, steps)) if ema_epochs else None
-    return fit(
+    start = weights_on_cpu(classifier) if interpolate < 1 else None
+    fitted = fit(
         model,
         train_loader,
         val_loader,
@@ -155,6 +170,39 @@ def finetune(
         batch_transform=batch_transform,
         average=average,
     )
+    if start is None:
+        return fitted
+    return interpolate_with_start(
+        model, fitted, start, interpolate, val_loader, loss_fn, device, amp, SELECTIONS[select]
+    )
+
+
+def interpolate_with_start(
+    model: nn.Module,
+    fitted: Fitted,
+    start: dict[str, torch.Tensor],
+    share: float,
+    val_loader: torch.utils.data.DataLoader,
+    loss_fn: nn.Module,
+    device: torch.device,
+    amp: str,
+    select: Selection,
+) -> Fitted:
+    """WiSE-FT: the kept weights moved back toward the starting model's, ``start + share *
+    (kept - start)``. Val, drawn from the training data, cannot see the shift this guards
+    against, so the share is the user's, not searched on val; the blend still has to beat
+    the starting model on val, as any epoch does, or the start is kept. Its record is the
+    kept epoch's number with the blend's val scores and ``interpolate``: the share."""
+    if fitted.kept["epoch"] == 0:
+        return fitted
+    weights = interpolated_weights(start, fitted.weights, share)
+    classifier = unwrap(model)
+    classifier.load_state_dict(weights)
+    val = evaluate_epoch(classifier, val_loader, loss_fn, device, amp)
+    blend = {**start_record(val), "epoch": fitted.kept["epoch"], "interpolate": share}
+    if select([fitted.history[0], blend]) is fitted.history[0]:
+        return Fitted(start, fitted.history, fitted.history[0])
+    return Fitted(weights, fitted.history, blend)
 
 
 def backbone_groups(
@@ -233,7 +281,10 @@ def selection_message(history: list[dict[str, float]], best: dict[str, float], s
             f"(its val loss {start['val_loss']:.4f}, accuracy {start['val_accuracy']:.4f})"
         )
     won_on = decided_by(start, best, select)
-    return f"finetune: kept epoch {best['epoch']}, better than the starting model on val {won_on} ({scores})"
+    kept = f"kept epoch {best['epoch']}"
+    if "interpolate" in best:
+        kept += f", {best['interpolate']:g} of the way from the starting model (WiSE-FT)"
+    return f"finetune: {kept}, better than the starting model on val {won_on} ({scores})"
 
 
 def few_val_examples_warning(val_examples: int) -> str | None:
@@ -334,6 +385,7 @@ def main() -> None:
         blocks=modality.blocks(classifier.backbone),
         batch_transform=SeededBatchTransform(mixing, seed, ranks.rank) if mixing else None,
         ema_epochs=config["ema_epochs"],
+        interpolate=config["interpolate"],
     )
     seconds = time.perf_counter() - started
     if not ranks.main:
@@ -360,6 +412,7 @@ def main() -> None:
         strategy=config["strategy"],
         **used,
         ema_epochs=config["ema_epochs"],
+        interpolate=config["interpolate"],
         trainable_params=trainable,
         **selection_summary(history, best, config["select"]),
     )

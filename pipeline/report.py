@@ -226,8 +226,12 @@ def recipe_note(finetune: dict[str, Any]) -> str:
         return ""
     note = f", augmentation {finetune['augment']}, BatchNorm {finetune['bn']}, mixing {finetune['mix']}"
     if finetune.get("ema_epochs"):
-        return f"{note}, weights averaged over {finetune['ema_epochs']:g} epochs (EMA)"
-    return f"{note}, no weight average" if "ema_epochs" in finetune else note
+        note += f", weights averaged over {finetune['ema_epochs']:g} epochs (EMA)"
+    elif "ema_epochs" in finetune:
+        note += ", no weight average"
+    if finetune.get("interpolate", 1) < 1:
+        note += f", then {finetune['interpolate']:g} of the way from the starting model (WiSE-FT)"
+    return note
 
 
 def determinism_note(finetune: dict) -> str:

@@ -86,3 +86,28 @@ def test_the_gpu_benchmark_times_the_plain_and_the_pipeline_loop_and_tables_them
     assert lines[0].startswith("| fine-tuning step, a GPU, torch 2 |")
     assert lines[2].startswith(f"| resnet18, 32 px, batch 2 (images/s) | {plain:.0f} | {ours:.0f} ")
     assert f"({ours / plain:.2f}x)" in lines[2]
+
+
+def test_the_interpolation_table_gives_each_share_s_gain_over_the_probe_and_val_s_pick():
+    from benchmarks.interpolation import SHARES, table, val_pick
+
+    def shares(test: dict[float, float], val_best: float) -> dict[str, dict[str, float]]:
+        return {
+            f"{share:.1f}": {
+                "test_accuracy": test.get(share, 0.9),
+                "val_accuracy": 0.97,
+                "val_loss": abs(share - val_best),  # val's loss is lowest at val_best
+            }
+            for share in SHARES
+        }
+
+    first = {"set": "patches", "seed": 1, "probe": 0.9, "shares": shares({1.0: 0.95, 0.5: 0.92}, 1.0)}
+    second = {"set": "patches", "seed": 2, "probe": 0.9, "shares": shares({1.0: 0.89, 0.5: 0.93}, 0.9)}
+    assert val_pick(first["shares"]) == "1.0" and val_pick(second["shares"]) == "0.9"
+    header, _, row = table({"results": [second, first]}).splitlines()
+    assert header.startswith("| set | seeds | share 1 (shipped) | share 0.9 |")
+    assert (
+        row
+        == "| patches | 2 | +2.00 (-1.00) | +0.00 (+0.00) | +0.00 (+0.00) | +0.00 (+0.00) | +2.50 (+2.00) "
+        "| 1.0 ×1, 0.9 ×1 |"
+    )

@@ -113,7 +113,7 @@ def test_a_small_val_split_is_named_with_what_one_example_weighs():
 
 STRATEGIES = {
     "full + L2-SP": {"l2sp": 0.01},
-    "adapters": {"strategy": "adapters", "backbone_lr_ratio": 1.0},
+    "adapters, blended with the start": {"strategy": "adapters", "backbone_lr_ratio": 1, "interpolate": 0.5},
     "seed recipe": {"optimizer": "sgd", "backbone_lr_ratio": 1.0, "warmup_epochs": 0, "head_init": "fresh"},
 }  # full fine-tuning with frozen BatchNorm is the tiny config's own, run by tests/conftest.py
 
@@ -147,11 +147,12 @@ def test_each_strategy_runs_end_to_end_on_the_tiny_config(name, tiny_workspace, 
     summary = json.loads((workspace / "reports/live/finetune/metrics.json").read_text())["finetune"]
     backbone = torch.load(workspace / "models/backbone.pt", weights_only=True)["state_dict"]
     everything = sum(value.numel() for key, value in backbone.items() if "running" not in key)
-    if name == "adapters":  # adapters, BatchNorm and head: a small share of the backbone
+    if name.startswith("adapters"):  # adapters, BatchNorm and head: a small share of the backbone
         assert 0 < summary["trainable_params"] < everything / 4
     else:
         assert summary["trainable_params"] > everything
     assert summary["strategy"] == params["finetune"]["strategy"]
+    assert summary["interpolate"] == params["finetune"]["interpolate"]
     timing = json.loads((workspace / "metrics/finetune_time.json").read_text())["finetune"]
     train_images = len(load_split(workspace / "data/prepared", "train")[1])
     assert timing["seconds"] > 0 and timing["world_size"] == 1
@@ -250,3 +251,55 @@ def test_a_moving_average_keeps_the_kept_weights_nearer_the_start_than_the_train
             ((fitted.weights[key].float() - start[key].float()) ** 2).sum().item() for key in start
         )
     assert 0 < drift[2.0] < drift[0.0]
+
+
+def test_interpolated_weights_lie_between_the_two_states_and_keep_the_end_s_counts():
+    from pipeline.core.training import interpolated_weights
+
+    start = {"w": torch.zeros(3), "n": torch.tensor(1)}
+    end = {"w": torch.tensor([1.0, 2.0, 4.0]), "n": torch.tensor(7)}
+    blend = interpolated_weights(start, end, 0.25)
+    assert torch.equal(blend["w"], torch.tensor([0.25, 0.5, 1.0])) and blend["n"].item() == 7
+    assert torch.equal(interpolated_weights(start, end, 1.0)["w"], end["w"])
+    with pytest.raises(ValueError, match="differ in keys"):
+        interpolated_weights({"w": start["w"]}, end, 0.5)
+
+
+def test_interpolate_ships_the_blend_of_the_start_and_the_kept_epoch_judged_on_val(monkeypatch):
+    """WiSE-FT: with the same seed, the weights of a run with interpolate 0.5 are the
+    halfway point between the start and the weights the run without it kept, and its
+    record holds the blend's own val scores."""
+    from pipeline.core.selection import last_epoch
+
+    monkeypatch.setitem(stage.SELECTIONS, "last", last_epoch)
+    model = small_classifier()
+    start = {key: value.clone() for key, value in model.state_dict().items()}
+    plain = fine_tune_briefly(model, select="last")
+    model = small_classifier()
+    blended = fine_tune_briefly(model, select="last", interpolate=0.5)
+    assert blended.kept["interpolate"] == 0.5 and blended.kept["epoch"] == plain.kept["epoch"] == 2
+    for key, value in blended.weights.items():
+        if value.is_floating_point():
+            assert torch.allclose(value, (start[key] + plain.weights[key]) / 2, atol=1e-6), key
+    assert blended.kept["val_loss"] != plain.kept["val_loss"]
+
+
+def test_a_blend_that_loses_to_the_start_on_val_ships_the_start(monkeypatch):
+    model = small_classifier()
+    start = {key: value.clone() for key, value in model.state_dict().items()}
+    first = iter([True])  # the kept epoch wins over the start once; the blend then loses to it
+    monkeypatch.setitem(
+        stage.SELECTIONS, "rigged", lambda history: history[-1] if next(first, False) else history[0]
+    )
+    fitted = fine_tune_briefly(model, select="rigged", epochs=1, interpolate=0.5)
+    assert fitted.kept is fitted.history[0]
+    assert all(torch.equal(fitted.weights[key], start[key]) for key in start)
+
+
+def test_the_message_names_the_blend():
+    history = [{"epoch": 0, "val_loss": 0.5, "val_accuracy": 0.8}]
+    blend = {"epoch": 3, "val_loss": 0.4, "val_accuracy": 0.9, "interpolate": 0.7}
+    message = stage.selection_message(history, blend, "accuracy")
+    assert message.startswith(
+        "finetune: kept epoch 3, 0.7 of the way from the starting model (WiSE-FT), better"
+    )

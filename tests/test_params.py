@@ -69,6 +69,7 @@ def test_lr_as_dvc_writes_it_is_read_as_a_number(tmp_path):
         ),
         ("finetune", "layer_decay", 1.5, "finetune.layer_decay: must be above 0 and at most 1 (1 is off)"),
         ("finetune", "ema_epochs", -1, "finetune.ema_epochs: must be 0 or more, got -1"),
+        ("finetune", "interpolate", 0, "finetune.interpolate: must be above 0 and at most 1 (1 is off)"),
         (
             "finetune",
             "augment",
@@ -118,6 +119,17 @@ def test_fractions_must_leave_training_images(tmp_path):
     params["data"].update(val_fraction=0.5, test_fraction=0.45)
     with pytest.raises(ParamsError, match=r"at least 10% of the images for training"):
         load_params(write(tmp_path, params))
+
+
+def test_interpolating_toward_a_random_head_is_refused(tmp_path):
+    params = default_params()
+    params["finetune"].update(interpolate=0.5, head_init="fresh")
+    with pytest.raises(
+        ParamsError, match=r"finetune\.interpolate: 0\.5 blends .*finetune\.head_init: fresh; use head_init"
+    ):
+        load_params(write(tmp_path, params))
+    params["finetune"]["head_init"] = "probe"
+    assert load_params(write(tmp_path, params))["finetune"]["interpolate"] == 0.5
 
 
 def test_not_yaml_and_missing_file(tmp_path):

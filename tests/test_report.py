@@ -57,3 +57,17 @@ def test_the_report_says_whether_a_gpu_rerun_gives_the_same_bits():
     assert "torch's deterministic kernels" in determinism_note({"deterministic": True})
     assert "torch's deterministic kernels" in determinism_note({})  # a run from before the key
     assert determinism_note({"deterministic": False}).startswith("deterministic: false, so on a GPU cuDNN")
+
+
+def test_the_recipe_note_says_what_finetune_used_and_the_blend_only_when_on():
+    from pipeline.report import recipe_note
+
+    used = {"augment": "photo", "bn": "frozen", "mix": "none", "ema_epochs": 2.0, "interpolate": 1.0}
+    note = ", augmentation photo, BatchNorm frozen, mixing none, weights averaged over 2 epochs (EMA)"
+    assert recipe_note(used) == note
+    assert (
+        recipe_note({**used, "interpolate": 0.7})
+        == f"{note}, then 0.7 of the way from the starting model (WiSE-FT)"
+    )
+    assert recipe_note({**used, "ema_epochs": 0.0}).endswith("mixing none, no weight average")
+    assert recipe_note({"strategy": "full"}) == ""  # a run from before the recipe was recorded

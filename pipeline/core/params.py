@@ -214,7 +214,8 @@ def augment_policy(value: Any, key: str) -> str:
     return one_of(*AUGMENTS)(value, key)
 
 
-def layer_decay(value: Any, key: str) -> float:
+def above_zero_up_to_one(value: Any, key: str) -> float:
+    """A share or a factor where 1 turns the feature off: layer_decay, interpolate."""
     number = _number(value, key)
     if not 0 < number <= 1:
         raise ParamsError(f"{key}: must be above 0 and at most 1 (1 is off), got {value!r}")
@@ -291,12 +292,13 @@ SCHEMA: dict[str, Any] = {
         "optimizer": one_of(*OPTIMIZERS),
         "momentum": below_one,
         "backbone_lr_ratio": positive_float,
-        "layer_decay": layer_decay,
+        "layer_decay": above_zero_up_to_one,
         "warmup_epochs": non_negative_int,
         "weight_decay": non_negative_float,
         "l2sp": non_negative_float,
         "label_smoothing": below_one,
         "ema_epochs": non_negative_float,
+        "interpolate": above_zero_up_to_one,
         "augment": augment_policy,
         "mix": one_of(*MIXES),
         "mix_alpha": positive_float,
@@ -376,6 +378,12 @@ def cross_check(params: dict[str, Any]) -> None:
         raise ParamsError(
             f"finetune.warmup_epochs: {finetune['warmup_epochs']} leaves no epoch for the cosine decay "
             f"of finetune.epochs: {finetune['epochs']}; use fewer warmup epochs (0 for none)"
+        )
+    if finetune["interpolate"] < 1 and finetune["head_init"] != "probe":
+        raise ParamsError(
+            f"finetune.interpolate: {finetune['interpolate']} blends the fine-tuned weights with the "
+            f"starting model's, whose head is random under finetune.head_init: "
+            f"{finetune['head_init']}; use head_init: probe, or interpolate: 1 (off)"
         )
     check_weights_file(params["backbone"]["weights"])
     data = params["data"]

@@ -293,6 +293,20 @@ def weights_on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
 
 
+def interpolated_weights(
+    start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], share: float
+) -> dict[str, torch.Tensor]:
+    """``start + share * (end - start)`` for each float tensor of two states of one model
+    (WiSE-FT's weight-space ensemble, Wortsman et al., CVPR 2022); integer buffers
+    (BatchNorm's batch count) are ``end``'s."""
+    if start.keys() != end.keys():
+        raise ValueError(f"the two states differ in keys: {sorted(start.keys() ^ end.keys())[:3]}")
+    return {
+        key: torch.lerp(start[key], value, share) if value.is_floating_point() else value.clone()
+        for key, value in end.items()
+    }
+
+
 def fit_head(
     head: nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],

@@ -48,7 +48,7 @@ RULES = {
     "endpoint": "auto, or host:port",
     "unfreeze_spec": "all, or a number of last blocks, 1 or more",
     "augment_policy": "auto, none, jitter, photo or strong (true, false: auto, none)",
-    "layer_decay": "a number above 0, at most 1",
+    "above_zero_up_to_one": "a number above 0, at most 1",
 }
 
 
