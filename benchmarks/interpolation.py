@@ -9,8 +9,9 @@ and ``dvc repro evaluate`` restores the run from the run-cache (or, in a new wor
 repository, recomputes it). Then it loads the starting model and models/finetuned.pt and
 evaluates ``start + share * (kept - start)``, made by the finetune stage's own
 interpolated_weights, at shares 0, 0.1, ..., 1 on val and test. Share 1 is the model the
-defaults ship; finetune.interpolate below 1 ships the blend at that share (when it beats the
-probe on val). Run from the repository root:
+defaults ship; finetune.interpolate below 1 ships the blend at that share when it beats the
+starting model (share 0) on val by the run's finetune.select, and the probe otherwise:
+the table gives what the stage would ship. Run from the repository root:
 
     python -m benchmarks.interpolation run --set patches --seeds 1 2 3 4 5 6 7 8
     python -m benchmarks.interpolation table
@@ -34,6 +35,7 @@ from typing import Any
 import yaml
 
 from benchmarks import finetune_recipes, results
+from pipeline.core.selection import SELECTIONS
 
 ROOT = results.ROOT
 NAME = "interpolation"
@@ -75,9 +77,9 @@ def put_back(repo: Path, revision: str, name: str, seed: int) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump({**params, "seed": seed}, sort_keys=False))
 
 
-def curve(repo: Path) -> dict[str, dict[str, float]]:
-    """Val and test accuracy and loss of the blend at each share, in ``repo`` after a run.
-    Imports this checkout's pipeline, then works in ``repo``."""
+def curve(repo: Path) -> dict[str, Any]:
+    """Val and test accuracy and loss of the blend at each share, in ``repo`` after a run,
+    and the run's finetune.select. Imports this checkout's pipeline, then works in ``repo``."""
     import torch
     import torch.nn.functional as F
 
@@ -105,7 +107,7 @@ def curve(repo: Path) -> dict[str, dict[str, float]]:
             row[f"{split}_accuracy"] = round((logits.argmax(1) == labels).double().mean().item(), 6)
             row[f"{split}_loss"] = round(F.cross_entropy(logits, labels).item(), 6)
         scores[f"{share:.1f}"] = row
-    return scores
+    return {"select": params["finetune"]["select"], "shares": scores}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -126,7 +128,8 @@ def run(args: argparse.Namespace) -> None:
             text=True,
             check=True,
         )
-        shares = json.loads(measured.stdout.splitlines()[-1])
+        measured = json.loads(measured.stdout.splitlines()[-1])
+        shares = measured["shares"]
         record = {
             "set": args.set,
             "seed": seed,
@@ -134,6 +137,7 @@ def run(args: argparse.Namespace) -> None:
             "probe": recorded["probe"],
             "finetuned": recorded["finetuned"],
             "restored": "Running stage" not in done.stdout,
+            "select": measured["select"],
             "shares": shares,
         }
         if shares["1.0"]["test_accuracy"] != recorded["finetuned"]:
@@ -144,13 +148,24 @@ def run(args: argparse.Namespace) -> None:
         runs = [r for r in runs if (r["set"], r["seed"]) != (args.set, seed)] + [record]
         results.save(NAME, COMMAND, runs)
         gains = " ".join(
-            f"{share}:{100 * (shares[f'{share:.1f}']['test_accuracy'] - recorded['probe']):+.2f}"
-            for share in SHOWN
+            f"{share}:{100 * (shipped(record, share)[0] - record['probe']):+.2f}" for share in SHOWN
         )
         print(
             f"{args.set} seed {seed} (restored: {record['restored']}): FT - probe by share {gains}",
             flush=True,
         )
+
+
+def shipped(run: dict[str, Any], share: float) -> tuple[float, bool]:
+    """The test accuracy of what finetune ships at ``share``, and whether that is the start:
+    the blend, unless the run's selection rule prefers the starting model (share 0) on val,
+    and then the probe."""
+    start, blend = (
+        {"epoch": epoch, **run["shares"][f"{value:.1f}"]} for epoch, value in ((0, 0.0), (1, share))
+    )
+    if SELECTIONS[run["select"]]([start, blend]) is start:
+        return run["probe"], True
+    return blend["test_accuracy"], False
 
 
 def val_pick(shares: dict[str, dict[str, float]]) -> str:
@@ -159,8 +174,9 @@ def val_pick(shares: dict[str, dict[str, float]]) -> str:
 
 
 def table(record: dict[str, Any]) -> str:
-    """One row per set: test accuracy minus the probe's at each shown share, the mean over
-    the seeds and the worst seed's, and the shares val would pick."""
+    """One row per set: the test accuracy of what finetune ships at each shown share minus
+    the probe's, the mean over the seeds and the worst seed's (and how many seeds kept the
+    probe because the blend lost to it on val), and the shares val would pick."""
     columns = " | ".join(f"share {share:g}" + (" (shipped)" if share == 1 else "") for share in SHOWN)
     lines = [
         f"| set | seeds | {columns} | val's pick |",
@@ -171,8 +187,11 @@ def table(record: dict[str, Any]) -> str:
         runs = [run for run in record["results"] if run["set"] == name]
         cells = []
         for share in SHOWN:
-            gains = [100 * (run["shares"][f"{share:.1f}"]["test_accuracy"] - run["probe"]) for run in runs]
-            cells.append(f"{statistics.mean(gains):+.2f} ({min(gains):+.2f})")
+            ships = [shipped(run, share) for run in runs]
+            gains = [100 * (accuracy - run["probe"]) for (accuracy, _), run in zip(ships, runs, strict=True)]
+            kept = sum(start for _, start in ships)
+            note = f", {kept} kept the probe" if kept else ""
+            cells.append(f"{statistics.mean(gains):+.2f} ({min(gains):+.2f}{note})")
         picks = Counter(val_pick(run["shares"]) for run in runs)
         picked = ", ".join(f"{share} ×{count}" for share, count in sorted(picks.items(), reverse=True))
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {picked} |")

@@ -88,26 +88,33 @@ def test_the_gpu_benchmark_times_the_plain_and_the_pipeline_loop_and_tables_them
     assert f"({ours / plain:.2f}x)" in lines[2]
 
 
-def test_the_interpolation_table_gives_each_share_s_gain_over_the_probe_and_val_s_pick():
+def test_the_interpolation_table_gives_what_finetune_ships_at_each_share_and_val_s_pick():
     from benchmarks.interpolation import SHARES, table, val_pick
 
-    def shares(test: dict[float, float], val_best: float) -> dict[str, dict[str, float]]:
+    def shares(test: dict[float, float], val_best: float, worse_on_val: float = -1) -> dict:
         return {
             f"{share:.1f}": {
                 "test_accuracy": test.get(share, 0.9),
-                "val_accuracy": 0.97,
+                "val_accuracy": 0.9 if share == worse_on_val else 0.97,
                 "val_loss": abs(share - val_best),  # val's loss is lowest at val_best
             }
             for share in SHARES
         }
 
-    first = {"set": "patches", "seed": 1, "probe": 0.9, "shares": shares({1.0: 0.95, 0.5: 0.92}, 1.0)}
-    second = {"set": "patches", "seed": 2, "probe": 0.9, "shares": shares({1.0: 0.89, 0.5: 0.93}, 0.9)}
+    first = {"set": "patches", "seed": 1, "probe": 0.9, "select": "accuracy"}
+    first["shares"] = shares({1.0: 0.95, 0.5: 0.92}, 1.0)
+    second = {**first, "seed": 2, "shares": shares({1.0: 0.89, 0.5: 0.93}, 0.9)}
     assert val_pick(first["shares"]) == "1.0" and val_pick(second["shares"]) == "0.9"
     header, _, row = table({"results": [second, first]}).splitlines()
     assert header.startswith("| set | seeds | share 1 (shipped) | share 0.9 |")
+    cells = row.split(" | ")
+    assert cells[2:4] == ["+2.00 (-1.00)", "+0.00 (+0.00)"] and cells[6:] == [
+        "+2.50 (+2.00)",
+        "1.0 ×1, 0.9 ×1 |",
+    ]
+    # A blend worse than the start on val ships the probe, as finetune does.
+    second["shares"] = shares({1.0: 0.89, 0.5: 0.93}, 0.9, worse_on_val=0.5)
     assert (
-        row
-        == "| patches | 2 | +2.00 (-1.00) | +0.00 (+0.00) | +0.00 (+0.00) | +0.00 (+0.00) | +2.50 (+2.00) "
-        "| 1.0 ×1, 0.9 ×1 |"
+        table({"results": [second, first]}).splitlines()[2].split(" | ")[6]
+        == "+1.00 (+0.00, 1 kept the probe)"
     )
