@@ -168,9 +168,13 @@ def shipped(run: dict[str, Any], share: float) -> tuple[float, bool]:
     return blend["test_accuracy"], False
 
 
-def val_pick(shares: dict[str, dict[str, float]]) -> str:
-    """The share val would pick: highest val accuracy, ties to the lower val loss."""
-    return max(shares, key=lambda share: (shares[share]["val_accuracy"], -shares[share]["val_loss"]))
+def val_pick(run: dict[str, Any]) -> str:
+    """The share the run's finetune.select would pick on val among all of them (ties to
+    the smaller share)."""
+    records = [
+        {"epoch": step, "share": share, **run["shares"][share]} for step, share in enumerate(run["shares"])
+    ]
+    return SELECTIONS[run["select"]](records)["share"]
 
 
 def table(record: dict[str, Any]) -> str:
@@ -192,7 +196,7 @@ def table(record: dict[str, Any]) -> str:
             kept = sum(start for _, start in ships)
             note = f", {kept} kept the probe" if kept else ""
             cells.append(f"{statistics.mean(gains):+.2f} ({min(gains):+.2f}{note})")
-        picks = Counter(val_pick(run["shares"]) for run in runs)
+        picks = Counter(val_pick(run) for run in runs)
         picked = ", ".join(f"{share} ×{count}" for share, count in sorted(picks.items(), reverse=True))
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {picked} |")
     return "\n".join(lines)

@@ -104,7 +104,7 @@ def test_the_interpolation_table_gives_what_finetune_ships_at_each_share_and_val
     first = {"set": "patches", "seed": 1, "probe": 0.9, "select": "accuracy"}
     first["shares"] = shares({1.0: 0.95, 0.5: 0.92}, 1.0)
     second = {**first, "seed": 2, "shares": shares({1.0: 0.89, 0.5: 0.93}, 0.9)}
-    assert val_pick(first["shares"]) == "1.0" and val_pick(second["shares"]) == "0.9"
+    assert val_pick(first) == "1.0" and val_pick(second) == "0.9"
     header, _, row = table({"results": [second, first]}).splitlines()
     assert header.startswith("| set | seeds | share 1 (shipped) | share 0.9 |")
     cells = row.split(" | ")
