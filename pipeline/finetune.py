@@ -254,31 +254,52 @@ def decided_by(start: dict[str, float], best: dict[str, float], select: str) -> 
     return select
 
 
+def blend_lost(
+    history: list[dict[str, float]], best: dict[str, float], select: str, interpolate: float
+) -> bool:
+    """Whether finetune kept the starting model although an epoch beat it on val, because
+    that epoch's blend with the start (``finetune.interpolate`` below 1) did not."""
+    return interpolate < 1 and best["epoch"] == 0 and SELECTIONS[select](history)["epoch"] != 0
+
+
 def selection_summary(
-    history: list[dict[str, float]], best: dict[str, float], select: str
-) -> dict[str, float | str]:
+    history: list[dict[str, float]], best: dict[str, float], select: str, interpolate: float = 1.0
+) -> dict[str, float | str | bool]:
     """What the finetune metrics say of the choice: the starting model's val scores (epoch 0),
-    whether it or a fine-tuned epoch was kept, and on which val score."""
+    whether it or a fine-tuned epoch was kept, and on which val score; with
+    ``finetune.interpolate`` below 1, whether the blend lost to the start on val."""
     start = history[0]
-    return {
+    summary = {
         "selected": "start" if best["epoch"] == 0 else "fine-tuned",
         "decided_by": decided_by(start, best, select),
         "start_val_loss": start["val_loss"],
         "start_val_accuracy": start["val_accuracy"],
     }
+    if interpolate < 1:
+        summary["blend_lost_on_val"] = blend_lost(history, best, select, interpolate)
+    return summary
 
 
-def selection_message(history: list[dict[str, float]], best: dict[str, float], select: str) -> str:
+def selection_message(
+    history: list[dict[str, float]], best: dict[str, float], select: str, interpolate: float = 1.0
+) -> str:
     """One line on which model finetune kept and by how much it won on val."""
     start = history[0]
     scores = (
         f"val loss {best['val_loss']:.4f} vs {start['val_loss']:.4f}, "
         f"accuracy {best['val_accuracy']:.4f} vs {start['val_accuracy']:.4f}"
     )
+    its_scores = f"(its val loss {start['val_loss']:.4f}, accuracy {start['val_accuracy']:.4f})"
+    if blend_lost(history, best, select, interpolate):
+        winner = SELECTIONS[select](history)["epoch"]
+        return (
+            f"finetune: kept the starting model: epoch {winner} beat it on val {select}, but its blend "
+            f"{interpolate:g} of the way from the starting model (finetune.interpolate) did not {its_scores}"
+        )
     if best["epoch"] == 0:
         return (
             f"finetune: kept the starting model: no epoch of {len(history) - 1} beat it on val {select} "
-            f"(its val loss {start['val_loss']:.4f}, accuracy {start['val_accuracy']:.4f})"
+            f"{its_scores}"
         )
     won_on = decided_by(start, best, select)
     kept = f"kept epoch {best['epoch']}"
@@ -414,7 +435,7 @@ def main() -> None:
         ema_epochs=config["ema_epochs"],
         interpolate=config["interpolate"],
         trainable_params=trainable,
-        **selection_summary(history, best, config["select"]),
+        **selection_summary(history, best, config["select"], config["interpolate"]),
     )
     log.close(best)
     write_json(
@@ -425,7 +446,7 @@ def main() -> None:
         f"(augment {used['augment']}, bn {used['bn']}, mix {used['mix']}, "
         f"ema_epochs {config['ema_epochs']:g})"
     )
-    print(selection_message(history, best, config["select"]))
+    print(selection_message(history, best, config["select"], config["interpolate"]))
 
 
 if __name__ == "__main__":

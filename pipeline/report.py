@@ -188,6 +188,12 @@ def kept_note(finetune: dict[str, Any]) -> str:
     """Which model finetune kept, the starting one or an epoch, on which val score, and their
     val scores."""
     start = f"val loss {finetune['start_val_loss']:.4f}, accuracy {finetune['start_val_accuracy']:.2%}"
+    if finetune.get("blend_lost_on_val"):
+        return (
+            "an epoch beat the starting model on val, but its blend with it "
+            f"(finetune.interpolate {finetune['interpolate']:g}) did not, so the fine-tuned model is the "
+            f"starting one, unchanged ({start})"
+        )
     if finetune["selected"] == "start":
         return (
             f"no epoch beat the starting model on val {finetune['decided_by']}, so the fine-tuned "

@@ -303,3 +303,21 @@ def test_the_message_names_the_blend():
     assert message.startswith(
         "finetune: kept epoch 3, 0.7 of the way from the starting model (WiSE-FT), better"
     )
+
+
+def test_a_start_kept_because_the_blend_lost_is_said_so_not_that_no_epoch_won():
+    history = [
+        {"epoch": 0, "val_loss": 0.39, "val_accuracy": 0.7},
+        {"epoch": 1, "val_loss": 0.35, "val_accuracy": 0.7},
+    ]
+    summary = stage.selection_summary(history, history[0], "accuracy", interpolate=0.8)
+    assert summary["selected"] == "start" and summary["blend_lost_on_val"] is True
+    assert "blend_lost_on_val" not in stage.selection_summary(history, history[0], "accuracy")
+    message = stage.selection_message(history, history[0], "accuracy", interpolate=0.8)
+    assert message.startswith(
+        "finetune: kept the starting model: epoch 1 beat it on val accuracy, but its blend 0.8 of the way "
+        "from the starting model (finetune.interpolate) did not (its val loss 0.3900"
+    )
+    lost = [history[0], {**history[1], "val_loss": 0.5}]  # no epoch won: the usual message
+    assert stage.selection_summary(lost, lost[0], "accuracy", interpolate=0.8)["blend_lost_on_val"] is False
+    assert "no epoch of 1 beat it" in stage.selection_message(lost, lost[0], "accuracy", interpolate=0.8)

@@ -49,6 +49,13 @@ def test_the_report_says_whether_finetune_kept_the_starting_model_or_an_epoch():
     )
     tie = kept_note({**finetune, "selected": "fine-tuned", "decided_by": "loss, at equal accuracy"})
     assert "better than the starting model on val loss, at equal accuracy (val loss 0.3900" in tie
+    lost = kept_note({**finetune, "selected": "start", "decided_by": "accuracy", "interpolate": 0.8})
+    assert lost == kept_start.replace("on val loss", "on val accuracy")  # no blend_lost_on_val: as before
+    lost = kept_note({**finetune, "selected": "start", "interpolate": 0.8, "blend_lost_on_val": True})
+    assert lost.startswith(
+        "an epoch beat the starting model on val, but its blend with it (finetune.interpolate 0.8) did not, "
+        "so the fine-tuned model is the starting one, unchanged (val loss 0.3900"
+    )
 
 
 def test_the_report_says_whether_a_gpu_rerun_gives_the_same_bits():
