@@ -15,7 +15,8 @@ against the probe's, the resolved recipe and the fine-tune time.
 
 Sets: cifar10-dev (shared/data/cifar10-dev: 50 photos a class, of which val takes 10 under
 the committed data.min_val_examples), cifar10-dev-10 (10 a class), faces
-(benchmarks/faces.py), patches (benchmarks/photo_patches.py), digits (the default run's
+(benchmarks/faces.py), patches and patches-b, its check set of other photos
+(benchmarks/photo_patches.py), digits (the default run's
 data and glyph-pretrained backbone, params as committed) and agnews-dev (shared/data: news
 texts, MiniLM, the README's text config).
 """
@@ -49,6 +50,7 @@ SETS: dict[str, dict[str, Any]] = {
     "cifar10-dev-10": {"folder": "cifar10-dev", "params": {**LITE0, "data": {"max_train_per_class": 10}}},
     "faces": {"folder": "faces", "params": LITE0},
     "patches": {"folder": "patches", "params": LITE0},
+    "patches-b": {"folder": "patches-b", "params": LITE0},  # assembled to check the defaults
     "digits": {"folder": None, "params": {}},  # the default run: digits, glyph-pretrained ResNet-18
     # The README's text config: agnews-dev with the offline MiniLM, 3 epochs, batch 32.
     "agnews-dev": {
@@ -72,9 +74,9 @@ def write_images(folder: str, raw: Path) -> None:
 
         write_faces(target)
     else:
-        from benchmarks.photo_patches import write_patches
+        from benchmarks.photo_patches import CHECK_PHOTOS, PHOTOS, write_patches
 
-        write_patches(target)
+        write_patches(target, CHECK_PHOTOS if folder == "patches-b" else PHOTOS)
 
 
 def git(repo: Path, *args: str) -> str:
@@ -227,6 +229,7 @@ DESCRIBED = {
     "cifar10-dev-10": "the same, 10 photos a class",
     "faces": "faces vs non-faces (LFW crops), Lite0",
     "patches": "which of 10 photos a patch is from, Lite0",
+    "patches-b": "the same, 9 other photos (the check set)",
     "digits": "digits, the offline demo (glyph-pretrained ResNet-18)",
     "agnews-dev": "agnews-dev: news topics, 2,000 texts, MiniLM",
 }

@@ -206,9 +206,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     runner = commands.add_parser("run", help="measure the blends on one set's recorded runs")
-    runner.add_argument(
-        "--set", choices=[name for name in finetune_recipes.SETS if name != "agnews-dev"], required=True
-    )
+    runner.add_argument("--set", choices=list(finetune_recipes.SETS), required=True)
     runner.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     runner.add_argument("--work", type=Path, default=Path("/tmp/finetune-recipes"))
     measure = commands.add_parser("curve", help="(internal) the blends' scores in one work repository")

@@ -7,8 +7,13 @@ quarters of each photo give the training patches, the right quarter the test pat
 test patch overlaps a training one and the test is a shift within each photo: textures and
 regions, not objects (cifar10-dev) or faces (benchmarks/faces.py). Written as a
 class-per-folder tree with train/ and test/ folders (``data.dataset: imagefolder``).
+
+``--photos check`` cuts nine other photos the wheels ship the same way (scikit-image's coins,
+moon, a motorcycle, a retina, a scanned page, a page of text, a cell; scikit-learn's China
+temple and flower): patches-b, a set assembled after the defaults were chosen, to check
+them on photos they were never judged on.
 Needs scikit-image (the dev extra). Run from the repository root:
-``python -m benchmarks.photo_patches [--out data/raw/patches]``.
+``python -m benchmarks.photo_patches [--out data/raw/patches] [--photos check]``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 PHOTOS = (
@@ -32,29 +38,42 @@ PHOTOS = (
     "immunohistochemistry",
     "rocket",
 )
+CHECK_PHOTOS = ("coins", "moon", "motorcycle", "retina", "page", "text", "cell", "china", "flower")
 SIDE = 320  # each photo's centre square, resized to this
 PATCH = 40  # an 8 x 8 grid of patches
 TEST_COLUMNS = 2  # the right quarter of each photo: test patches
 
 
-def photo(name: str) -> Image.Image:
-    """A scikit-image photo as RGB, its centre square resized to SIDE x SIDE."""
+def pixels(name: str) -> np.ndarray:
+    """The photo's pixels: scikit-learn's sample images by their file's stem, the left view
+    of scikit-image's stereo motorcycle, scikit-image's other photos by name."""
     from skimage import data
 
-    image = Image.fromarray(getattr(data, name)()).convert("RGB")
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        return load_sample_image(f"{name}.jpg")
+    if name == "motorcycle":
+        return data.stereo_motorcycle()[0]
+    return getattr(data, name)()
+
+
+def photo(name: str) -> Image.Image:
+    """A photo as RGB, its centre square resized to SIDE x SIDE."""
+    image = Image.fromarray(pixels(name)).convert("RGB")
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     return image.crop((left, top, left + side, top + side)).resize((SIDE, SIDE), Image.Resampling.LANCZOS)
 
 
-def write_patches(out: Path) -> dict[str, int]:
-    """Write the tree under ``out`` (replacing it whole, never half-written); the patches
-    of each split."""
+def write_patches(out: Path, photos: tuple[str, ...] = PHOTOS) -> dict[str, int]:
+    """Write the tree of ``photos`` under ``out`` (replacing it whole, never half-written);
+    the patches of each split."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".patches-", dir=out.parent))
     counts = {"train": 0, "test": 0}
     cells = SIDE // PATCH
-    for name in PHOTOS:
+    for name in photos:
         image = photo(name)
         for row in range(cells):
             for column in range(cells):
@@ -73,9 +92,11 @@ def write_patches(out: Path) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/raw/patches"))
+    parser.add_argument("--photos", choices=("patches", "check"), default="patches")
     args = parser.parse_args()
-    counts = write_patches(args.out)
-    total = f"{counts['train']} train and {counts['test']} test patches of {len(PHOTOS)} photos"
+    photos = CHECK_PHOTOS if args.photos == "check" else PHOTOS
+    counts = write_patches(args.out, photos)
+    total = f"{counts['train']} train and {counts['test']} test patches of {len(photos)} photos"
     print(f"photo_patches: {total} -> {args.out}")
 
 

@@ -44,6 +44,15 @@ def test_the_photo_patches_are_a_split_tree_whose_test_patches_overlap_no_traini
     assert columns == {"train": set(range(6)), "test": {6, 7}}
 
 
+def test_the_check_set_cuts_other_photos_of_both_wheels(tmp_path):
+    from benchmarks.photo_patches import CHECK_PHOTOS, PHOTOS, write_patches
+    from pipeline.modalities.images.data import scan_tree
+
+    assert write_patches(tmp_path / "patches-b", CHECK_PHOTOS) == {"train": 432, "test": 144}
+    tree = scan_tree(tmp_path / "patches-b")
+    assert tree.classes == sorted(CHECK_PHOTOS) and not set(CHECK_PHOTOS) & set(PHOTOS)
+
+
 def test_the_recipe_table_follows_its_results(tmp_path):
     from benchmarks.finetune_recipes import table
 
