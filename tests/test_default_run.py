@@ -58,6 +58,14 @@ def check_quoted(read: Reader, readme: str) -> None:
     ):
         assert f"| {label} | {scores['accuracy']:.2%} | {scores['macro_f1']:.4f} |" in readme, label
         assert f"{scores['accuracy']:.2%}" in report, label
+    paired = test["finetuned_vs_probe"]
+    tuned, probe = paired["only_finetuned_right"], paired["only_probe_right"]
+    disagree = (
+        f"disagree on {tuned + probe} of the {paired['examples']} test images: the fine-tuned model "
+        f"gets {tuned} of them\nright, the probe {probe} (exact McNemar p = {paired['p_value']:.2g})"
+    )
+    assert disagree in readme
+    assert f"Exact McNemar test on those {tuned + probe}: p = {paired['p_value']:.2g}" in report
 
 
 def test_the_committed_run_shows_transfer_and_the_readme_and_report_quote_it():

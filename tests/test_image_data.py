@@ -178,7 +178,7 @@ def test_generated_image_folder_goes_through_every_stage(tmp_path, monkeypatch):
     manifest = json.loads(Path("data/prepared/train.json").read_text())
     assert all(path.startswith("data/raw/images/") for path in manifest["paths"])
     test = json.loads(Path("metrics/test.json").read_text())
-    assert set(test) == {"linear_probe", "finetuned"}
+    assert set(test) == {"linear_probe", "finetuned", "finetuned_vs_probe"}
     text = Path("reports/report.md").read_text()
     assert "1 unreadable image file(s) skipped" in text and "| bird |" in text
     assert "augmentation photo, BatchNorm frozen, mixing none" in text  # augment auto, for photos

@@ -5,6 +5,7 @@ from pipeline.core.metrics import (
     calibration,
     highest_losses,
     most_confused_pairs,
+    paired_comparison,
     per_class_metrics,
     summary_metrics,
 )
@@ -63,3 +64,16 @@ def test_most_confused_pairs_add_both_directions_and_name_the_classes():
         {"a": "dog", "b": "fox", "a_as_b": 2, "b_as_a": 2, "total": 4},
     ]
     assert most_confused_pairs(matrix, ["cat", "dog", "fox"], count=1) == pairs[:1]
+
+
+def test_paired_comparison_counts_the_examples_only_one_model_gets_right_and_tests_them():
+    actual = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    probe = np.array([0, 1, 2, 1, 1, 0, 0, 0])  # wrong on 3, 5, 7
+    finetuned = np.array([0, 2, 2, 0, 1, 2, 0, 0])  # wrong on 1, 7
+    comparison = paired_comparison(actual, probe, finetuned)
+    assert comparison == {"examples": 8, "only_finetuned_right": 2, "only_probe_right": 1, "p_value": 1.0}
+    ten_to_none = paired_comparison(np.zeros(10), np.ones(10), np.zeros(10))
+    assert ten_to_none["p_value"] == pytest.approx(2 / 2**10, abs=1e-6)  # exact two-sided binomial
+    one_to_three = paired_comparison(np.zeros(4), np.array([0, 0, 0, 1]), np.array([1, 1, 1, 0]))
+    assert one_to_three["p_value"] == pytest.approx(0.625)
+    assert paired_comparison(actual, probe, probe)["p_value"] == 1.0  # no disagreement at all

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 
@@ -58,6 +59,25 @@ def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> 
             ece += count / len(confidence) * abs(correct[members].mean() - confidence[members].mean())
         rows.append(row)
     return {"ece": round(float(ece), 6), "bins": rows}
+
+
+def paired_comparison(actual: np.ndarray, probe: np.ndarray, finetuned: np.ndarray) -> dict[str, Any]:
+    """The two models on the same examples: how many only the fine-tuned model gets right,
+    how many only the probe, and the exact McNemar test's two-sided p-value (a binomial
+    test on those two counts, scipy's binomtest): the chance of a split at least this
+    uneven if the two models were equally good. Examples both get right or both get wrong
+    say nothing about which is better; with few left, a gap of a point can be chance."""
+    finetuned_right, probe_right = np.asarray(finetuned) == actual, np.asarray(probe) == actual
+    only_finetuned = int(np.sum(finetuned_right & ~probe_right))
+    only_probe = int(np.sum(probe_right & ~finetuned_right))
+    disagreements = only_finetuned + only_probe
+    p_value = binomtest(only_finetuned, disagreements).pvalue if disagreements else 1.0
+    return {
+        "examples": len(actual),
+        "only_finetuned_right": only_finetuned,
+        "only_probe_right": only_probe,
+        "p_value": round(float(p_value), 6),
+    }
 
 
 def highest_losses(losses: np.ndarray, count: int) -> np.ndarray:
