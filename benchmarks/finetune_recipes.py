@@ -7,7 +7,9 @@ then, for each recipe (params overrides; none: the committed defaults) and seed,
 params.yaml and runs ``dvc repro evaluate``: DVC reruns what the change touches and restores
 what it has run before. Each run appends a record to the results file: test accuracy of the
 probe and of the kept model, which model finetune kept, the first epoch's val accuracy
-against the probe's, the resolved recipe and the fine-tune time.
+against the probe's, the resolved recipe and the fine-tune time, and (in runs made since
+evaluate records them) the test examples only one of the two gets right, with the McNemar
+p-value.
 
     python -m benchmarks.finetune_recipes run --set cifar10-dev --seeds 1 2 3 \\
         --recipe "" --recipe finetune.bn=train
@@ -161,6 +163,7 @@ def read_run(repo: Path) -> dict[str, Any]:
         "sizes": {split: counts["examples"] for split, counts in sizes.items()},
         "finetune_seconds": seconds,
         "trainable_params": finetune["trainable_params"],
+        **({"paired": test["finetuned_vs_probe"]} if "finetuned_vs_probe" in test else {}),
     }
 
 
