@@ -215,6 +215,12 @@ def summary_table(test: dict[str, Any], baseline: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def p_text(p_value: float) -> str:
+    """A p-value as papers give it: two significant digits, under 0.001 as a bound (the
+    metrics keep six decimals)."""
+    return "p < 0.001" if p_value < 0.001 else f"p = {p_value:.2g}"
+
+
 def comparison_note(comparison: dict[str, Any], items: str) -> str:
     """Whether the test split can tell the fine-tuned model from the probe: the examples
     only one of them gets right, and the exact McNemar test on them."""
@@ -228,7 +234,7 @@ def comparison_note(comparison: dict[str, Any], items: str) -> str:
     note = (
         f"Of the {comparison['examples']:,} test {items}, the fine-tuned model gets {tuned} right that the "
         f"linear probe gets wrong, and the probe {probe} that the fine-tuned model gets wrong; the rest "
-        f"both get right or both get wrong. Exact McNemar test on those {tuned + probe}: p = {p_value:.2g}, "
+        f"both get right or both get wrong. Exact McNemar test on those {tuned + probe}: {p_text(p_value)}, "
     )
     if p_value < 0.05:
         better = "fine-tuned model" if tuned > probe else "linear probe"

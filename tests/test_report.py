@@ -90,8 +90,9 @@ def test_the_comparison_note_says_whether_the_test_split_tells_the_models_apart(
     assert "p = 0.62, a split at least this uneven comes 62% of the time" in within
     assert "cannot tell them apart" in within
     clear = comparison_note(
-        {"examples": 1000, "only_finetuned_right": 90, "only_probe_right": 10, "p_value": 1e-16}, "images"
+        {"examples": 1000, "only_finetuned_right": 90, "only_probe_right": 10, "p_value": 0.0}, "images"
     )
+    assert "Exact McNemar test on those 100: p < 0.001, a split this uneven" in clear
     assert clear.endswith("unlikely from two equally good models: the fine-tuned model is better here.")
     probe = comparison_note(
         {"examples": 1000, "only_finetuned_right": 2, "only_probe_right": 20, "p_value": 1e-4}, "texts"
