@@ -84,6 +84,7 @@ def curve(repo: Path) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from pipeline.core.checkpoints import read_backbone, read_head
+    from pipeline.core.metrics import paired_comparison
     from pipeline.core.training import interpolated_weights, predict_logits
     from pipeline.finetune import starting_classifier
     from pipeline.modalities import inference_loader, load_classifier
@@ -98,7 +99,7 @@ def curve(repo: Path) -> dict[str, Any]:
         split: inference_loader(split, checkpoint, params["extract"]["batch_size"], 0, device)
         for split in ("val", "test")
     }
-    scores = {}
+    scores, start_predicted = {}, None
     for share in SHARES:
         model.load_state_dict(interpolated_weights(start, kept, share))
         row = {}
@@ -106,6 +107,9 @@ def curve(repo: Path) -> dict[str, Any]:
             logits, labels = predict_logits(model, loader, device, params["amp"])
             row[f"{split}_accuracy"] = round((logits.argmax(1) == labels).double().mean().item(), 6)
             row[f"{split}_loss"] = round(F.cross_entropy(logits, labels).item(), 6)
+        predicted = logits.argmax(1).numpy()  # the test split's, the last of the loaders
+        start_predicted = predicted if start_predicted is None else start_predicted
+        row["test_vs_start"] = paired_comparison(labels.numpy(), start_predicted, predicted)
         scores[f"{share:.1f}"] = row
     return {"select": params["finetune"]["select"], "shares": scores}
 
@@ -168,6 +172,22 @@ def shipped(run: dict[str, Any], share: float) -> tuple[float, bool]:
     return blend["test_accuracy"], False
 
 
+def under_note(runs: list[dict[str, Any]], share: float) -> str:
+    """How many of ``runs`` ship a model under the probe on test at ``share``, and the
+    smallest exact McNemar p-value among them (their test examples only one of the two
+    gets right): whether the test split can tell them from the probe."""
+    under = [run for run in runs if shipped(run, share)[0] < run["probe"]]
+    if not under:
+        return ""
+    tests = [run["shares"][f"{share:.1f}"].get("test_vs_start") for run in under]
+    if None in tests:
+        return f"; {len(under)} under the probe"
+    lowest = min(test["p_value"] for test in tests)
+    return f"; {len(under)} under the probe, " + (
+        f"p = {lowest:.2g}" if len(under) == 1 else f"p ≥ {lowest:.2g}"
+    )
+
+
 def val_pick(run: dict[str, Any]) -> str:
     """The share the run's finetune.select would pick on val among all of them (ties to
     the smaller share)."""
@@ -180,7 +200,8 @@ def val_pick(run: dict[str, Any]) -> str:
 def table(record: dict[str, Any]) -> str:
     """One row per set: the test accuracy of what finetune ships at each shown share minus
     the probe's, the mean over the seeds and the worst seed's (and how many seeds kept the
-    probe because the blend lost to it on val), and the shares val would pick."""
+    probe because the blend lost to it on val, how many ended under it and the McNemar
+    p-value of the most uneven of those), and the shares val would pick."""
     columns = " | ".join(f"share {share:g}" + (" (shipped)" if share == 1 else "") for share in SHOWN)
     lines = [
         f"| set | seeds | {columns} | val's pick |",
@@ -195,7 +216,7 @@ def table(record: dict[str, Any]) -> str:
             gains = [100 * (accuracy - run["probe"]) for (accuracy, _), run in zip(ships, runs, strict=True)]
             kept = sum(start for _, start in ships)
             note = f", {kept} kept the probe" if kept else ""
-            cells.append(f"{statistics.mean(gains):+.2f} ({min(gains):+.2f}{note})")
+            cells.append(f"{statistics.mean(gains):+.2f} ({min(gains):+.2f}{note}{under_note(runs, share)})")
         picks = Counter(val_pick(run) for run in runs)
         picked = ", ".join(f"{share} ×{count}" for share, count in sorted(picks.items(), reverse=True))
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {picked} |")

@@ -117,7 +117,7 @@ def test_the_interpolation_table_gives_what_finetune_ships_at_each_share_and_val
     header, _, row = table({"results": [second, first]}).splitlines()
     assert header.startswith("| set | seeds | share 1 (shipped) | share 0.9 |")
     cells = row.split(" | ")
-    assert cells[2:4] == ["+2.00 (-1.00)", "+0.00 (+0.00)"] and cells[6:] == [
+    assert cells[2:4] == ["+2.00 (-1.00; 1 under the probe)", "+0.00 (+0.00)"] and cells[6:] == [
         "+2.50 (+2.00)",
         "1.0 ×1, 0.9 ×1 |",
     ]
@@ -127,3 +127,21 @@ def test_the_interpolation_table_gives_what_finetune_ships_at_each_share_and_val
         table({"results": [second, first]}).splitlines()[2].split(" | ")[6]
         == "+1.00 (+0.00, 1 kept the probe)"
     )
+
+
+def test_the_interpolation_table_says_how_many_seeds_end_under_the_probe_and_their_p_value():
+    from benchmarks.interpolation import SHARES, under_note
+
+    def run(seed: int, tuned: float, p_value: float | None) -> dict:
+        row = {"test_accuracy": tuned, "val_accuracy": 0.99, "val_loss": 0.1}
+        if p_value is not None:
+            row["test_vs_start"] = {"p_value": p_value}
+        start = {"test_accuracy": 0.9, "val_accuracy": 0.9, "val_loss": 0.3}
+        shares = {f"{share:.1f}": start if share == 0 else row for share in SHARES}
+        return {"set": "patches", "seed": seed, "probe": 0.9, "select": "accuracy", "shares": shares}
+
+    assert under_note([run(1, 0.95, 0.01)], 1.0) == ""
+    assert under_note([run(1, 0.95, 0.01), run(2, 0.89, 0.8)], 1.0) == "; 1 under the probe, p = 0.8"
+    both = [run(1, 0.88, 0.5), run(2, 0.89, 1.0)]
+    assert under_note(both, 1.0) == "; 2 under the probe, p ≥ 0.5"
+    assert under_note([run(1, 0.89, None)], 1.0) == "; 1 under the probe"  # measured before the counts
