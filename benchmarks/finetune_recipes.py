@@ -76,9 +76,9 @@ def write_images(folder: str, raw: Path) -> None:
 
         write_faces(target)
     else:
-        from benchmarks.photo_patches import CHECK_PHOTOS, PHOTOS, write_patches
+        from benchmarks.photo_patches import PHOTO_SETS, write_patches
 
-        write_patches(target, CHECK_PHOTOS if folder == "patches-b" else PHOTOS)
+        write_patches(target, PHOTO_SETS[folder])
 
 
 def git(repo: Path, *args: str) -> str:

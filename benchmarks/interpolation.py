@@ -107,9 +107,10 @@ def curve(repo: Path) -> dict[str, Any]:
             logits, labels = predict_logits(model, loader, device, params["amp"])
             row[f"{split}_accuracy"] = round((logits.argmax(1) == labels).double().mean().item(), 6)
             row[f"{split}_loss"] = round(F.cross_entropy(logits, labels).item(), 6)
-        predicted = logits.argmax(1).numpy()  # the test split's, the last of the loaders
-        start_predicted = predicted if start_predicted is None else start_predicted
-        row["test_vs_start"] = paired_comparison(labels.numpy(), start_predicted, predicted)
+            if split == "test":
+                predicted = logits.argmax(1).numpy()
+                start_predicted = predicted if start_predicted is None else start_predicted
+                row["test_vs_start"] = paired_comparison(labels.numpy(), start_predicted, predicted)
         scores[f"{share:.1f}"] = row
     return {"select": params["finetune"]["select"], "shares": scores}
 

@@ -8,12 +8,12 @@ test patch overlaps a training one and the test is a shift within each photo: te
 regions, not objects (cifar10-dev) or faces (benchmarks/faces.py). Written as a
 class-per-folder tree with train/ and test/ folders (``data.dataset: imagefolder``).
 
-``--photos check`` cuts nine other photos the wheels ship the same way (scikit-image's coins,
-moon, a motorcycle, a retina, a scanned page, a page of text, a cell; scikit-learn's China
+``--photos patches-b`` cuts nine other photos the wheels ship the same way (scikit-image's coins,
+moon, a motorcycle, a retina, a scanned page, a photo of text, a cell; scikit-learn's China
 temple and flower): patches-b, a set assembled after the defaults were chosen, to check
 them on photos they were never judged on.
 Needs scikit-image (the dev extra). Run from the repository root:
-``python -m benchmarks.photo_patches [--out data/raw/patches] [--photos check]``.
+``python -m benchmarks.photo_patches [--out data/raw/patches] [--photos patches-b]``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ PHOTOS = (
     "rocket",
 )
 CHECK_PHOTOS = ("coins", "moon", "motorcycle", "retina", "page", "text", "cell", "china", "flower")
+PHOTO_SETS = {"patches": PHOTOS, "patches-b": CHECK_PHOTOS}  # each set's photos, by its name
 SIDE = 320  # each photo's centre square, resized to this
 PATCH = 40  # an 8 x 8 grid of patches
 TEST_COLUMNS = 2  # the right quarter of each photo: test patches
@@ -92,9 +93,9 @@ def write_patches(out: Path, photos: tuple[str, ...] = PHOTOS) -> dict[str, int]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/raw/patches"))
-    parser.add_argument("--photos", choices=("patches", "check"), default="patches")
+    parser.add_argument("--photos", choices=PHOTO_SETS, default="patches")
     args = parser.parse_args()
-    photos = CHECK_PHOTOS if args.photos == "check" else PHOTOS
+    photos = PHOTO_SETS[args.photos]
     counts = write_patches(args.out, photos)
     total = f"{counts['train']} train and {counts['test']} test patches of {len(photos)} photos"
     print(f"photo_patches: {total} -> {args.out}")
