@@ -26,6 +26,7 @@ Run: ``python -m pipeline.finetune``.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -336,6 +337,54 @@ def finetune_time(seconds: float, epochs: int, train_examples: int, world_size: 
     }
 
 
+def training_loaders(
+    backbone_checkpoint: BackboneCheckpoint,
+    augment: str,
+    params: dict[str, Any],
+    ranks: distributed.Ranks,
+    per_process: int,
+    device: torch.device,
+) -> tuple[SeededAugmentation, torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """The training split, augmented by ``augment`` and seeded per example, and the train
+    and val loaders: this process's share of each global batch of ``finetune.batch_size``,
+    and of the val split."""
+    seed = params["seed"]
+    items = modalities.split_dataset("train", backbone_checkpoint, augment)
+    workers = loader_workers(items, params["data"]["num_workers"])
+    train = SeededAugmentation(items, seed)
+    val = modalities.split_dataset("val", backbone_checkpoint)
+    train_sampler = distributed.GlobalBatchSampler(
+        len(train),
+        params["finetune"]["batch_size"],
+        ranks,
+        seed,
+        getattr(train, "lengths", None),
+        step=per_process,
+    )
+    train_loader = make_loader(train, per_process, device, num_workers=workers, sampler=train_sampler)
+    val_sampler = distributed.ShardSampler(len(val), ranks, getattr(val, "lengths", None), "the val split")
+    return (
+        train,
+        train_loader,
+        make_loader(val, per_process, device, num_workers=workers, sampler=val_sampler),
+    )
+
+
+def epoch_printer(log: EpochLog | None) -> EpochCallback:
+    """What each epoch does when it ends: its record to dvclive (on the main process, the
+    one with a log) and a line to the terminal."""
+
+    def on_epoch(record: dict[str, float]) -> None:
+        if log is not None:
+            log(record)
+        print(
+            f"finetune epoch {record['epoch']}: train loss {record['train_loss']:.4f}, "
+            f"val accuracy {record['val_accuracy']:.4f}"
+        )
+
+    return on_epoch
+
+
 def main() -> None:
     params = load_params()
     config, lr, seed, settings = params["finetune"], params["lr"], params["seed"], params["distributed"]
@@ -354,32 +403,17 @@ def main() -> None:
     used = recipe.resolved(
         config, modality.auto_augment(params["data"]["dataset"]), backbone_checkpoint["weights"]
     )
-    items = modalities.split_dataset("train", backbone_checkpoint, used["augment"])
-    workers = loader_workers(items, params["data"]["num_workers"])
-    train = SeededAugmentation(items, seed)
-    mixing = modality.batch_mixing(used["mix"], config["mix_alpha"], len(head_checkpoint["classes"]))
-    val = modalities.split_dataset("val", backbone_checkpoint)
-    train_sampler = distributed.GlobalBatchSampler(
-        len(train), config["batch_size"], ranks, seed, getattr(train, "lengths", None), step=per_process
+    train, train_loader, val_loader = training_loaders(
+        backbone_checkpoint, used["augment"], params, ranks, per_process, device
     )
-    train_loader = make_loader(train, per_process, device, num_workers=workers, sampler=train_sampler)
-    val_sampler = distributed.ShardSampler(len(val), ranks, getattr(val, "lengths", None), "the val split")
-    val_loader = make_loader(val, per_process, device, num_workers=workers, sampler=val_sampler)
+    mixing = modality.batch_mixing(used["mix"], config["mix_alpha"], len(head_checkpoint["classes"]))
     class_weight = None
     if params["class_weighted_loss"]:
         class_weight = balanced_class_weights(train.labels, len(head_checkpoint["classes"]))
     log = EpochLog(LIVE_DIR / "finetune", "finetune") if ranks.main else None
-    warning = few_val_examples_warning(len(val))
+    warning = few_val_examples_warning(len(val_loader.dataset))
     if warning and ranks.main:
         print(warning)
-
-    def on_epoch(record: dict[str, float]) -> None:
-        if log is not None:
-            log(record)
-        print(
-            f"finetune epoch {record['epoch']}: train loss {record['train_loss']:.4f}, "
-            f"val accuracy {record['val_accuracy']:.4f}"
-        )
 
     started = time.perf_counter()
     fitted = finetune(
@@ -400,7 +434,7 @@ def main() -> None:
         l2sp=config["l2sp"],
         accumulate=accumulate,
         class_weight=class_weight,
-        on_epoch=on_epoch,
+        on_epoch=epoch_printer(log),
         select=config["select"],
         layer_decay=config["layer_decay"],
         blocks=modality.blocks(classifier.backbone),
