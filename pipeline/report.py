@@ -41,7 +41,7 @@ from pipeline.core.common import (
 from pipeline.core.entry import run_stage
 from pipeline.core.epoch_log import read_epoch_log
 from pipeline.core.errors import StageError
-from pipeline.core.metrics import highest_losses, most_confused_pairs
+from pipeline.core.metrics import highest_losses, most_confused_pairs, p_text
 from pipeline.modalities import load_params
 
 if TYPE_CHECKING:
@@ -213,12 +213,6 @@ def summary_table(test: dict[str, Any], baseline: dict[str, Any]) -> str:
         scores = scored[name]
         rows.append(f"| {LABELS[name]} | {scores['accuracy']:.2%} | {scores['macro_f1']:.4f} |")
     return "\n".join(rows)
-
-
-def p_text(p_value: float) -> str:
-    """A p-value as papers give it: two significant digits, under 0.001 as a bound (the
-    metrics keep six decimals)."""
-    return "p < 0.001" if p_value < 0.001 else f"p = {p_value:.2g}"
 
 
 def comparison_note(comparison: dict[str, Any], items: str) -> str:

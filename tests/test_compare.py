@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -31,6 +32,16 @@ def metric_row(markdown: str, label: str) -> list[str]:
     rows = [line for line in markdown.splitlines() if line.startswith(f"| {label} |")]
     assert len(rows) == 1, (label, markdown)
     return [cell.strip() for cell in rows[0].strip("|").split("|")]
+
+
+def changed_counts(markdown: str) -> tuple[int, int]:
+    """The example-by-example section's counts: the test examples this branch's fine-tuned
+    model newly gets right, and newly gets wrong (0, 0 where it says they are the same)."""
+    if "This branch's fine-tuned model gets the same " in markdown:
+        return 0, 0
+    found = re.search(r"gets (\d+) right that `[^`]+`'s got wrong, and (\d+) wrong that it got", markdown)
+    assert found, markdown
+    return int(found[1]), int(found[2])
 
 
 def pull_request(tiny_run: Run, path: Path, remote: bool) -> Path:
@@ -99,6 +110,9 @@ def test_finetune_only_change_reruns_finetune_onward_and_leaves_upstream_deltas_
     assert change.endswith(" pp"), change  # the change, from unrounded values, in points:
     assert float(change[:-3]) == pytest.approx(float(new[:-1]) - float(old[:-1]), abs=0.011), (old, new)
     assert "| `finetune.epochs` | `2` | `3` |" in markdown
+    fixed, broken = changed_counts(markdown)  # counted from both sides' test_predictions.csv
+    examples = sum(1 for _ in (diff.repo / "metrics/test_predictions.csv").open()) - 1
+    assert (fixed - broken) / examples * 100 == pytest.approx(float(change[:-3]), abs=0.011)
     assert "No change" not in markdown
     for side_name in ("base", "head"):
         assert (diff.repo / "reports" / "compare" / f"{side_name}_confusion_matrices.png").is_file()
@@ -120,6 +134,7 @@ def test_without_a_remote_the_base_is_restored_here_and_only_what_changed_reruns
         _, old, new, change = metric_row(markdown, label)
         assert old == new and change in ("+0.00 pp", "+0.0000"), (label, old, new, change)
     assert "| `export.tolerance` | `0.0001` | `0.0002` |" in markdown
+    assert "This branch's fine-tuned model gets the same " in markdown
     print(f"model diff without a remote: {diff.seconds:.0f} s")
 
 
@@ -141,6 +156,7 @@ def test_branch_with_no_change_says_so(tiny_repo):
     assert "No params changed against `main`." in markdown
     assert "+0.00 pp" in markdown
     assert "No class's F1 changed." in markdown  # the base's per-class scores, read from the DVC cache
+    assert "This branch's fine-tuned model gets the same " in markdown  # its predictions, likewise
 
 
 @pytest.mark.slow
@@ -163,6 +179,59 @@ def test_repro_log_names_the_stages_that_ran_and_those_restored():
     assert "Reran: `evaluate`, `report`." in text
     assert "Restored from the run-cache: `finetune`." in text
     assert "Reran: none." in stages_section("Stage 'prepare' didn't change, skipping\n")
+
+
+def predictions(*right: bool, sources: str = "") -> list[dict[str, str]]:
+    """test_predictions.csv rows: one per example, right or wrong, all of class "a"."""
+    source = (lambda i: f"{sources}/{i}.png") if sources else (lambda i: "")
+    return [
+        {"index": str(i), "source": source(i), "actual": "a", "predicted": "a" if ok else "b"}
+        for i, ok in enumerate(right)
+    ]
+
+
+def test_example_by_example_counts_what_the_branch_fixed_and_broke_and_tests_it():
+    from pipeline.tools.compare import examples_section
+
+    base = predictions(*[False] * 12, *[True] * 88)
+    better = predictions(*[True] * 12, *[True] * 88)
+    text = examples_section(base, better, same_prepared=True, base="main")
+    assert "gets 12 right that `main`'s got wrong, and 0 wrong that it got right" in text
+    assert "p < 0.001" in text and "this branch's model is better on this test split" in text
+    text = examples_section(better, base, same_prepared=True, base="main")
+    assert "gets 0 right that `main`'s got wrong, and 12 wrong" in text
+    assert "this branch's model is worse on this test split" in text
+    mixed = predictions(*[True] * 2, *[False] * 10, False, *[True] * 87)
+    text = examples_section(base, mixed, same_prepared=True, base="main")
+    assert "gets 2 right that `main`'s got wrong, and 1 wrong that it got right" in text
+    assert "p = 1, a split at least this uneven comes 100% of the time" in text
+    assert "cannot tell them apart" in text
+    assert "gets the same 100 test examples right as `main`'s" in examples_section(base, base, True, "main")
+
+
+def test_example_by_example_needs_the_same_test_examples_on_both_sides():
+    from pipeline.tools.compare import examples_section
+
+    base = predictions(True, False, True)
+    other_labels = [{**row, "actual": "b"} for row in base]
+    assert "scored other test examples" in examples_section(base, other_labels, True, "main")
+    assert "scored other test examples" in examples_section(base, base[:2], True, "main")
+    # Digits and CIFAR have no sources: only equal prepared data says the examples are the same.
+    assert "scored other test examples" in examples_section(base, base, same_prepared=False, base="main")
+    files = predictions(True, False, True, sources="cat")
+    assert "gets the same 3" in examples_section(files, files, same_prepared=False, base="main")
+    moved = [{**row, "source": row["source"].replace("cat", "dog")} for row in files]
+    assert "scored other test examples" in examples_section(files, moved, same_prepared=False, base="main")
+    assert "No per-example predictions of `main`" in examples_section(None, base, True, "main")
+
+
+def test_prepared_md5_reads_the_prepare_stage_out_of_a_lock():
+    from pipeline.tools.compare import prepared_md5
+
+    lock = (ROOT / "dvc.lock").read_text()
+    recorded = yaml.safe_load(lock)["stages"]["prepare"]["outs"][0]
+    assert prepared_md5(lock) == recorded["md5"] and recorded["path"] == "data/prepared"
+    assert prepared_md5(None) is None and prepared_md5("stages: {}") is None
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda path: path.name)

@@ -61,22 +61,34 @@ def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> 
     return {"ece": round(float(ece), 6), "bins": rows}
 
 
+def exact_mcnemar(only_first: int, only_second: int) -> float:
+    """The exact McNemar test's two-sided p-value for two models scored on the same
+    examples, given how many only the first gets right and how many only the second (a
+    binomial test on those two counts, scipy's binomtest): the chance of a split at least
+    this uneven if the two models were equally good. 1 when they never disagree."""
+    disagreements = only_first + only_second
+    return round(float(binomtest(only_first, disagreements).pvalue), 6) if disagreements else 1.0
+
+
+def p_text(p_value: float) -> str:
+    """A p-value as papers give it: two significant digits, under 0.001 as a bound (the
+    metrics keep six decimals)."""
+    return "p < 0.001" if p_value < 0.001 else f"p = {p_value:.2g}"
+
+
 def paired_comparison(actual: np.ndarray, probe: np.ndarray, finetuned: np.ndarray) -> dict[str, Any]:
     """The two models on the same examples: how many only the fine-tuned model gets right,
-    how many only the probe, and the exact McNemar test's two-sided p-value (a binomial
-    test on those two counts, scipy's binomtest): the chance of a split at least this
-    uneven if the two models were equally good. Examples both get right or both get wrong
-    say nothing about which is better; with few left, a gap of a point can be chance."""
+    how many only the probe, and the exact McNemar p-value on those two counts. Examples
+    both get right or both get wrong say nothing about which is better; with few left, a
+    gap of a point can be chance."""
     finetuned_right, probe_right = np.asarray(finetuned) == actual, np.asarray(probe) == actual
     only_finetuned = int(np.sum(finetuned_right & ~probe_right))
     only_probe = int(np.sum(probe_right & ~finetuned_right))
-    disagreements = only_finetuned + only_probe
-    p_value = binomtest(only_finetuned, disagreements).pvalue if disagreements else 1.0
     return {
         "examples": len(actual),
         "only_finetuned_right": only_finetuned,
         "only_probe_right": only_probe,
-        "p_value": round(float(p_value), 6),
+        "p_value": exact_mcnemar(only_finetuned, only_probe),
     }
 
 

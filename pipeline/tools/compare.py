@@ -2,10 +2,12 @@
 
 Not a stage: run it after ``dvc repro``, locally or in CI. It writes reports/compare.md
 (params changed, test-metric deltas of the fine-tuned model, the linear probe and the
-random-init probe, the classes whose F1 moved most, and, given ``dvc repro``'s output, the
-stages that reran) and reports/compare/*.png (confusion matrices and training curves of
-both sides). Metrics and figures are kept in git (``cache: false``); the per-class scores
-of the base side come from the DVC cache.
+random-init probe, the test examples the fine-tuned model newly gets right and newly gets
+wrong with the exact McNemar test on them, the classes whose F1 moved most, and, given
+``dvc repro``'s output, the stages that reran) and reports/compare/*.png (confusion
+matrices and training curves of both sides). Metrics and figures are kept in git
+(``cache: false``); the per-class scores and per-example predictions of the base side come
+from the DVC cache.
 
 A fair diff compares two runs made on one machine: .ci/model-diff reproduces the base
 branch beside this one and passes its commit here. Run: ``python -m pipeline compare --base main``.
@@ -14,6 +16,8 @@ branch beside this one and passes its commit here. Run: ``python -m pipeline com
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import re
 import shutil
@@ -22,9 +26,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.common import FIGURES_DIR, METRICS_DIR, atomic_path, read_json, write_text
+import yaml
+
+from pipeline.core.common import (
+    FIGURES_DIR,
+    METRICS_DIR,
+    PREDICTIONS_FILE,
+    PREPARED_DIR,
+    atomic_path,
+    read_json,
+    write_text,
+)
 from pipeline.core.entry import run_tool
 from pipeline.core.errors import StageError
+from pipeline.core.metrics import exact_mcnemar, p_text
 
 COMPARE_FILE = Path("reports/compare.md")
 COMPARE_DIR = Path("reports/compare")
@@ -120,14 +135,95 @@ def stages_section(log: str | None) -> str:
     return " ".join(lines)
 
 
-def base_per_class(rev: str) -> dict | None:
-    """The base side's per-class scores, from the DVC cache (None where it lacks them)."""
+def from_dvc_cache(path: Path, rev: str) -> str | None:
+    """A DVC-tracked file's text at ``rev``, from the DVC cache (None where it is absent at
+    that revision or its data is not in this cache)."""
     import dvc.api
 
     try:
-        return json.loads(dvc.api.read((METRICS_DIR / "per_class.json").as_posix(), rev=rev, repo="."))
+        return dvc.api.read(path.as_posix(), rev=rev, repo=".")
     except Exception:  # absent at that revision, or its data not in this cache
         return None
+
+
+def base_per_class(rev: str) -> dict | None:
+    """The base side's per-class scores, from the DVC cache (None where it lacks them)."""
+    text = from_dvc_cache(METRICS_DIR / "per_class.json", rev)
+    return json.loads(text) if text is not None else None
+
+
+def prediction_rows(text: str | None) -> list[dict[str, str]] | None:
+    """The rows of a test_predictions.csv (index, source, actual, predicted, ...)."""
+    return list(csv.DictReader(io.StringIO(text))) if text is not None else None
+
+
+def prepared_md5(lock_text: str | bytes | None) -> str | None:
+    """The hash dvc.lock records for the prepare stage's data/prepared: one split of the
+    data, the same examples in the same order, wherever it is equal."""
+    if not lock_text:
+        return None
+    stages = (yaml.safe_load(lock_text) or {}).get("stages", {})
+    outs = stages.get("prepare", {}).get("outs", [])
+    return next((out.get("md5") for out in outs if out.get("path") == PREPARED_DIR.as_posix()), None)
+
+
+def same_test_examples(old: list[dict[str, str]], new: list[dict[str, str]], same_prepared: bool) -> bool:
+    """Whether both sides scored the same test examples, in the same order: the same
+    (index, source, label) rows, and either a source for each (image files, text lines) or
+    the same prepared data (digits and CIFAR are held in memory, with no source)."""
+
+    def examples(rows: list[dict[str, str]]) -> list[tuple[str, str, str]]:
+        return [(row["index"], row["source"], row["actual"]) for row in rows]
+
+    if examples(old) != examples(new):
+        return False
+    return same_prepared or all(row["source"] for row in new)
+
+
+def changed_examples(old: list[dict[str, str]], new: list[dict[str, str]]) -> tuple[int, int]:
+    """How many test examples this branch's model gets right that the base's got wrong,
+    and how many it gets wrong that the base's got right."""
+    right_old = [row["predicted"] == row["actual"] for row in old]
+    right_new = [row["predicted"] == row["actual"] for row in new]
+    fixed = sum(now and not before for before, now in zip(right_old, right_new, strict=True))
+    broken = sum(before and not now for before, now in zip(right_old, right_new, strict=True))
+    return fixed, broken
+
+
+def examples_section(
+    old: list[dict[str, str]] | None, new: list[dict[str, str]], same_prepared: bool, base: str
+) -> str:
+    """Whether the fine-tuned model's accuracy change is more than chance: the test examples
+    it newly gets right and newly gets wrong against the base's, and the exact McNemar test
+    on them. An accuracy delta alone cannot say whether a point is real on a small split."""
+    if old is None:
+        return (
+            f"No per-example predictions of `{base}` in this DVC cache ({PREDICTIONS_FILE.as_posix()}), "
+            "so the two fine-tuned models are not compared example by example."
+        )
+    if not same_test_examples(old, new, same_prepared):
+        return (
+            f"`{base}` scored other test examples (the data or its split changed), so the two fine-tuned "
+            "models are not compared example by example: the accuracy change mixes the model with the data."
+        )
+    fixed, broken = changed_examples(old, new)
+    if not fixed + broken:
+        return f"This branch's fine-tuned model gets the same {len(new):,} test examples right as `{base}`'s."
+    p_value = exact_mcnemar(fixed, broken)
+    note = (
+        f"Of the {len(new):,} test examples, this branch's fine-tuned model gets {fixed} right that "
+        f"`{base}`'s got wrong, and {broken} wrong that it got right. Exact McNemar test on those "
+        f"{fixed + broken}: {p_text(p_value)}, "
+    )
+    if p_value < 0.05:
+        return note + (
+            "a split this uneven is unlikely between two equally good models: this branch's model is "
+            f"{'better' if fixed > broken else 'worse'} on this test split."
+        )
+    return note + (
+        f"a split at least this uneven comes {p_value:.0%} of the time between two equally good models, "
+        "so this test split cannot tell them apart (more test examples, or more seeds, can)."
+    )
 
 
 def metrics_section(rows: list, base: str) -> str:
@@ -180,6 +276,15 @@ def render(rev: str, out_dir: Path, base: str | None = None, repro_log: str | No
     rows = metrics_rows(dvc_json("metrics", "diff", rev, "--all"))
     old_details = base_per_class(rev)
     new_details = read_json(METRICS_DIR / "per_class.json")
+    same_prepared = prepared_md5(git_show(rev, Path("dvc.lock"))) == prepared_md5(
+        Path("dvc.lock").read_text() if Path("dvc.lock").is_file() else None
+    )
+    examples = examples_section(
+        prediction_rows(from_dvc_cache(PREDICTIONS_FILE, rev)),
+        prediction_rows(PREDICTIONS_FILE.read_text()),
+        same_prepared,
+        base,
+    )
     unchanged = not any(file for file in params.values()) and all(delta == 0 for *_, delta in rows)
     headline = (
         f"**No change**: the params and the test metrics are the same as on `{base}`."
@@ -202,6 +307,10 @@ def render(rev: str, out_dir: Path, base: str | None = None, repro_log: str | No
 ### Test metrics
 
 {metrics_section(rows, base)}
+
+### Fine-tuned model, example by example
+
+{examples}
 
 ### Classes whose F1 moved most
 
