@@ -26,13 +26,14 @@ Run: ``python -m pipeline.finetune``.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline import modalities
-from pipeline.core import distributed, recipe
+from pipeline.core import distributed
 from pipeline.core.checkpoints import (
     BackboneCheckpoint,
     HeadCheckpoint,
@@ -70,6 +71,7 @@ from pipeline.core.optim import (
     moving_average,
     warmup_cosine,
 )
+from pipeline.core.recipe import resolved
 from pipeline.core.selection import SELECTIONS, Selection, start_record
 from pipeline.core.training import (
     BatchTransform,
@@ -89,84 +91,105 @@ TIME_FILE = METRICS_DIR / "finetune_time.json"
 FEW_VAL_EXAMPLES = 100
 
 
+@dataclass(frozen=True)
+class FinetuneRecipe:
+    """What finetune() trains with: the head's rate ``lr`` (params' top-level ``lr``), the
+    top-level ``amp``, the ``bn`` mode resolved from ``auto``, and the other keys of params'
+    ``finetune`` section of the same names (docs/reference/params.md says what each does).
+    The defaults here are the plain recipe that tests build on; a run takes every value
+    from params.yaml (finetune_recipe)."""
+
+    lr: float
+    epochs: int
+    backbone_lr_ratio: float
+    warmup_epochs: int
+    weight_decay: float
+    label_smoothing: float
+    amp: str
+    select: str
+    bn: str = "train"
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    l2sp: float = 0.0
+    layer_decay: float = 1.0
+    ema_epochs: float = 0.0
+    interpolate: float = 1.0
+
+
+def finetune_recipe(params: dict[str, Any], used: dict[str, str]) -> FinetuneRecipe:
+    """The recipe of a run: params' ``lr``, ``amp`` and ``finetune`` section, with the
+    resolved ``bn`` of ``used`` (resolved()) in place of ``auto``."""
+    given = {**params["finetune"], "lr": params["lr"], "amp": params["amp"], "bn": used["bn"]}
+    return FinetuneRecipe(**{field.name: given[field.name] for field in fields(FinetuneRecipe)})
+
+
 def finetune(
     model: nn.Module,
     train_loader: torch.utils.data.DataLoader,
     val_loader: torch.utils.data.DataLoader,
     device: torch.device,
-    lr: float,
-    epochs: int,
-    backbone_lr_ratio: float,
-    warmup_epochs: int,
-    weight_decay: float,
-    label_smoothing: float,
-    amp: str,
-    select: str,
-    bn: str = "train",
-    optimizer: str = "adamw",
-    momentum: float = 0.9,
-    l2sp: float = 0.0,
+    recipe: FinetuneRecipe,
+    *,
     accumulate: int = 1,
     class_weight: torch.Tensor | None = None,
     on_epoch: EpochCallback | None = None,
-    layer_decay: float = 1.0,
     blocks: list[nn.Module] = (),
     batch_transform: BatchTransform | None = None,
-    ema_epochs: float = 0.0,
-    interpolate: float = 1.0,
 ) -> Fitted:
-    """Train the trainable part of a Classifier (possibly wrapped in DistributedDataParallel);
-    returns fit()'s result: the best-on-val weights, the history, whose epoch 0 is the model
-    as given, and the kept epoch's record.
+    """Train the trainable part of a Classifier (possibly wrapped in DistributedDataParallel)
+    with ``recipe``; returns fit()'s result: the best-on-val weights, the history, whose
+    epoch 0 is the model as given, and the kept epoch's record.
 
-    The head learns at ``lr`` and the backbone at ``lr * backbone_lr_ratio``, with linear
-    warmup then cosine decay per optimizer step; the history records the rates the schedule
-    gave each epoch's last step. Best is by ``select`` (selection.SELECTIONS: lowest val loss,
-    or highest val accuracy then lowest loss) among the epochs and the starting model: a
-    fine-tune that never beats the start on val gives back the start's weights unchanged
-    (the linear probe's head on the pretrained backbone, with ``head_init: probe``).
-    With ``bn="frozen"`` every BatchNorm layer keeps the backbone's running statistics. With
-    ``l2sp`` > 0 the backbone is pulled toward its weights at the start (L2-SP) and has no
-    weight decay toward zero; the head keeps ``weight_decay``. With ``layer_decay`` below 1
-    each of the backbone's ``blocks`` learns that much slower than the block above it
-    (layer-wise rate decay), the layers below the first block slower still.
-    ``batch_transform`` (MixUp, CutMix) mixes each training batch. With ``ema_epochs`` above
-    0 each epoch is judged, and the kept weights are, a moving average of the weights over
-    about that many epochs of steps, starting at the starting model. With ``interpolate``
-    below 1 the kept epoch's weights are then moved back toward the starting model's
-    (interpolate_with_start), and judged against the start on val again.
+    The head learns at ``recipe.lr`` and the backbone at ``lr * backbone_lr_ratio``, with
+    linear warmup then cosine decay per optimizer step (``accumulate`` batches each); the
+    history records the rates the schedule gave each epoch's last step. Best is by
+    ``select`` (selection.SELECTIONS: lowest val loss, or highest val accuracy then lowest
+    loss) among the epochs and the starting model: a fine-tune that never beats the start on
+    val gives back the start's weights unchanged (the linear probe's head on the pretrained
+    backbone, with ``head_init: probe``). With ``bn="frozen"`` every BatchNorm layer keeps
+    the backbone's running statistics. With ``l2sp`` > 0 the backbone is pulled toward its
+    weights at the start (L2-SP) and has no weight decay toward zero; the head keeps
+    ``weight_decay``. With ``layer_decay`` below 1 each of the backbone's ``blocks`` learns
+    that much slower than the block above it (layer-wise rate decay), the layers below the
+    first block slower still. ``batch_transform`` (MixUp, CutMix) mixes each training batch.
+    With ``ema_epochs`` above 0 each epoch is judged, and the kept weights are, a moving
+    average of the weights over about that many epochs of steps, starting at the starting
+    model. With ``interpolate`` below 1 the kept epoch's weights are then moved back toward
+    the starting model's (interpolate_with_start), and judged against the start on val again.
     """
     classifier = unwrap(model)
     backbone = [p for p in classifier.backbone.parameters() if p.requires_grad]
-    decay = 0.0 if l2sp else weight_decay
+    decay = 0.0 if recipe.l2sp else recipe.weight_decay
     groups = [
-        {"params": params, "lr": lr * backbone_lr_ratio * scale, "weight_decay": decay}
-        for params, scale in backbone_groups(backbone, blocks, layer_decay)
+        {"params": params, "lr": recipe.lr * recipe.backbone_lr_ratio * scale, "weight_decay": decay}
+        for params, scale in backbone_groups(backbone, blocks, recipe.layer_decay)
     ]
-    groups.append({"params": list(classifier.head.parameters()), "lr": lr, "weight_decay": weight_decay})
+    head = list(classifier.head.parameters())
+    groups.append({"params": head, "lr": recipe.lr, "weight_decay": recipe.weight_decay})
     steps = optimizer_steps(train_loader, accumulate)
-    optimizer = make_optimizer(groups, optimizer, momentum)
-    scheduler = warmup_cosine(optimizer, warmup_epochs * steps, epochs * steps)
+    optimizer = make_optimizer(groups, recipe.optimizer, recipe.momentum)
+    scheduler = warmup_cosine(optimizer, recipe.warmup_epochs * steps, recipe.epochs * steps)
     weight = class_weight.to(device) if class_weight is not None else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
-    average = moving_average(classifier, ema_decay(ema_epochs, steps)) if ema_epochs else None
-    start = weights_on_cpu(classifier) if interpolate < 1 else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.label_smoothing)
+    average = moving_average(classifier, ema_decay(recipe.ema_epochs, steps)) if recipe.ema_epochs else None
+    start = weights_on_cpu(classifier) if recipe.interpolate < 1 else None
+    frozen = frozen_modules(classifier) + (batchnorm_layers(classifier) if recipe.bn == "frozen" else [])
     fitted = fit(
         model,
         train_loader,
         val_loader,
         loss_fn,
         optimizer,
-        epochs,
+        recipe.epochs,
         device,
-        select=SELECTIONS[select],
+        select=SELECTIONS[recipe.select],
         scheduler=scheduler,
-        amp=amp,
-        frozen=frozen_modules(classifier) + (batchnorm_layers(classifier) if bn == "frozen" else []),
+        amp=recipe.amp,
+        frozen=frozen,
         rate_names=("",) * (len(groups) - 2) + ("lr_backbone", "lr_head"),  # the top block's rate
         on_epoch=on_epoch,
         accumulate=accumulate,
-        penalty=l2sp_penalty(backbone, l2sp) if l2sp else None,
+        penalty=l2sp_penalty(backbone, recipe.l2sp) if recipe.l2sp else None,
         start_is_candidate=True,
         batch_transform=batch_transform,
         average=average,
@@ -174,7 +197,15 @@ def finetune(
     if start is None:
         return fitted
     return interpolate_with_start(
-        model, fitted, start, interpolate, val_loader, loss_fn, device, amp, SELECTIONS[select]
+        model,
+        fitted,
+        start,
+        recipe.interpolate,
+        val_loader,
+        loss_fn,
+        device,
+        recipe.amp,
+        SELECTIONS[recipe.select],
     )
 
 
@@ -400,9 +431,7 @@ def main() -> None:
     classifier.to(device, memory_format=torch.channels_last)
     model = distributed.parallel(classifier, ranks, device, settings["sync_batchnorm"])
 
-    used = recipe.resolved(
-        config, modality.auto_augment(params["data"]["dataset"]), backbone_checkpoint["weights"]
-    )
+    used = resolved(config, modality.auto_augment(params["data"]["dataset"]), backbone_checkpoint["weights"])
     train, train_loader, val_loader = training_loaders(
         backbone_checkpoint, used["augment"], params, ranks, per_process, device
     )
@@ -421,26 +450,12 @@ def main() -> None:
         train_loader,
         val_loader,
         device,
-        lr=lr,
-        epochs=config["epochs"],
-        backbone_lr_ratio=config["backbone_lr_ratio"],
-        warmup_epochs=config["warmup_epochs"],
-        weight_decay=config["weight_decay"],
-        label_smoothing=config["label_smoothing"],
-        amp=params["amp"],
-        bn=used["bn"],
-        optimizer=config["optimizer"],
-        momentum=config["momentum"],
-        l2sp=config["l2sp"],
+        finetune_recipe(params, used),
         accumulate=accumulate,
         class_weight=class_weight,
         on_epoch=epoch_printer(log),
-        select=config["select"],
-        layer_decay=config["layer_decay"],
         blocks=modality.blocks(classifier.backbone),
         batch_transform=SeededBatchTransform(mixing, seed, ranks.rank) if mixing else None,
-        ema_epochs=config["ema_epochs"],
-        interpolate=config["interpolate"],
     )
     seconds = time.perf_counter() - started
     if not ranks.main:

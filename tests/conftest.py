@@ -340,11 +340,11 @@ def random_image_loader(seed: int) -> DataLoader:
 
 def fine_tune_briefly(model: torch.nn.Module, **settings) -> Any:
     """Fine-tune ``model`` (a Classifier) on a few random images: a small plain recipe,
-    with ``settings`` (any of finetune's keyword arguments) in place of its values; returns
-    finetune's Fitted."""
-    from pipeline.finetune import finetune
+    with ``settings`` (any of FinetuneRecipe's fields, or finetune's keyword arguments) in
+    place of its values; returns finetune's Fitted."""
+    from pipeline.finetune import FinetuneRecipe, finetune
 
-    recipe = dict(
+    plain = dict(
         lr=0.01,
         epochs=2,
         backbone_lr_ratio=1.0,
@@ -354,9 +354,11 @@ def fine_tune_briefly(model: torch.nn.Module, **settings) -> Any:
         amp="off",
         select="accuracy",
     )
-    return finetune(
-        model, random_image_loader(0), random_image_loader(1), torch.device("cpu"), **{**recipe, **settings}
-    )
+    fields = FinetuneRecipe.__dataclass_fields__
+    recipe = FinetuneRecipe(**{**plain, **{key: value for key, value in settings.items() if key in fields}})
+    loop = {key: value for key, value in settings.items() if key not in fields}
+    images, val_images = random_image_loader(0), random_image_loader(1)
+    return finetune(model, images, val_images, torch.device("cpu"), recipe, **loop)
 
 
 # Three topics of generated sentences, each made of a subject, an event and a time; a few

@@ -10,7 +10,8 @@ from torch import nn
 from pipeline import finetune as stage
 from pipeline.core.data import load_split
 from pipeline.core.models import Classifier
-from tests.conftest import Run, fine_tune_briefly
+from pipeline.core.recipe import resolved
+from tests.conftest import Run, default_params, fine_tune_briefly
 
 
 def small_classifier() -> Classifier:
@@ -321,3 +322,16 @@ def test_a_start_kept_because_the_blend_lost_is_said_so_not_that_no_epoch_won():
     lost = [history[0], {**history[1], "val_loss": 0.5}]  # no epoch won: the usual message
     assert stage.selection_summary(lost, lost[0], "accuracy", interpolate=0.8)["blend_lost_on_val"] is False
     assert "no epoch of 1 beat it" in stage.selection_message(lost, lost[0], "accuracy", interpolate=0.8)
+
+
+def test_the_finetune_recipe_takes_each_value_from_params_with_bn_resolved():
+    from dataclasses import asdict
+
+    params = default_params()
+    params["finetune"].update(bn="auto", interpolate=0.7, layer_decay=0.8)
+    used = resolved(params["finetune"], "photo", "IMAGENET1K_V1")
+    run = stage.finetune_recipe(params, used)
+    assert run.bn == "frozen" and run.lr == params["lr"] and run.amp == params["amp"]
+    assert (run.interpolate, run.layer_decay) == (0.7, 0.8)
+    from_section = {key: value for key, value in asdict(run).items() if key not in ("lr", "amp", "bn")}
+    assert from_section == {key: params["finetune"][key] for key in from_section}
