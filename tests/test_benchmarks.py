@@ -1,6 +1,8 @@
 """The benchmarks' own pieces: memory stays bounded (prepare plus extract stream image files
 instead of loading them), and the faces set is a tree the pipeline reads."""
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks.memory import measure
@@ -95,6 +97,49 @@ def test_the_gpu_benchmark_times_the_plain_and_the_pipeline_loop_and_tables_them
     assert lines[0].startswith("| fine-tuning step, a GPU, torch 2 |")
     assert lines[2].startswith(f"| resnet18, 32 px, batch 2 (images/s) | {plain:.0f} | {ours:.0f} ")
     assert f"({ours / plain:.2f}x)" in lines[2]
+
+
+def test_the_gpu_loader_rows_are_timed_after_a_warm_up_at_their_size(monkeypatch):
+    import torch
+    from torch import nn
+
+    from benchmarks import gpu
+    from pipeline.core.data import SeededAugmentation
+
+    calls = []
+    tiny = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 10))
+    monkeypatch.setattr(gpu, "fresh_classifier", lambda arch, size: tiny)
+    real_warm_up = gpu.warm_up
+
+    def warm_up(model, device, optimizer, scaler, batch, size):
+        calls.append(("warm-up", batch, size))
+        before = [p.detach().clone() for p in model.parameters()]
+        real_warm_up(model, device, optimizer, scaler, batch, size=8)  # small images on a CPU
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+    def photos(policy, count, batch, photos, device):
+        images = torch.utils.data.TensorDataset(torch.rand(6, 3, 8, 8), torch.arange(6) % 10)
+        images.labels = images.tensors[1].tolist()
+        return torch.utils.data.DataLoader(SeededAugmentation(images, 0), batch_size=batch)
+
+    monkeypatch.setattr(gpu, "warm_up", warm_up)
+    monkeypatch.setattr(gpu.augment_speed, "loader", photos)
+    real_train_epoch = gpu.train_epoch
+
+    def train_epoch(*args, **kwargs):
+        calls.append("pass")
+        return real_train_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(gpu, "train_epoch", train_epoch)
+    rows = gpu.loader_speeds(torch.device("cpu"), Path("photos"), [2, 8], epochs=1, batch=4)
+    # The warm-up's own pass, then one timed pass per worker count.
+    assert calls == [("warm-up", 4, gpu.augment_speed.SIZE), "pass", "pass", "pass"]
+    assert [row["workers"] for row in rows] == [2, 8] and all(row["warmed_up"] for row in rows)
+    record = {"results": {"gpu": "a GPU", "torch": "2", "loaders": rows}}
+    assert "first pass" not in gpu.table(record, "loaders")
+    unwarmed = [{key: value for key, value in row.items() if key != "warmed_up"} for row in rows]
+    lines = gpu.table({"results": {**record["results"], "loaders": unwarmed}}, "loaders").splitlines()
+    assert "(the run's first pass at 96 px)" in lines[2] and "first pass" not in lines[3]
 
 
 def test_the_interpolation_table_gives_what_finetune_ships_at_each_share_and_val_s_pick():
