@@ -183,10 +183,12 @@ def under_note(runs: list[dict[str, Any]], share: float) -> str:
     tests = [run["shares"][f"{share:.1f}"].get("test_vs_start") for run in under]
     if None in tests:
         return f"; {len(under)} under the probe"
-    lowest = min(test["p_value"] for test in tests)
-    return f"; {len(under)} under the probe, " + (
-        f"p = {lowest:.2g}" if len(under) == 1 else f"p ≥ {lowest:.2g}"
-    )
+    lowest, highest = min(test["p_value"] for test in tests), max(test["p_value"] for test in tests)
+    if len(under) == 1:
+        return f"; 1 under the probe, p = {lowest:.2g}"
+    if lowest == highest:
+        return f"; {len(under)} under the probe, p = {lowest:.2g} each"
+    return f"; {len(under)} under the probe, p ≥ {lowest:.2g}"
 
 
 def val_pick(run: dict[str, Any]) -> str:

@@ -63,6 +63,9 @@ def test_the_recipe_table_follows_its_results(tmp_path):
     record = {"results": [run, {**run, "seed": 2, "finetuned": 0.9, "epoch1_val": 0.9}]}
     row = table(record).splitlines()[2]
     assert row == "| faces | defaults | 2 | 90.00 ± 0.00 | 92.50 ± 3.54 | +2.50 | +0.00 | -5.00 |"
+    headline = table(record, "headline").splitlines()
+    assert headline[0] == "| data | seeds | linear probe | fine-tuned | gain | worst seed |"
+    assert headline[2] == "| faces vs non-faces (LFW crops), Lite0 | 2 | 90.00% | 92.50% | +2.50 | +0.00 |"
 
 
 def test_the_gpu_benchmark_refuses_a_machine_without_cuda(monkeypatch):
@@ -189,4 +192,5 @@ def test_the_interpolation_table_says_how_many_seeds_end_under_the_probe_and_the
     assert under_note([run(1, 0.95, 0.01), run(2, 0.89, 0.8)], 1.0) == "; 1 under the probe, p = 0.8"
     both = [run(1, 0.88, 0.5), run(2, 0.89, 1.0)]
     assert under_note(both, 1.0) == "; 2 under the probe, p ≥ 0.5"
+    assert under_note([run(1, 0.88, 1.0), run(2, 0.89, 1.0)], 1.0) == "; 2 under the probe, p = 1 each"
     assert under_note([run(1, 0.89, None)], 1.0) == "; 1 under the probe"  # measured before the counts
