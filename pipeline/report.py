@@ -41,7 +41,7 @@ from pipeline.core.common import (
 from pipeline.core.entry import run_stage
 from pipeline.core.epoch_log import read_epoch_log
 from pipeline.core.errors import StageError
-from pipeline.core.metrics import highest_losses, most_confused_pairs, p_text
+from pipeline.core.metrics import highest_losses, mcnemar_verdict, most_confused_pairs, p_text
 from pipeline.modalities import load_params
 
 if TYPE_CHECKING:
@@ -225,20 +225,12 @@ def comparison_note(comparison: dict[str, Any], items: str) -> str:
             "split cannot tell them apart."
         )
     p_value = comparison["p_value"]
-    note = (
+    better = "fine-tuned model" if tuned > probe else "linear probe"
+    return (
         f"Of the {comparison['examples']:,} test {items}, the fine-tuned model gets {tuned} right that the "
         f"linear probe gets wrong, and the probe {probe} that the fine-tuned model gets wrong; the rest "
         f"both get right or both get wrong. Exact McNemar test on those {tuned + probe}: {p_text(p_value)}, "
-    )
-    if p_value < 0.05:
-        better = "fine-tuned model" if tuned > probe else "linear probe"
-        return (
-            note
-            + f"a split this uneven is unlikely from two equally good models: the {better} is better here."
-        )
-    return note + (
-        f"a split at least this uneven comes {p_value:.0%} of the time from two equally good models, "
-        f"so this test split cannot tell them apart (more test {items}, or more seeds, can)."
+        + mcnemar_verdict(p_value, f"the {better} is better here", items)
     )
 
 

@@ -76,6 +76,19 @@ def p_text(p_value: float) -> str:
     return "p < 0.001" if p_value < 0.001 else f"p = {p_value:.2g}"
 
 
+def mcnemar_verdict(p_value: float, if_real: str, items: str) -> str:
+    """What an exact McNemar p-value says of two models, as the end of a sentence: under
+    0.05, that a split this uneven is unlikely between equally good models, then
+    ``if_real`` (which model is better); otherwise how often chance gives such a split, and
+    that the test split (of ``items``: images, texts, examples) cannot tell them apart."""
+    if p_value < 0.05:
+        return f"a split this uneven is unlikely from two equally good models: {if_real}."
+    return (
+        f"a split at least this uneven comes {p_value:.0%} of the time from two equally good models, "
+        f"so this test split cannot tell them apart (more test {items}, or more seeds, can)."
+    )
+
+
 def paired_comparison(actual: np.ndarray, probe: np.ndarray, finetuned: np.ndarray) -> dict[str, Any]:
     """The two models on the same examples: how many only the fine-tuned model gets right,
     how many only the probe, and the exact McNemar p-value on those two counts. Examples

@@ -39,7 +39,7 @@ from pipeline.core.common import (
 )
 from pipeline.core.entry import run_tool
 from pipeline.core.errors import StageError
-from pipeline.core.metrics import exact_mcnemar, p_text
+from pipeline.core.metrics import exact_mcnemar, mcnemar_verdict, p_text
 
 COMPARE_FILE = Path("reports/compare.md")
 COMPARE_DIR = Path("reports/compare")
@@ -210,19 +210,11 @@ def examples_section(
     if not fixed + broken:
         return f"This branch's fine-tuned model gets the same {len(new):,} test examples right as `{base}`'s."
     p_value = exact_mcnemar(fixed, broken)
-    note = (
+    verdict = f"this branch's model is {'better' if fixed > broken else 'worse'} on this test split"
+    return (
         f"Of the {len(new):,} test examples, this branch's fine-tuned model gets {fixed} right that "
         f"`{base}`'s got wrong, and {broken} wrong that it got right. Exact McNemar test on those "
-        f"{fixed + broken}: {p_text(p_value)}, "
-    )
-    if p_value < 0.05:
-        return note + (
-            "a split this uneven is unlikely between two equally good models: this branch's model is "
-            f"{'better' if fixed > broken else 'worse'} on this test split."
-        )
-    return note + (
-        f"a split at least this uneven comes {p_value:.0%} of the time between two equally good models, "
-        "so this test split cannot tell them apart (more test examples, or more seeds, can)."
+        f"{fixed + broken}: {p_text(p_value)}, " + mcnemar_verdict(p_value, verdict, "examples")
     )
 
 
