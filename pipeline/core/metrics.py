@@ -89,14 +89,20 @@ def mcnemar_verdict(p_value: float, if_real: str, items: str) -> str:
     )
 
 
+def only_right(actual: np.ndarray, first: np.ndarray, second: np.ndarray) -> tuple[int, int]:
+    """Of the examples two models predicted, how many only ``first`` gets right and how many
+    only ``second``: the two counts a paired test of the models rests on."""
+    actual = np.asarray(actual)
+    first_right, second_right = np.asarray(first) == actual, np.asarray(second) == actual
+    return int(np.sum(first_right & ~second_right)), int(np.sum(second_right & ~first_right))
+
+
 def paired_comparison(actual: np.ndarray, probe: np.ndarray, finetuned: np.ndarray) -> dict[str, Any]:
     """The two models on the same examples: how many only the fine-tuned model gets right,
     how many only the probe, and the exact McNemar p-value on those two counts. Examples
     both get right or both get wrong say nothing about which is better; with few left, a
     gap of a point can be chance."""
-    finetuned_right, probe_right = np.asarray(finetuned) == actual, np.asarray(probe) == actual
-    only_finetuned = int(np.sum(finetuned_right & ~probe_right))
-    only_probe = int(np.sum(probe_right & ~finetuned_right))
+    only_finetuned, only_probe = only_right(actual, finetuned, probe)
     return {
         "examples": len(actual),
         "only_finetuned_right": only_finetuned,

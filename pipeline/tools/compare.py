@@ -39,7 +39,7 @@ from pipeline.core.common import (
 )
 from pipeline.core.entry import run_tool
 from pipeline.core.errors import StageError
-from pipeline.core.metrics import exact_mcnemar, mcnemar_verdict, p_text
+from pipeline.core.metrics import exact_mcnemar, mcnemar_verdict, only_right, p_text
 
 COMPARE_FILE = Path("reports/compare.md")
 COMPARE_DIR = Path("reports/compare")
@@ -180,16 +180,6 @@ def same_test_examples(old: list[dict[str, str]], new: list[dict[str, str]], sam
     return same_prepared or all(row["source"] for row in new)
 
 
-def changed_examples(old: list[dict[str, str]], new: list[dict[str, str]]) -> tuple[int, int]:
-    """How many test examples this branch's model gets right that the base's got wrong,
-    and how many it gets wrong that the base's got right."""
-    right_old = [row["predicted"] == row["actual"] for row in old]
-    right_new = [row["predicted"] == row["actual"] for row in new]
-    fixed = sum(now and not before for before, now in zip(right_old, right_new, strict=True))
-    broken = sum(before and not now for before, now in zip(right_old, right_new, strict=True))
-    return fixed, broken
-
-
 def examples_section(
     old: list[dict[str, str]] | None, new: list[dict[str, str]], same_prepared: bool, base: str
 ) -> str:
@@ -206,7 +196,8 @@ def examples_section(
             f"`{base}` scored other test examples (the data or its split changed), so the two fine-tuned "
             "models are not compared example by example: the accuracy change mixes the model with the data."
         )
-    fixed, broken = changed_examples(old, new)
+    actual = [row["actual"] for row in new]  # the same on both sides (same_test_examples)
+    fixed, broken = only_right(actual, [row["predicted"] for row in new], [row["predicted"] for row in old])
     if not fixed + broken:
         return f"This branch's fine-tuned model gets the same {len(new):,} test examples right as `{base}`'s."
     p_value = exact_mcnemar(fixed, broken)
