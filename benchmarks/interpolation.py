@@ -177,6 +177,8 @@ def under_note(runs: list[dict[str, Any]], share: float) -> str:
     """How many of ``runs`` ship a model under the probe on test at ``share``, and the
     smallest exact McNemar p-value among them (their test examples only one of the two
     gets right): whether the test split can tell them from the probe."""
+    from pipeline.core.metrics import p_text  # scipy and scikit-learn: only where a table needs them
+
     under = [run for run in runs if shipped(run, share)[0] < run["probe"]]
     if not under:
         return ""
@@ -185,9 +187,9 @@ def under_note(runs: list[dict[str, Any]], share: float) -> str:
         return f"; {len(under)} under the probe"
     lowest, highest = min(test["p_value"] for test in tests), max(test["p_value"] for test in tests)
     if len(under) == 1:
-        return f"; 1 under the probe, p = {lowest:.2g}"
+        return f"; 1 under the probe, {p_text(lowest)}"
     if lowest == highest:
-        return f"; {len(under)} under the probe, p = {lowest:.2g} each"
+        return f"; {len(under)} under the probe, {p_text(lowest)} each"
     return f"; {len(under)} under the probe, p ≥ {lowest:.2g}"
 
 

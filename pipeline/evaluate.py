@@ -37,7 +37,7 @@ from pipeline.core.common import (
 from pipeline.core.data import split_sources
 from pipeline.core.entry import run_stage
 from pipeline.core.errors import StageError
-from pipeline.core.metrics import calibration, paired_comparison, per_class_metrics, summary_metrics
+from pipeline.core.metrics import calibration, p_text, paired_comparison, per_class_metrics, summary_metrics
 from pipeline.core.models import load_head
 from pipeline.core.training import predict_logits
 from pipeline.modalities import inference_loader, load_classifier, load_params
@@ -143,7 +143,7 @@ def main() -> None:
     print(
         f"evaluate: of {comparison['examples']} test examples only the fine-tuned model gets "
         f"{comparison['only_finetuned_right']} right, only the probe {comparison['only_probe_right']} "
-        f"(exact McNemar p = {comparison['p_value']:.3g})"
+        f"(exact McNemar {p_text(comparison['p_value'])})"
     )
 
 
