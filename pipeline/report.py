@@ -41,7 +41,7 @@ from pipeline.core.common import (
 from pipeline.core.entry import run_stage
 from pipeline.core.epoch_log import read_epoch_log
 from pipeline.core.errors import StageError
-from pipeline.core.metrics import highest_losses, mcnemar_verdict, most_confused_pairs, p_text
+from pipeline.core.metrics import highest_losses, most_confused_pairs, probe_comparison_note
 from pipeline.modalities import load_params
 
 if TYPE_CHECKING:
@@ -215,25 +215,6 @@ def summary_table(test: dict[str, Any], baseline: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def comparison_note(comparison: dict[str, Any], items: str) -> str:
-    """Whether the test split can tell the fine-tuned model from the probe: the examples
-    only one of them gets right, and the exact McNemar test on them."""
-    tuned, probe = comparison["only_finetuned_right"], comparison["only_probe_right"]
-    if not tuned + probe:
-        return (
-            f"The fine-tuned model and the linear probe get the same test {items} right: this test "
-            "split cannot tell them apart."
-        )
-    p_value = comparison["p_value"]
-    better = "fine-tuned model" if tuned > probe else "linear probe"
-    return (
-        f"Of the {comparison['examples']:,} test {items}, the fine-tuned model gets {tuned} right that the "
-        f"linear probe gets wrong, and the probe {probe} that the fine-tuned model gets wrong; the rest "
-        f"both get right or both get wrong. Exact McNemar test on those {tuned + probe}: {p_text(p_value)}, "
-        + mcnemar_verdict(p_value, f"the {better} is better here", items)
-    )
-
-
 def per_class_table(details: dict[str, Any]) -> str:
     rows = [
         "| class | support | probe precision | probe recall | probe F1 "
@@ -329,7 +310,7 @@ Dataset **{params["data"]["dataset"]}**, backbone **{config["arch"]}** with weig
 
 {summary_table(test, baseline)}
 
-{comparison_note(test["finetuned_vs_probe"], modality.ITEMS)}
+{probe_comparison_note(test["finetuned_vs_probe"], modality.ITEMS)}
 
 The random-init probe trains the same head on features of the same architecture left at
 random init: what the pretrained features add is the gap to the linear probe.

@@ -114,6 +114,9 @@ def test_finetune_only_change_reruns_finetune_onward_and_leaves_upstream_deltas_
     examples = sum(1 for _ in (diff.repo / "metrics/test_predictions.csv").open()) - 1
     assert (fixed - broken) / examples * 100 == pytest.approx(float(change[:-3]), abs=0.011)
     assert "No change" not in markdown
+    probe = json.loads((diff.repo / "metrics/test.json").read_text())["finetuned_vs_probe"]
+    assert f"| {probe['only_finetuned_right']} |\n| only the linear probe right | " in markdown
+    assert f"| {probe['only_probe_right']} |\n| exact McNemar test | " in markdown
     for side_name in ("base", "head"):
         assert (diff.repo / "reports" / "compare" / f"{side_name}_confusion_matrices.png").is_file()
         assert f"compare/{side_name}_training_curves.png" in markdown
@@ -223,6 +226,32 @@ def test_example_by_example_needs_the_same_test_examples_on_both_sides():
     moved = [{**row, "source": row["source"].replace("cat", "dog")} for row in files]
     assert "scored other test examples" in examples_section(files, moved, same_prepared=False, base="main")
     assert "No per-example predictions of `main`" in examples_section(None, base, True, "main")
+
+
+def test_probe_section_sets_each_side_against_its_own_probe():
+    from pipeline.tools.compare import probe_section
+
+    base = {
+        "finetuned_vs_probe": {
+            "examples": 450,
+            "only_finetuned_right": 0,
+            "only_probe_right": 2,
+            "p_value": 0.5,
+        }
+    }
+    branch = {"examples": 450, "only_finetuned_right": 9, "only_probe_right": 0, "p_value": 0.003906}
+    text = probe_section(base, branch, "main")
+    assert "| only the fine-tuned model right | 0 | 9 |" in text
+    assert "| only the linear probe right | 2 | 0 |" in text
+    assert "| exact McNemar test | p = 0.5 | p = 0.0039 |" in text
+    assert "On this branch, of the 450 test examples, the fine-tuned model gets 9 right" in text
+    assert text.endswith("the fine-tuned model is better here.")
+    for old in (None, {"finetuned": {"accuracy": 0.9}}):  # a base from before evaluate counted them
+        assert "| only the fine-tuned model right | — | 9 |" in probe_section(old, branch, "main")
+    same = {"examples": 50, "only_finetuned_right": 0, "only_probe_right": 0, "p_value": 1.0}
+    assert "On this branch, the fine-tuned model and the linear probe get the same test examples right" in (
+        probe_section(base, same, "main")
+    )
 
 
 def test_prepared_md5_reads_the_prepare_stage_out_of_a_lock():

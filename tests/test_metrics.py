@@ -7,6 +7,7 @@ from pipeline.core.metrics import (
     most_confused_pairs,
     paired_comparison,
     per_class_metrics,
+    probe_comparison_note,
     summary_metrics,
 )
 
@@ -77,3 +78,27 @@ def test_paired_comparison_counts_the_examples_only_one_model_gets_right_and_tes
     one_to_three = paired_comparison(np.zeros(4), np.array([0, 0, 0, 1]), np.array([1, 1, 1, 0]))
     assert one_to_three["p_value"] == pytest.approx(0.625)
     assert paired_comparison(actual, probe, probe)["p_value"] == 1.0  # no disagreement at all
+
+
+def test_the_comparison_note_says_whether_the_test_split_tells_the_models_apart():
+    within = probe_comparison_note(
+        {"examples": 450, "only_finetuned_right": 1, "only_probe_right": 3, "p_value": 0.625}, "images"
+    )
+    assert within.startswith(
+        "Of the 450 test images, the fine-tuned model gets 1 right that the linear probe"
+    )
+    assert "p = 0.62, a split at least this uneven comes 62% of the time" in within
+    assert "cannot tell them apart" in within
+    clear = probe_comparison_note(
+        {"examples": 1000, "only_finetuned_right": 90, "only_probe_right": 10, "p_value": 0.0}, "images"
+    )
+    assert "Exact McNemar test on those 100: p < 0.001, a split this uneven" in clear
+    assert clear.endswith("unlikely from two equally good models: the fine-tuned model is better here.")
+    probe = probe_comparison_note(
+        {"examples": 1000, "only_finetuned_right": 2, "only_probe_right": 20, "p_value": 1e-4}, "texts"
+    )
+    assert probe.endswith("the linear probe is better here.")
+    same = probe_comparison_note(
+        {"examples": 50, "only_finetuned_right": 0, "only_probe_right": 0, "p_value": 1.0}, "images"
+    )
+    assert same.startswith("The fine-tuned model and the linear probe get the same test images right")

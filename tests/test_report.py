@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 
-from pipeline.report import comparison_note, confused_pairs_table, highest_loss_rows
+from pipeline.report import confused_pairs_table, highest_loss_rows
 
 PREDICTIONS = """index,source,actual,predicted,probability,loss
 0,,cat,cat,0.900000,0.105361
@@ -78,27 +78,3 @@ def test_the_recipe_note_says_what_finetune_used_and_the_blend_only_when_on():
     )
     assert recipe_note({**used, "ema_epochs": 0.0}).endswith("mixing none, no weight average")
     assert recipe_note({"strategy": "full"}) == ""  # a run from before the recipe was recorded
-
-
-def test_the_comparison_note_says_whether_the_test_split_tells_the_models_apart():
-    within = comparison_note(
-        {"examples": 450, "only_finetuned_right": 1, "only_probe_right": 3, "p_value": 0.625}, "images"
-    )
-    assert within.startswith(
-        "Of the 450 test images, the fine-tuned model gets 1 right that the linear probe"
-    )
-    assert "p = 0.62, a split at least this uneven comes 62% of the time" in within
-    assert "cannot tell them apart" in within
-    clear = comparison_note(
-        {"examples": 1000, "only_finetuned_right": 90, "only_probe_right": 10, "p_value": 0.0}, "images"
-    )
-    assert "Exact McNemar test on those 100: p < 0.001, a split this uneven" in clear
-    assert clear.endswith("unlikely from two equally good models: the fine-tuned model is better here.")
-    probe = comparison_note(
-        {"examples": 1000, "only_finetuned_right": 2, "only_probe_right": 20, "p_value": 1e-4}, "texts"
-    )
-    assert probe.endswith("the linear probe is better here.")
-    same = comparison_note(
-        {"examples": 50, "only_finetuned_right": 0, "only_probe_right": 0, "p_value": 1.0}, "images"
-    )
-    assert same.startswith("The fine-tuned model and the linear probe get the same test images right")

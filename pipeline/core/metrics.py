@@ -111,6 +111,25 @@ def paired_comparison(actual: np.ndarray, probe: np.ndarray, finetuned: np.ndarr
     }
 
 
+def probe_comparison_note(comparison: dict[str, Any], items: str) -> str:
+    """Whether the test split can tell the fine-tuned model from the probe: the examples
+    only one of them gets right, and the exact McNemar test on them."""
+    tuned, probe = comparison["only_finetuned_right"], comparison["only_probe_right"]
+    if not tuned + probe:
+        return (
+            f"The fine-tuned model and the linear probe get the same test {items} right: this test "
+            "split cannot tell them apart."
+        )
+    p_value = comparison["p_value"]
+    better = "fine-tuned model" if tuned > probe else "linear probe"
+    return (
+        f"Of the {comparison['examples']:,} test {items}, the fine-tuned model gets {tuned} right that the "
+        f"linear probe gets wrong, and the probe {probe} that the fine-tuned model gets wrong; the rest "
+        f"both get right or both get wrong. Exact McNemar test on those {tuned + probe}: {p_text(p_value)}, "
+        + mcnemar_verdict(p_value, f"the {better} is better here", items)
+    )
+
+
 def highest_losses(losses: np.ndarray, count: int) -> np.ndarray:
     """Positions of the ``count`` largest losses, largest first (ties: the earlier image)."""
     order = np.argsort(-np.asarray(losses, dtype=np.float64), kind="stable")

@@ -39,7 +39,7 @@ from pipeline.core.common import (
 )
 from pipeline.core.entry import run_tool
 from pipeline.core.errors import StageError
-from pipeline.core.metrics import exact_mcnemar, mcnemar_verdict, only_right, p_text
+from pipeline.core.metrics import exact_mcnemar, mcnemar_verdict, only_right, p_text, probe_comparison_note
 
 COMPARE_FILE = Path("reports/compare.md")
 COMPARE_DIR = Path("reports/compare")
@@ -209,6 +209,24 @@ def examples_section(
     )
 
 
+def probe_section(old: dict[str, Any] | None, new: dict[str, Any], base: str) -> str:
+    """Whether each side's fine-tuned model beats its own linear probe on test (evaluate's
+    ``finetuned_vs_probe``): the examples only one of the two gets right, the exact McNemar
+    p-value, and what it says of this branch. The metric deltas above cannot: a branch can
+    raise fine-tuned accuracy by a point and still not tell the fine-tuned model from the probe."""
+    old = (old or {}).get("finetuned_vs_probe") or {}
+    lines = [f"| fine-tuned model vs linear probe, test | `{base}` | this branch |", "|---|---:|---:|"]
+    for label, key in (
+        ("only the fine-tuned model right", "only_finetuned_right"),
+        ("only the linear probe right", "only_probe_right"),
+    ):
+        lines.append(f"| {label} | {old.get(key, '—')} | {new[key]} |")
+    old_p = p_text(old["p_value"]) if "p_value" in old else "—"
+    lines.append(f"| exact McNemar test | {old_p} | {p_text(new['p_value'])} |")
+    note = probe_comparison_note(new, "examples")
+    return "\n".join(lines) + f"\n\nOn this branch, {note[0].lower()}{note[1:]}"
+
+
 def metrics_section(rows: list, base: str) -> str:
     lines = [f"| test metric | `{base}` | this branch | change |", "|---|---:|---:|---:|"]
     for label, old, new, delta in rows:
@@ -268,6 +286,11 @@ def render(rev: str, out_dir: Path, base: str | None = None, repro_log: str | No
         same_prepared,
         base,
     )
+    probe = probe_section(
+        json.loads(git_show(rev, METRICS_DIR / "test.json") or "null"),
+        read_json(METRICS_DIR / "test.json")["finetuned_vs_probe"],
+        base,
+    )
     unchanged = not any(file for file in params.values()) and all(delta == 0 for *_, delta in rows)
     headline = (
         f"**No change**: the params and the test metrics are the same as on `{base}`."
@@ -294,6 +317,10 @@ def render(rev: str, out_dir: Path, base: str | None = None, repro_log: str | No
 ### Fine-tuned model, example by example
 
 {examples}
+
+### Fine-tuned model against the linear probe
+
+{probe}
 
 ### Classes whose F1 moved most
 
