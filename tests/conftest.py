@@ -149,6 +149,11 @@ def stale_stages(repo: Path) -> dict[str, list[str]]:
     return stale
 
 
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    """A CSV file's rows (read whole, so no file stays open), e.g. test_predictions.csv's."""
+    return list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+
+
 def write_params(repo: Path, params: dict[str, Any]) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

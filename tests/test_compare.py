@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, Run, ran_stages, read_params, run, timed, write_params
+from tests.conftest import ROOT, Run, csv_rows, ran_stages, read_params, run, timed, write_params
 
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 UNCHANGED_ROWS = (
@@ -111,7 +111,7 @@ def test_finetune_only_change_reruns_finetune_onward_and_leaves_upstream_deltas_
     assert float(change[:-3]) == pytest.approx(float(new[:-1]) - float(old[:-1]), abs=0.011), (old, new)
     assert "| `finetune.epochs` | `2` | `3` |" in markdown
     fixed, broken = changed_counts(markdown)  # counted from both sides' test_predictions.csv
-    examples = sum(1 for _ in (diff.repo / "metrics/test_predictions.csv").open()) - 1
+    examples = len(csv_rows(diff.repo / "metrics/test_predictions.csv"))
     assert (fixed - broken) / examples * 100 == pytest.approx(float(change[:-3]), abs=0.011)
     assert "No change" not in markdown
     probe = json.loads((diff.repo / "metrics/test.json").read_text())["finetuned_vs_probe"]

@@ -477,7 +477,7 @@ def test_a_killed_rank_or_stage_leaves_nothing_recorded_and_repro_then_matches_o
         time.sleep(0.2)
     processes = everything_under(repro)
     os.killpg(repro.pid, signal.SIGKILL)
-    repro.wait(timeout=30)
+    repro.communicate(timeout=30)  # reaps it and closes its pipe
     _, alive = psutil.wait_procs(processes, timeout=30)
     assert not alive, f"orphan processes: {alive}"
     assert not (tiny_repo / "models/finetuned.pt").exists()

@@ -12,7 +12,7 @@ from pipeline.core.checkpoints import PREPROCESSING_KEYS, onnx_sidecar, read_sid
 from pipeline.core.common import file_sha256
 from pipeline.core.errors import StageError
 from pipeline.export import check_parity
-from tests.conftest import Run, copy_repo, run
+from tests.conftest import Run, copy_repo, csv_rows, run
 
 
 def test_parity_within_tolerance_and_on_every_top1_passes():
@@ -70,7 +70,7 @@ def test_a_sidecar_beside_another_model_is_refused(tmp_path):
 def test_the_tiny_run_exports_a_model_that_matches_pytorch(tiny_run: Run):
     repo = tiny_run.repo
     result = json.loads((repo / "metrics" / "export.json").read_text())
-    test_images = sum(1 for _ in (repo / "metrics" / "test_predictions.csv").open()) - 1
+    test_images = len(csv_rows(repo / "metrics" / "test_predictions.csv"))
     assert result["examples"] == test_images
     assert result["max_abs_logit_difference"] <= 1e-4
     assert result["top1_disagreements"] == 0

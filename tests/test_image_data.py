@@ -273,7 +273,8 @@ def test_only_photo_formats_are_read_and_eps_is_not(tmp_path):
     assert not {".eps", ".ps", ".pdf", ".psd"} & IMAGE_EXTENSIONS
     disguised = tmp_path / "photo.png"  # an EPS file, which Pillow decodes by running Ghostscript
     disguised.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n")
-    assert Image.open(disguised).format == "EPS"
+    with Image.open(disguised) as image:
+        assert image.format == "EPS"
     with pytest.raises(UnidentifiedImageError):
         read_rgb(disguised)
 

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -179,6 +181,8 @@ def test_a_checkpoint_with_auxiliary_classifiers_loads_without_them(tmp_path):
     full = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False)
     torch.save(full.state_dict(), tmp_path / "googlenet.pth")
     assert any(key.startswith("aux1.") for key in full.state_dict())
-    model, dim = load_checkpoint_backbone("googlenet", str(tmp_path / "googlenet.pth"), 64)
+    with warnings.catch_warnings():  # nor does it warn of torchvision's initialisation, which it replaces
+        warnings.simplefilter("error", FutureWarning)
+        model, dim = load_checkpoint_backbone("googlenet", str(tmp_path / "googlenet.pth"), 64)
     assert dim == 1024
     assert torch.equal(model.conv1.conv.weight, full.conv1.conv.weight)

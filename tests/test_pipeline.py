@@ -72,7 +72,8 @@ def read_back(path: Path) -> None:
         content = torch.load(path, weights_only=True)
         assert {"state_dict"} <= content.keys() or {"features", "labels", "classes"} <= content.keys(), path
     elif path.suffix in (".csv", ".tsv"):
-        rows = list(csv.reader(path.open(newline=""), delimiter="\t" if path.suffix == ".tsv" else ","))
+        with path.open(newline="") as file:
+            rows = list(csv.reader(file, delimiter="\t" if path.suffix == ".tsv" else ","))
         assert len(rows) >= 2 and all(len(row) == len(rows[0]) for row in rows), path
     elif path.suffix == ".png":
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path

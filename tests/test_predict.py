@@ -24,7 +24,7 @@ from pipeline.core.errors import ParamsError, StageError
 from pipeline.core.models import Classifier, build_head
 from pipeline.modalities.images.models import build_backbone
 from pipeline.tools import predict
-from tests.conftest import Run, run, subprocess_env
+from tests.conftest import Run, csv_rows, run, subprocess_env
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -109,7 +109,7 @@ def test_csv_goes_to_out_and_a_rerun_replaces_it_whole(tmp_path, model_file, cap
         args = (str(tmp_path / "in"), "--model", str(model_file), "--out", str(out), "--batch-size", "2")
         code, printed, _ = predict_in_process(capsys, *args)
         assert code == 0 and printed == []
-    rows = list(csv.DictReader(out.open()))
+    rows = csv_rows(out)
     assert [row["path"] for row in rows] == [str(path) for path in images]
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".predictions.csv.tmp")]
 
@@ -194,9 +194,7 @@ def test_predict_agrees_with_evaluate_and_onnx_on_the_test_split(tiny_run: Run, 
     repo = tiny_run.repo
     samples = tmp_path / "samples"
     run(repo, sys.executable, "-m", "pipeline.tools.samples", str(samples), "--per-class", "0")
-    evaluated = {
-        int(row["index"]): row for row in csv.DictReader((repo / "metrics" / "test_predictions.csv").open())
-    }
+    evaluated = {int(row["index"]): row for row in csv_rows(repo / "metrics" / "test_predictions.csv")}
     by_model = {}
     for model in (["--model", "models/finetuned.pt"], ["--onnx", "models/model.onnx"]):
         code, rows, stderr = predict_csv(str(samples), *model, "--top-k", "1", cwd=repo)

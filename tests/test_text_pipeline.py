@@ -15,6 +15,7 @@ from tests.conftest import (
     STAGES,
     Run,
     copy_repo,
+    csv_rows,
     declared_outputs,
     experiments,
     ran_stages,
@@ -98,7 +99,7 @@ def test_predict_reads_a_csv_with_a_bad_row_and_the_onnx_export_agrees(tiny_text
 def test_the_export_checked_every_test_text_and_ships_the_tokenizer(tiny_text_run: Run):
     repo = tiny_text_run.repo
     result = json.loads((repo / "metrics/export.json").read_text())
-    test_texts = sum(1 for _ in (repo / "metrics/test_predictions.csv").open()) - 1
+    test_texts = len(csv_rows(repo / "metrics/test_predictions.csv"))
     assert result["examples"] == test_texts and result["top1_disagreements"] == 0
     assert result["max_abs_logit_difference"] <= 1e-4
     meta = read_sidecar(repo / "models/model.onnx")
@@ -114,7 +115,7 @@ def test_predict_on_the_test_split_agrees_with_evaluate(tiny_text_run: Run, tmp_
     samples = tmp_path / "samples"
     run(repo, sys.executable, "-m", "pipeline.tools.samples", str(samples), "--per-class", "0")
     rows, _ = predict(repo, str(samples / "test.csv"), "--top-k", "1")
-    evaluated = list(csv.DictReader((repo / "metrics/test_predictions.csv").open()))
+    evaluated = csv_rows(repo / "metrics/test_predictions.csv")
     assert len(rows) == len(evaluated)
     for row, expected in zip(rows, evaluated, strict=True):
         assert row["class_1"] == expected["predicted"]

@@ -47,7 +47,8 @@ def glyph_fonts() -> tuple[Path, ...]:
     for path in sorted(_font_dir().glob("*.ttf")):
         if not path.stem.startswith(FONT_FAMILIES) or "Display" in path.stem:
             continue
-        cmap = TTFont(path, lazy=True).getBestCmap()
+        with TTFont(path, lazy=True) as font:
+            cmap = font.getBestCmap()
         if all(ord(char) in cmap for char in CHARACTERS):
             fonts.append(path)
     if not fonts:

@@ -163,7 +163,12 @@ def feature_blocks(model: nn.Module) -> list[nn.Module]:
 
 def classifier_name(arch: str) -> str:
     """Dotted name of ``arch``'s classifier layer, e.g. ``fc`` or ``classifier.1``."""
-    model = _build_extra(arch, False) if arch in EXTRA_ARCHS else tv_models.get_model(arch, weights=None)
+    if arch in EXTRA_ARCHS:
+        model = _build_extra(arch, False)
+    else:  # googlenet and inception_v3 warn unless told how to initialise; any way names the same layers
+        model = tv_models.get_model(
+            arch, weights=None, **({"init_weights": False} if arch in AUX_HEADS else {})
+        )
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)][-1]
 
 
