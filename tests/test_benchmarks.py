@@ -3,7 +3,9 @@ instead of loading them), and the faces set is a tree the pipeline reads."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from benchmarks.memory import measure
 
@@ -53,6 +55,40 @@ def test_the_check_set_cuts_other_photos_of_both_wheels(tmp_path):
     assert write_patches(tmp_path / "patches-b", CHECK_PHOTOS) == {"train": 432, "test": 144}
     tree = scan_tree(tmp_path / "patches-b")
     assert tree.classes == sorted(CHECK_PHOTOS) and not set(CHECK_PHOTOS) & set(PHOTOS)
+
+
+def test_the_dense_windows_cover_the_test_strip_and_its_grid_patches_and_nothing_else(tmp_path):
+    from benchmarks.dense_patches import strip_windows, write_windows
+    from benchmarks.photo_patches import PATCH, SIDE, photo
+
+    corners = strip_windows()
+    assert len(corners) == len(set(corners)) == 6 * 36
+    grid = {(column * PATCH, row * PATCH) for row in range(8) for column in (6, 7)}  # the test patches
+    assert grid <= set(corners)
+    assert all(SIDE - 2 * PATCH <= left <= SIDE - PATCH and 0 <= top <= SIDE - PATCH for left, top in corners)
+    assert write_windows(tmp_path / "windows", ("coffee",)) == 216
+    window = np.array(Image.open(tmp_path / "windows" / "coffee" / "40_248.png"))
+    assert np.array_equal(window, np.array(photo("coffee"))[40:80, 248:288])
+
+
+def test_the_dense_table_sets_each_model_against_its_start_on_the_grid_and_the_windows():
+    from benchmarks.dense_patches import table
+
+    def seed(number: int, grid: tuple[float, float], dense: tuple[float, float]) -> dict:
+        return {
+            "set": "patches-b",
+            "seed": number,
+            **{f"grid_{name}": value for name, value in zip(("start", "finetuned"), grid, strict=True)},
+            **{f"dense_{name}": value for name, value in zip(("start", "finetuned"), dense, strict=True)},
+            "grid_examples": 144,
+            "dense_examples": 1944,
+        }
+
+    record = {"results": [seed(1, (0.99, 1.0), (0.98, 0.985)), seed(2, (1.0, 0.99), (0.99, 0.989))]}
+    row = table(record).splitlines()[2]
+    assert row == (
+        "| patches-b | 2 | 144 | 99.50% | +0.00 (-1.00; 1 of 2) | 1,944 | 98.50% | +0.20 (-0.10; 1 of 2) |"
+    )
 
 
 def test_the_recipe_table_follows_its_results(tmp_path):
