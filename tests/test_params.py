@@ -49,7 +49,12 @@ def test_lr_as_dvc_writes_it_is_read_as_a_number(tmp_path):
             "audio",
             "data.modality: 'audio' is not a modality; choose one of: images, text",
         ),
-        ("backbone", "arch", "resnet19", "backbone.arch: unknown architecture 'resnet19'"),
+        (
+            "backbone",
+            "arch",
+            "resnet19",
+            "backbone.arch: unknown architecture 'resnet19' (did you mean 'resnet18'?)",
+        ),
         ("backbone", "weights", "imagenet", "backbone.weights: 'imagenet' is neither"),
         ("head", "type", "svm", "head.type: unknown value 'svm'; choose one of: linear, mlp"),
         ("head", "max_epochs", 2.5, "head.max_epochs: expected a whole number"),
@@ -61,6 +66,12 @@ def test_lr_as_dvc_writes_it_is_read_as_a_number(tmp_path):
             "finetune.augment: unknown value 'yes'; choose one of: auto, none, jitter",
         ),
         ("finetune", "bn", "eval", "finetune.bn: unknown value 'eval'; choose one of: auto, train, frozen"),
+        (
+            "finetune",
+            "bn",
+            "frozn",
+            "finetune.bn: unknown value 'frozn' (did you mean 'frozen'?); choose one of",
+        ),
         (
             "finetune",
             "mix",
@@ -97,7 +108,10 @@ def test_unknown_key_is_named_with_the_allowed_ones(tmp_path):
     params["head"]["epochz"] = 5
     with pytest.raises(ParamsError) as error:
         load_params(write(tmp_path, params))
-    assert "head.epochz: unknown key; allowed keys in head: type, hidden_units" in str(error.value)
+    assert (
+        "head.epochz: unknown key (did you mean 'max_epochs'?); allowed keys in head: type, hidden_units"
+        in str(error.value)
+    )
 
 
 def test_unknown_top_level_key(tmp_path):

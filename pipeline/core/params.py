@@ -7,10 +7,11 @@ knows every key; params.yaml holds the defaults.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,14 @@ def text(value: Any, key: str) -> str:
     return value
 
 
+def did_you_mean(value: Any, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the choice closest to a mistyped ``value`` (difflib's
+    ratio, at least 0.6), or an empty string where none is close: the end of a message
+    that then lists every choice."""
+    close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def boolean(value: Any, key: str) -> bool:
     if not isinstance(value, bool):
         raise ParamsError(f"{key}: expected true or false, got {value!r}")
@@ -133,7 +142,8 @@ def boolean(value: Any, key: str) -> bool:
 def one_of(*choices: str) -> Callable[[Any, str], str]:
     def check(value: Any, key: str) -> str:
         if value not in choices:
-            raise ParamsError(f"{key}: unknown value {value!r}; choose one of: {', '.join(choices)}")
+            hint = did_you_mean(value, choices)
+            raise ParamsError(f"{key}: unknown value {value!r}{hint}; choose one of: {', '.join(choices)}")
         return value
 
     check.choices = choices  # what the params reference lists
@@ -328,7 +338,10 @@ def validate(raw: Any, schema: dict[str, Any] = SCHEMA, prefix: str = "") -> dic
         raise ParamsError(f"{where}: expected a mapping of keys to values, got {raw!r}")
     unknown = sorted(set(raw) - set(schema))
     if unknown:
-        raise ParamsError(f"{prefix}{unknown[0]}: unknown key; allowed keys in {where}: {', '.join(schema)}")
+        raise ParamsError(
+            f"{prefix}{unknown[0]}: unknown key{did_you_mean(unknown[0], schema)}; "
+            f"allowed keys in {where}: {', '.join(schema)}"
+        )
     missing = [key for key in schema if key not in raw]
     if missing:
         raise ParamsError(f"{prefix}{missing[0]}: missing; add it to params.yaml")

@@ -58,7 +58,8 @@ def get(name: str) -> Modality:
         module = _registry[name]
     except KeyError:
         raise ParamsError(
-            f"data.modality: {name!r} is not a modality; choose one of: {', '.join(_registry)}"
+            f"data.modality: {name!r} is not a modality{core_params.did_you_mean(name, _registry)}; "
+            f"choose one of: {', '.join(_registry)}"
         ) from None
     return importlib.import_module(module)
 

@@ -70,14 +70,15 @@ def check_backbone(config: dict[str, Any]) -> None:
     """``backbone.arch`` is a model torchvision (or the lite extra) builds, a weights name is
     one of its own, and it takes ``backbone.image_size``: checked when params load, before
     any stage works. Imports torchvision, the slow part of loading params."""
-    from pipeline.core.params import BUILTIN_WEIGHTS, is_weights_file
+    from pipeline.core.params import BUILTIN_WEIGHTS, did_you_mean, is_weights_file
     from pipeline.modalities.images import models as image_models
 
     arch, weights, size = config["arch"], config["weights"], config["image_size"]
     available = image_models.architectures()
     if arch not in available:
         raise ParamsError(
-            f"backbone.arch: unknown architecture {arch!r}; choose a torchvision classification "
+            f"backbone.arch: unknown architecture {arch!r}{did_you_mean(arch, available)}; "
+            "choose a torchvision classification "
             f"model, one of: {', '.join(available)} (for texts, data.modality: text with a "
             "Hugging Face encoder)"
         )
@@ -85,8 +86,9 @@ def check_backbone(config: dict[str, Any]) -> None:
         valid = image_models.weights_names(arch)
         if weights not in valid:  # the name alone looks valid: fail before prepare, not after
             raise ParamsError(
-                f"backbone.weights: {weights!r} is not a weights name of {arch}; "
-                f"choose one of: {', '.join(valid)}, or 'pretrain', 'none', or a checkpoint path"
+                f"backbone.weights: {weights!r} is not a weights name of {arch}"
+                f"{did_you_mean(weights, valid)}; choose one of: {', '.join(valid)}, "
+                "or 'pretrain', 'none', or a checkpoint path"
             )
     problem = image_models.image_size_problem(arch, size)
     if problem is not None:  # a forward pass on torch's meta device: a ViT's patch size, a minimum
