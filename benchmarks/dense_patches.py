@@ -12,9 +12,11 @@ For each set and seed it restores finetune_recipes' run of the committed default
 benchmarks.interpolation does, checks that the fine-tuned model scores on the grid what that
 run recorded, and scores the starting model (the linear probe's head on the pretrained
 backbone: what finetune judges against) and the kept fine-tuned model on the grid and on
-the dense windows. The starting model is the probe: on the grid it scores what evaluate's
-linear probe recorded (checked, as the fine-tuned model's score is). Run from the repository
-root:
+the dense windows, and the blends finetune.interpolate ships at shares 0.9 to 0.5 (checked
+to score on the grid what benchmarks.interpolation recorded, whose val scores decide whether
+the stage ships the blend or the probe). The starting model is the probe: on the grid it
+scores what evaluate's linear probe recorded (checked, as the fine-tuned model's score is).
+Run from the repository root:
 
     python -m benchmarks.dense_patches run --set patches-b --seeds 1 2 3 4 5 6 7 8
     python -m benchmarks.dense_patches table
@@ -39,6 +41,7 @@ from benchmarks import finetune_recipes, interpolation, photo_patches, results
 NAME = "dense_patches"
 COMMAND = "python -m benchmarks.dense_patches run --set <set> --seeds <seeds>"
 STRIDE = 8  # px between windows: 6 across the 80 px strip, 36 down, 216 a photo
+BLENDS = tuple(share for share in interpolation.SHOWN if share < 1)  # finetune.interpolate's shares
 
 
 def strip_windows(stride: int = STRIDE) -> list[tuple[int, int]]:
@@ -77,7 +80,7 @@ def scores(repo: Path, windows: Path) -> dict[str, Any]:
     from pipeline.core.checkpoints import read_backbone, read_head
     from pipeline.core.data import load_classes, save_prepared
     from pipeline.core.loaders import make_loader
-    from pipeline.core.training import predict_logits
+    from pipeline.core.training import interpolated_weights
     from pipeline.finetune import starting_classifier
     from pipeline.modalities import for_checkpoint, inference_loader, load_classifier
 
@@ -85,6 +88,8 @@ def scores(repo: Path, windows: Path) -> dict[str, Any]:
     params = yaml.safe_load(Path("params.yaml").read_text())  # that revision's keys, unvalidated
     start = starting_classifier(read_backbone(), read_head(), params["finetune"])
     kept, checkpoint = load_classifier("models/finetuned.pt")
+    blend, _ = load_classifier("models/finetuned.pt")
+    start_state, kept_state = start.state_dict(), kept.state_dict()
     classes = load_classes(Path("data/prepared"))
     files = sorted(windows.rglob("*.png"))
     device, batch_size = torch.device("cpu"), params["extract"]["batch_size"]
@@ -101,10 +106,20 @@ def scores(repo: Path, windows: Path) -> dict[str, Any]:
         measured: dict[str, Any] = {}
         for where, loader in loaders.items():
             for name, model in (("start", start), ("finetuned", kept)):
-                logits, actual = predict_logits(model, loader, device, params["amp"])
-                measured[f"{where}_{name}"] = round((logits.argmax(1) == actual).double().mean().item(), 6)
-            measured[f"{where}_examples"] = len(actual)
+                measured[f"{where}_{name}"] = accuracy(model, loader, device, params["amp"])
+            measured[f"{where}_shares"] = {}
+            for share in BLENDS:
+                blend.load_state_dict(interpolated_weights(start_state, kept_state, share))
+                measured[f"{where}_shares"][f"{share:.1f}"] = accuracy(blend, loader, device, params["amp"])
+            measured[f"{where}_examples"] = len(loader.dataset)
     return measured
+
+
+def accuracy(model: Any, loader: Any, device: Any, amp: str) -> float:
+    from pipeline.core.training import predict_logits
+
+    logits, actual = predict_logits(model, loader, device, amp)
+    return round((logits.argmax(1) == actual).double().mean().item(), 6)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -136,6 +151,13 @@ def run(args: argparse.Namespace) -> None:
                     f"{args.set} seed {seed}: the {model} scores {measured[f'grid_{key}']} on the grid, "
                     f"the recorded run's {recorded_key} {recorded[recorded_key]}: not the same model"
                 )
+        blends = interpolation_record(args.set, seed)
+        for share, scored in measured["grid_shares"].items():
+            if scored != (expected := blends["shares"][share]["test_accuracy"]):
+                raise SystemExit(
+                    f"{args.set} seed {seed}: the blend at {share} scores {scored} on the grid, "
+                    f"benchmarks.interpolation's {expected}: not the same model"
+                )
         record = {
             "set": args.set,
             "seed": seed,
@@ -143,6 +165,9 @@ def run(args: argparse.Namespace) -> None:
             "probe": recorded["probe"],  # evaluate's linear probe, on the grid
             "restored": "Running stage" not in done.stdout,
             **measured,
+            "ships_start": {  # where finetune.interpolate at the share ships the probe (val's verdict)
+                share: interpolation.shipped(blends, float(share))[1] for share in measured["grid_shares"]
+            },
         }
         runs = [r for r in runs if (r["set"], r["seed"]) != (args.set, seed)] + [record]
         results.save(NAME, COMMAND, runs)
@@ -154,27 +179,64 @@ def run(args: argparse.Namespace) -> None:
         )
 
 
-def table(record: dict[str, Any]) -> str:
-    """One row per set: the probe's accuracy on the grid and on the dense windows (means over
-    the seeds), and the fine-tuned model's gain over it on each (mean, worst seed, seeds
-    under the probe), the same models scored twice."""
+def interpolation_record(name: str, seed: int) -> dict[str, Any]:
+    """benchmarks.interpolation's record of the same run: its blends' val scores decide
+    what finetune.interpolate ships."""
+    for run in results.load(interpolation.NAME)["results"]:
+        if (run["set"], run["seed"]) == (name, seed):
+            return run
+    raise SystemExit(
+        f"no benchmarks.interpolation record of {name} seed {seed}; run "
+        f"python -m benchmarks.interpolation run --set {name} --seeds {seed} first"
+    )
+
+
+def gain_cell(gains: list[float]) -> str:
+    """Points over the probe: the mean over the seeds (the worst seed; how many under it)."""
+    under = sum(gain < 0 for gain in gains)
+    return f"{statistics.mean(gains):+.2f} ({min(gains):+.2f}; {under} of {len(gains)})"
+
+
+def shipped_dense(run: dict[str, Any], share: float) -> float:
+    """The dense-window accuracy of what finetune ships at ``share``: the kept model at 1;
+    below, the blend, or the probe where val preferred it (benchmarks.interpolation)."""
+    if share == 1:
+        return run["dense_finetuned"]
+    key = f"{share:.1f}"
+    return run["dense_start"] if run["ships_start"][key] else run["dense_shares"][key]
+
+
+def table(record: dict[str, Any], part: str = "models") -> str:
+    """``models``: one row per set, the probe's accuracy on the grid and on the dense
+    windows (means over the seeds) and the fine-tuned model's gain over it on each, the same
+    models scored twice. ``shares``: on the dense windows, the gain of what finetune ships at
+    each finetune.interpolate share (the blend, or the probe where val preferred it)."""
+    sets = [name for name in photo_patches.PHOTO_SETS if any(r["set"] == name for r in record["results"])]
+    if part == "shares":
+        shares = (1.0, *BLENDS)
+        columns = " | ".join(f"share {share:g}" + (" (shipped)" if share == 1 else "") for share in shares)
+        lines = [f"| set | seeds | {columns} |", "|---|---:|" + "---:|" * len(shares)]
+        for name in sets:
+            runs = [run for run in record["results"] if run["set"] == name]
+            cells = [
+                gain_cell([100 * (shipped_dense(run, share) - run["dense_start"]) for run in runs])
+                for share in shares
+            ]
+            lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
     lines = [
         "| set | seeds | grid patches | probe, grid | FT − probe, grid (worst; seeds under) "
         "| dense windows | probe, dense | FT − probe, dense (worst; seeds under) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in [
-        name for name in photo_patches.PHOTO_SETS if any(r["set"] == name for r in record["results"])
-    ]:
+    for name in sets:
         runs = [run for run in record["results"] if run["set"] == name]
         cells = [str(len(runs))]
         for where in ("grid", "dense"):
-            gains = [100 * (run[f"{where}_finetuned"] - run[f"{where}_start"]) for run in runs]
-            under = sum(gain < 0 for gain in gains)
             cells += [
                 f"{runs[0][f'{where}_examples']:,}",
                 f"{100 * statistics.mean(run[f'{where}_start'] for run in runs):.2f}%",
-                f"{statistics.mean(gains):+.2f} ({min(gains):+.2f}; {under} of {len(runs)})",
+                gain_cell([100 * (run[f"{where}_finetuned"] - run[f"{where}_start"]) for run in runs]),
             ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -198,6 +260,8 @@ def main() -> None:
         print(json.dumps(scores(args.repo, args.windows.resolve())))
     else:
         print(table(results.load(NAME)))
+        print()
+        print(table(results.load(NAME), "shares"))
 
 
 if __name__ == "__main__":

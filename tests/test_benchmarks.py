@@ -91,6 +91,29 @@ def test_the_dense_table_sets_each_model_against_its_start_on_the_grid_and_the_w
     )
 
 
+def test_the_dense_shares_table_ships_the_blend_or_the_probe_as_val_decided():
+    from benchmarks.dense_patches import BLENDS, shipped_dense, table
+
+    assert BLENDS == (0.9, 0.8, 0.7, 0.5)
+    shares = {"0.9": 0.99, "0.8": 0.98, "0.7": 0.97, "0.5": 0.96}
+    run = {
+        "set": "patches",
+        "seed": 1,
+        "dense_start": 0.97,
+        "dense_finetuned": 0.95,
+        "dense_shares": shares,
+        "ships_start": {"0.9": False, "0.8": True, "0.7": False, "0.5": False},
+    }
+    assert shipped_dense(run, 1.0) == 0.95 and shipped_dense(run, 0.9) == 0.99
+    assert shipped_dense(run, 0.8) == 0.97  # val preferred the probe: finetune ships it
+    lines = table({"results": [run]}, "shares").splitlines()
+    assert lines[0] == "| set | seeds | share 1 (shipped) | share 0.9 | share 0.8 | share 0.7 | share 0.5 |"
+    assert lines[2] == (
+        "| patches | 1 | -2.00 (-2.00; 1 of 1) | +2.00 (+2.00; 0 of 1) | +0.00 (+0.00; 0 of 1) "
+        "| +0.00 (+0.00; 0 of 1) | -1.00 (-1.00; 1 of 1) |"
+    )
+
+
 def test_the_recipe_table_follows_its_results(tmp_path):
     from benchmarks.finetune_recipes import table
 
