@@ -28,8 +28,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -72,9 +70,9 @@ def write_windows(out: Path, photos: tuple[str, ...], stride: int = STRIDE) -> i
 
 
 def scores(repo: Path, windows: Path) -> dict[str, Any]:
-    """The starting model's and the kept fine-tuned model's test accuracy on the grid
-    (data/prepared's test split) and on the dense ``windows``, in ``repo`` after a run.
-    Imports this checkout's pipeline, then works in ``repo``."""
+    """The test accuracy of the starting model, the kept fine-tuned model and their blends
+    at BLENDS on the grid (data/prepared's test split) and on the dense ``windows``, in
+    ``repo`` after a run. Imports this checkout's pipeline, then works in ``repo``."""
     import torch
 
     from pipeline.core.checkpoints import read_backbone, read_head
@@ -130,20 +128,8 @@ def run(args: argparse.Namespace) -> None:
     runs = results.load(NAME)["results"] if results.path_of(NAME).is_file() else []
     for seed in args.seeds:
         recorded = interpolation.recorded_run(args.set, seed)
-        interpolation.put_back(repo, recorded["code"], args.set, seed)
-        done = subprocess.run(
-            [sys.executable, "-m", "dvc", "repro", "evaluate"], cwd=repo, capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            raise SystemExit(f"{args.set} seed {seed} failed:\n{done.stdout}\n{done.stderr}")
-        measured = subprocess.run(
-            [sys.executable, "-m", "benchmarks.dense_patches", "score", str(repo), str(windows)],
-            cwd=results.ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        measured = json.loads(measured.stdout.splitlines()[-1])
+        restored = interpolation.restore(repo, recorded["code"], args.set, seed)
+        measured = interpolation.measure("benchmarks.dense_patches", "score", str(repo), str(windows))
         for model, key in (("fine-tuned model", "finetuned"), ("starting model", "start")):
             recorded_key = "probe" if key == "start" else key  # the start is the probe's head on the backbone
             if measured[f"grid_{key}"] != recorded[recorded_key]:
@@ -163,7 +149,7 @@ def run(args: argparse.Namespace) -> None:
             "seed": seed,
             "code": recorded["code"],
             "probe": recorded["probe"],  # evaluate's linear probe, on the grid
-            "restored": "Running stage" not in done.stdout,
+            "restored": restored,
             **measured,
             "ships_start": {  # where finetune.interpolate at the share ships the probe (val's verdict)
                 share: interpolation.shipped(blends, float(share))[1] for share in measured["grid_shares"]

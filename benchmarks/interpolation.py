@@ -77,6 +77,27 @@ def put_back(repo: Path, revision: str, name: str, seed: int) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump({**params, "seed": seed}, sort_keys=False))
 
 
+def restore(repo: Path, revision: str, name: str, seed: int) -> bool:
+    """That run in ``repo`` (put_back, then ``dvc repro evaluate``): whether the run-cache
+    restored it rather than recomputing a stage."""
+    put_back(repo, revision, name, seed)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "evaluate"], cwd=repo, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{name} seed {seed} failed:\n{done.stdout}\n{done.stderr}")
+    return "Running stage" not in done.stdout
+
+
+def measure(module: str, *args: str) -> dict[str, Any]:
+    """What ``python -m <module> <args>`` prints as JSON on its last line, run from this
+    checkout in a process of its own (it changes directory and imports the pipeline)."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 def curve(repo: Path) -> dict[str, Any]:
     """Val and test accuracy and loss of the blend at each share, in ``repo`` after a run,
     and the run's finetune.select. Imports this checkout's pipeline, then works in ``repo``."""
@@ -120,20 +141,8 @@ def run(args: argparse.Namespace) -> None:
     runs = results.load(NAME)["results"] if results.path_of(NAME).is_file() else []
     for seed in args.seeds:
         recorded = recorded_run(args.set, seed)
-        put_back(repo, recorded["code"], args.set, seed)
-        done = subprocess.run(
-            [sys.executable, "-m", "dvc", "repro", "evaluate"], cwd=repo, capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            raise SystemExit(f"{args.set} seed {seed} failed:\n{done.stdout}\n{done.stderr}")
-        measured = subprocess.run(
-            [sys.executable, "-m", "benchmarks.interpolation", "curve", str(repo)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        measured = json.loads(measured.stdout.splitlines()[-1])
+        restored = restore(repo, recorded["code"], args.set, seed)
+        measured = measure("benchmarks.interpolation", "curve", str(repo))
         shares = measured["shares"]
         record = {
             "set": args.set,
@@ -141,7 +150,7 @@ def run(args: argparse.Namespace) -> None:
             "code": recorded["code"],
             "probe": recorded["probe"],
             "finetuned": recorded["finetuned"],
-            "restored": "Running stage" not in done.stdout,
+            "restored": restored,
             "select": measured["select"],
             "shares": shares,
         }
