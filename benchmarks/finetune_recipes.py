@@ -18,7 +18,8 @@ p-value.
 Sets: cifar10-dev (shared/data/cifar10-dev: 50 photos a class, of which val takes 10 under
 the committed data.min_val_examples), cifar10-dev-10 (10 a class), faces
 (benchmarks/faces.py), patches and patches-b, its check set of other photos
-(benchmarks/photo_patches.py), digits (the default run's
+(benchmarks/photo_patches.py), the same two with val the strip beside the test strip
+(patches-strip, patches-b-strip), digits (the default run's
 data and glyph-pretrained backbone, params as committed) and agnews-dev (shared/data: news
 texts, MiniLM, the README's text config).
 """
@@ -53,6 +54,9 @@ SETS: dict[str, dict[str, Any]] = {
     "faces": {"folder": "faces", "params": LITE0},
     "patches": {"folder": "patches", "params": LITE0},
     "patches-b": {"folder": "patches-b", "params": LITE0},  # assembled to check the defaults
+    # The same two, judged on a val strip shifted from the training patches as test is.
+    "patches-strip": {"folder": "patches-strip", "params": LITE0},
+    "patches-b-strip": {"folder": "patches-b-strip", "params": LITE0},
     "digits": {"folder": None, "params": {}},  # the default run: digits, glyph-pretrained ResNet-18
     # The README's text config: agnews-dev with the offline MiniLM, 3 epochs, batch 32.
     "agnews-dev": {
@@ -76,9 +80,9 @@ def write_images(folder: str, raw: Path) -> None:
 
         write_faces(target)
     else:
-        from benchmarks.photo_patches import PHOTO_SETS, write_patches
+        from benchmarks.photo_patches import write_named
 
-        write_patches(target, PHOTO_SETS[folder])
+        write_named(target, folder)
 
 
 def git(repo: Path, *args: str) -> str:

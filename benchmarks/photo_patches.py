@@ -12,8 +12,13 @@ class-per-folder tree with train/ and test/ folders (``data.dataset: imagefolder
 moon, a motorcycle, a retina, a scanned page, a photo of text, a cell; scikit-learn's China
 temple and flower): patches-b, a set assembled after the defaults were chosen, to check
 them on photos they were never judged on.
+
+``--val-strip`` moves the column of patches beside the test strip out of train into val/, so
+that the pipeline judges its epochs (and the probe against them) on patches shifted from the
+training ones as the test patches are, instead of on val patches drawn from among the
+training ones: the sets patches-strip and patches-b-strip of benchmarks.finetune_recipes.
 Needs scikit-image (the dev extra). Run from the repository root:
-``python -m benchmarks.photo_patches [--out data/raw/patches] [--photos patches-b]``.
+``python -m benchmarks.photo_patches [--out data/raw/patches] [--photos patches-b] [--val-strip]``.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ PHOTO_SETS = {"patches": PHOTOS, "patches-b": CHECK_PHOTOS}  # each set's photos
 SIDE = 320  # each photo's centre square, resized to this
 PATCH = 40  # an 8 x 8 grid of patches
 TEST_COLUMNS = 2  # the right quarter of each photo: test patches
+VAL_STRIP = "-strip"  # a set's name with this: its column beside the test strip is val
 
 
 def pixels(name: str) -> np.ndarray:
@@ -67,18 +73,26 @@ def photo(name: str) -> Image.Image:
     return image.crop((left, top, left + side, top + side)).resize((SIDE, SIDE), Image.Resampling.LANCZOS)
 
 
-def write_patches(out: Path, photos: tuple[str, ...] = PHOTOS) -> dict[str, int]:
+def split_of(column: int, val_strip: bool) -> str:
+    """Which split a patch of grid column ``column`` goes to."""
+    cells = SIDE // PATCH
+    if column >= cells - TEST_COLUMNS:
+        return "test"
+    return "val" if val_strip and column == cells - TEST_COLUMNS - 1 else "train"
+
+
+def write_patches(out: Path, photos: tuple[str, ...] = PHOTOS, val_strip: bool = False) -> dict[str, int]:
     """Write the tree of ``photos`` under ``out`` (replacing it whole, never half-written);
     the patches of each split."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".patches-", dir=out.parent))
-    counts = {"train": 0, "test": 0}
+    counts = {"train": 0, "val": 0, "test": 0} if val_strip else {"train": 0, "test": 0}
     cells = SIDE // PATCH
     for name in photos:
         image = photo(name)
         for row in range(cells):
             for column in range(cells):
-                split = "test" if column >= cells - TEST_COLUMNS else "train"
+                split = split_of(column, val_strip)
                 folder = staging / split / name
                 folder.mkdir(parents=True, exist_ok=True)
                 box = (column * PATCH, row * PATCH, (column + 1) * PATCH, (row + 1) * PATCH)
@@ -90,14 +104,26 @@ def write_patches(out: Path, photos: tuple[str, ...] = PHOTOS) -> dict[str, int]
     return counts
 
 
+def write_named(out: Path, name: str) -> dict[str, int]:
+    """Write the set ``name``: a PHOTO_SETS name, with VAL_STRIP after it for its val-strip cut."""
+    photos = name.removesuffix(VAL_STRIP)
+    if photos not in PHOTO_SETS:
+        raise ValueError(
+            f"{name!r}: not a patch set; the sets are {', '.join(PHOTO_SETS)}, each with {VAL_STRIP!r}"
+        )
+    return write_patches(out, PHOTO_SETS[photos], val_strip=name.endswith(VAL_STRIP))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/raw/patches"))
     parser.add_argument("--photos", choices=PHOTO_SETS, default="patches")
+    parser.add_argument("--val-strip", action="store_true", help="the column beside the test strip is val")
     args = parser.parse_args()
     photos = PHOTO_SETS[args.photos]
-    counts = write_patches(args.out, photos)
-    total = f"{counts['train']} train and {counts['test']} test patches of {len(photos)} photos"
+    counts = write_patches(args.out, photos, args.val_strip)
+    total = " and ".join(f"{count} {split}" for split, count in counts.items())
+    total = f"{total} patches of {len(photos)} photos"
     print(f"photo_patches: {total} -> {args.out}")
 
 

@@ -48,6 +48,20 @@ def test_the_photo_patches_are_a_split_tree_whose_test_patches_overlap_no_traini
     assert columns == {"train": set(range(6)), "test": {6, 7}}
 
 
+def test_the_val_strip_cut_holds_out_the_column_beside_the_test_strip(tmp_path):
+    from benchmarks.photo_patches import write_named
+    from pipeline.modalities.images.data import scan_tree
+
+    assert write_named(tmp_path / "strip", "patches-b-strip") == {"train": 360, "val": 72, "test": 144}
+    tree = scan_tree(tmp_path / "strip")
+    columns = {
+        split: {int(path.stem.split("_")[1]) for path, _ in files} for split, files in tree.files.items()
+    }
+    assert columns == {"train": set(range(5)), "val": {5}, "test": {6, 7}}
+    with pytest.raises(ValueError, match="'patches-c': not a patch set; the sets are patches, patches-b"):
+        write_named(tmp_path / "c", "patches-c")
+
+
 def test_the_check_set_cuts_other_photos_of_both_wheels(tmp_path):
     from benchmarks.photo_patches import CHECK_PHOTOS, PHOTOS, write_patches
     from pipeline.modalities.images.data import scan_tree
