@@ -17,6 +17,7 @@ them on photos they were never judged on.
 that the pipeline judges its epochs (and the probe against them) on patches shifted from the
 training ones as the test patches are, instead of on val patches drawn from among the
 training ones: the sets patches-strip and patches-b-strip of benchmarks.finetune_recipes.
+
 Needs scikit-image (the dev extra). Run from the repository root:
 ``python -m benchmarks.photo_patches [--out data/raw/patches] [--photos patches-b] [--val-strip]``.
 """
@@ -109,7 +110,8 @@ def write_named(out: Path, name: str) -> dict[str, int]:
     photos = name.removesuffix(VAL_STRIP)
     if photos not in PHOTO_SETS:
         raise ValueError(
-            f"{name!r}: not a patch set; the sets are {', '.join(PHOTO_SETS)}, each with {VAL_STRIP!r}"
+            f"{name!r}: not a patch set; the sets are {', '.join(PHOTO_SETS)}, "
+            f"or one of them followed by {VAL_STRIP!r} for its val-strip cut"
         )
     return write_patches(out, PHOTO_SETS[photos], val_strip=name.endswith(VAL_STRIP))
 
@@ -122,8 +124,8 @@ def main() -> None:
     args = parser.parse_args()
     photos = PHOTO_SETS[args.photos]
     counts = write_patches(args.out, photos, args.val_strip)
-    total = " and ".join(f"{count} {split}" for split, count in counts.items())
-    total = f"{total} patches of {len(photos)} photos"
+    *first, last = [f"{count} {split}" for split, count in counts.items()]
+    total = f"{', '.join(first)} and {last} patches of {len(photos)} photos"
     print(f"photo_patches: {total} -> {args.out}")
 
 
