@@ -12,7 +12,7 @@ dvc.lock pins their hash) and metrics/backbone.json. Run: ``python -m pipeline.b
 from __future__ import annotations
 
 from pipeline import modalities
-from pipeline.core import distributed
+from pipeline.core import distributed, resume
 from pipeline.core.common import (
     BACKBONE_FILE,
     METRICS_DIR,
@@ -39,6 +39,9 @@ def main() -> None:
     save_torch(BACKBONE_FILE, checkpoint)
     write_json(METRICS_DIR / "backbone.json", metrics)
     print(f"backbone: {checkpoint['arch']} ({checkpoint['weights']}) -> {BACKBONE_FILE}")
+    saved = resume.for_stage("backbone")
+    if saved is not None:  # pretraining's state, resumed from after a kill: no longer needed
+        saved.clear()
 
 
 if __name__ == "__main__":

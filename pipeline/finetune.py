@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from pipeline import modalities
-from pipeline.core import distributed
+from pipeline.core import distributed, resume
 from pipeline.core.checkpoints import (
     BackboneCheckpoint,
     HeadCheckpoint,
@@ -135,6 +135,7 @@ def finetune(
     on_epoch: EpochCallback | None = None,
     blocks: list[nn.Module] = (),
     batch_transform: BatchTransform | None = None,
+    resume_from: resume.Resume | None = None,
 ) -> Fitted:
     """Train the trainable part of a Classifier (possibly wrapped in DistributedDataParallel)
     with ``recipe``; returns fit()'s result: the best-on-val weights, the history, whose
@@ -193,6 +194,7 @@ def finetune(
         start_is_candidate=True,
         batch_transform=batch_transform,
         average=average,
+        resume=resume_from,
     )
     if start is None:
         return fitted
@@ -444,6 +446,7 @@ def main() -> None:
     if warning and ranks.main:
         print(warning)
 
+    saved = resume.for_stage("finetune", ranks.main)
     started = time.perf_counter()
     fitted = finetune(
         model,
@@ -456,6 +459,7 @@ def main() -> None:
         on_epoch=epoch_printer(log),
         blocks=modality.blocks(classifier.backbone),
         batch_transform=SeededBatchTransform(mixing, seed, ranks.rank) if mixing else None,
+        resume_from=saved,
     )
     seconds = time.perf_counter() - started
     if not ranks.main:
@@ -496,6 +500,8 @@ def main() -> None:
         f"ema_epochs {config['ema_epochs']:g})"
     )
     print(selection_message(history, best, config["select"], config["interpolate"]))
+    if saved is not None:
+        saved.clear()
 
 
 if __name__ == "__main__":

@@ -283,6 +283,12 @@ def run_notes(modality: Modality, config: dict[str, Any], backbone: dict[str, An
     return inputs + pretrain + processes + trained + skipped_note
 
 
+def run_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The params a run's stages read: all but ``launch``, which says where jobs run (Slurm),
+    not what they compute, and which no stage declares."""
+    return {section: values for section, values in params.items() if section != "launch"}
+
+
 def render_report(params: dict[str, Any], backbone_hash: str) -> str:
     test, details = read_json(METRICS_DIR / "test.json"), read_json(METRICS_DIR / "per_class.json")
     baseline = read_json(METRICS_DIR / "baseline.json")
@@ -359,7 +365,7 @@ Backbone file `{BACKBONE_FILE}` sha256 `{backbone_hash}`.
 Params used:
 
 ```yaml
-{yaml.safe_dump(params, sort_keys=False).rstrip()}
+{yaml.safe_dump(run_params(params), sort_keys=False).rstrip()}
 ```
 """
 

@@ -60,6 +60,7 @@ SWEEP = "lr=1e-3,1e-5"
 # side (tiny_text_run for the first file, tiny_run for the second) instead of one waiting on
 # the other's lock, and the quick files even out the end.
 LONGEST_FIRST = (
+    "test_launch.py",
     "test_text_pipeline.py",
     "test_pipeline.py",
     "test_docs.py",
@@ -127,6 +128,20 @@ def run(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
             f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
         )
     return result
+
+
+def start_in(repo: Path, *args: str) -> subprocess.Popen:
+    """``args`` started in ``repo``, in a session of its own (os.killpg ends it whole), its
+    output piped as text; ``communicate()`` reaps it."""
+    return subprocess.Popen(
+        args,
+        cwd=repo,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def stale_stages(repo: Path) -> dict[str, list[str]]:
@@ -472,3 +487,45 @@ def make_tiny_text_run(root: Path) -> Run:
 def tiny_text_run(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Run:
     """The tiny text pipeline, run once for the whole session."""
     return shared_run("tiny-text", make_tiny_text_run, tmp_path_factory, worker_id)
+
+
+def slurm_nodes_idle() -> bool:
+    """Whether the Slurm that $SLURM_CONF names answers, with two nodes idle."""
+    try:
+        shown = subprocess.run(
+            ["sinfo", "--noheader", "--Node", "--states=idle", "--format=%N"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return shown.returncode == 0 and len(set(shown.stdout.split())) >= 2
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A real two-node Slurm on this host (.ci/slurm): the one .ci/run started ($SLURM_CONF),
+    else one started here and stopped at the end. Where none can start the Slurm tests skip,
+    saying why; under CI=true that is a failure."""
+    if os.environ.get("SLURM_CONF") and slurm_nodes_idle():
+        yield Path(os.environ["SLURM_CONF"])
+        return
+    state = tmp_path_factory.mktemp("slurm")
+    script = str(ROOT / ".ci/slurm")
+    started = subprocess.run(["bash", script, "start", str(state)], capture_output=True, text=True)
+    if started.returncode != 0:
+        reason = f"Slurm could not start here (.ci/slurm start): {started.stderr.strip()[-500:]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+    try:
+        yield state / "slurm.conf"
+    finally:
+        subprocess.run(["bash", script, "stop", str(state)], check=False)
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous

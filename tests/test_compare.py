@@ -356,7 +356,7 @@ def test_main_workflow_reproduces_and_pushes_outputs_and_run_cache():
     commands = "\n".join(step.get("run", "") for step in workflow["jobs"]["publish"]["steps"])
     assert ".ci/publish" in commands
     script = (ROOT / ".ci" / "publish").read_text()
-    assert "dvc repro" in script and "dvc push --run-cache" in script
+    assert "dvc repro" in script and "\npython -m pipeline push-runs" in script
 
 
 def stub(folder: Path, name: str, script: str) -> None:

@@ -22,7 +22,15 @@ from torch.utils.data import TensorDataset
 from pipeline.core import distributed
 from pipeline.core.distributed import GlobalBatchSampler, Ranks, ShardSampler, plan_for, split_batch
 from pipeline.core.errors import ParamsError, StageError
-from tests.conftest import default_params, ran_stages, read_params, run, subprocess_env, write_params
+from tests.conftest import (
+    default_params,
+    ran_stages,
+    read_params,
+    run,
+    start_in,
+    subprocess_env,
+    write_params,
+)
 
 
 def settings(**overrides) -> dict:
@@ -422,15 +430,7 @@ def logged_an_epoch(log: Path, committed: int) -> bool:
 
 
 def start_repro(repo: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        ["dvc", "repro", "-s", "finetune", "evaluate"],
-        cwd=repo,
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    return start_in(repo, "dvc", "repro", "-s", "finetune", "evaluate")
 
 
 def everything_under(process: subprocess.Popen) -> list[psutil.Process]:
@@ -522,7 +522,8 @@ def test_two_launchers_of_one_process_each_meet_through_the_rendezvous(tiny_repo
     ]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
-    assert "finetune: 2 processes (1 here, gloo)" in outputs[0]
+    assert "finetune: 2 processes (1 here on node 0 of 2, gloo)" in outputs[0]
+    assert "finetune: 2 processes (1 here on node 1 of 2, gloo)" in outputs[1]
     assert "finetune: kept " in outputs[0] and "finetune: kept " not in outputs[1]
     summary = json.loads((tiny_repo / "reports/live/finetune/metrics.json").read_text())["finetune"]
     assert summary["world_size"] == 2

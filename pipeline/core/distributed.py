@@ -21,6 +21,7 @@ import itertools
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
 # Stages whose processes may span several machines: the long training runs. The others
 # (extract, baseline, evaluate) use this machine's processes only.
 MULTI_NODE_STAGES = ("backbone", "finetune")
+# Set by a Slurm job's head node on the launchers it starts on the other nodes (one srun
+# step over them): each one's node rank is this plus its SLURM_NODEID within that step.
+NODE_RANK_BASE = "PIPELINE_NODE_RANK_BASE"
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class Plan:
     rdzv_endpoint: str
     backend: str
     timeout_s: int
+    starts_other_nodes: bool = False  # the head node of a Slurm job: it srun's the others
 
     @property
     def world_size(self) -> int:
@@ -63,13 +68,43 @@ def local_processes(setting: str | int) -> int:
 
 
 def node_rank_of(setting: str | int) -> int:
-    """``auto`` reads the node's rank where a cluster sets it (SLURM_NODEID, NODE_RANK)."""
+    """``auto`` reads the node's rank where a cluster sets it (SLURM_NODEID, NODE_RANK),
+    counted from NODE_RANK_BASE on the nodes a Slurm head node started."""
     if setting != "auto":
         return int(setting)
+    base = int(os.environ.get(NODE_RANK_BASE, "0"))
     for variable in ("SLURM_NODEID", "NODE_RANK"):
         if os.environ.get(variable, "").isdigit():
-            return int(os.environ[variable])
-    return 0
+            return base + int(os.environ[variable])
+    return base
+
+
+def slurm_head(nnodes: int) -> bool:
+    """Whether this process runs in a Slurm job's batch script (no srun step of its own) on
+    an allocation of at least ``nnodes`` (> 1) nodes: the head node, which runs the DVC
+    commands and starts the other nodes' launchers itself."""
+    return (
+        nnodes > 1
+        and "SLURM_JOB_ID" in os.environ
+        and "SLURM_STEP_ID" not in os.environ
+        and NODE_RANK_BASE not in os.environ
+        and int(os.environ.get("SLURM_JOB_NUM_NODES", "1")) >= nnodes
+    )
+
+
+def slurm_head_address() -> str:
+    """The address Slurm reaches this job's first node (the head) at: its NodeAddr."""
+    name = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    try:
+        shown = subprocess.run(
+            ["scontrol", "show", "node", name], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return name
+    for field in shown.split():
+        if field.startswith("NodeAddr="):
+            return field.removeprefix("NodeAddr=")
+    return name
 
 
 def uses_cuda(device: str) -> bool:
@@ -111,9 +146,11 @@ def plan_for(stage: str, distributed: dict[str, Any], device: str) -> Plan:
     node_rank = node_rank_of(setting) if nnodes > 1 else 0
     if node_rank >= nnodes:
         raise ParamsError(f"distributed.node_rank: {node_rank} is not below distributed.nnodes ({nnodes})")
-    endpoint = distributed["rdzv_endpoint"]
+    endpoint, head = distributed["rdzv_endpoint"], slurm_head(nnodes) and node_rank == 0
     if nnodes == 1:  # a machine alone meets itself on a free port (two stages may run at once)
         endpoint = f"localhost:{free_port()}"
+    elif endpoint == "auto" and head:
+        endpoint = f"{slurm_head_address()}:{free_port()}"
     elif endpoint == "auto":
         if "MASTER_ADDR" not in os.environ:
             raise ParamsError(
@@ -121,7 +158,7 @@ def plan_for(stage: str, distributed: dict[str, Any], device: str) -> Plan:
                 "$MASTER_PORT, else 29400), which is not set; export it or write host:port"
             )
         endpoint = f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', '29400')}"
-    return Plan(nproc, nnodes, node_rank, endpoint, backend, distributed["timeout_s"])
+    return Plan(nproc, nnodes, node_rank, endpoint, backend, distributed["timeout_s"], head)
 
 
 def free_port() -> int:
@@ -156,18 +193,70 @@ def launch(module: str, plan: Plan) -> None:
         monitor_interval=0.5,
         shutdown_timeout=10,
     )
+    others = start_other_nodes(module, plan) if plan.starts_other_nodes else None
     try:
         elastic_launch(config, sys.executable)("-m", module)
     except ChildFailedError as error:
+        stop(others)
         raise StageError(failure_message(error, plan)) from None
     except (
         RuntimeError,
         TimeoutError,
     ) as error:  # the rendezvous itself: a node never came
+        stop(others)
         raise StageError(
             f"distributed: node {plan.node_rank} of {plan.nnodes} could not meet the others at "
             f"{plan.rdzv_endpoint} within {plan.timeout_s} s ({type(error).__name__}: {error})"
         ) from None
+    except BaseException:
+        stop(others)
+        raise
+    if others is not None and others.wait() != 0:
+        raise StageError(
+            f"distributed: the launchers of nodes 1 to {plan.nnodes - 1} (srun) exited with status "
+            f"{others.returncode}; their errors are above"
+        )
+
+
+def stop(others: subprocess.Popen | None) -> None:
+    """End the other nodes' srun step (srun passes the signal on to their launchers)."""
+    if others is None or others.poll() is not None:
+        return
+    others.terminate()
+    try:
+        others.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        others.kill()
+        others.wait()
+
+
+def other_nodes_command(module: str, nnodes: int, python: str = sys.executable) -> list[str]:
+    """The srun step a Slurm job's head node starts: ``module``'s launcher once on each of
+    the job's other ``nnodes - 1`` nodes, in the head's working directory."""
+    others = nnodes - 1
+    return [
+        "srun",
+        f"--nodes={others}",
+        f"--ntasks={others}",
+        "--ntasks-per-node=1",
+        "--relative=1",
+        "--kill-on-bad-exit=1",
+        python,
+        "-m",
+        module,
+    ]
+
+
+def start_other_nodes(module: str, plan: Plan) -> subprocess.Popen:
+    """On a Slurm job's head node: one srun step that runs this stage's launcher on each of
+    the job's other nodes, in this workspace (the job's folder, on storage every node
+    reaches), meeting this node's at ``plan.rdzv_endpoint``."""
+    host, port = plan.rdzv_endpoint.rsplit(":", 1)
+    print(f"distributed: starting nodes 1 to {plan.nnodes - 1} through srun, meeting at {plan.rdzv_endpoint}")
+    return subprocess.Popen(
+        other_nodes_command(module, plan.nnodes),
+        env={**os.environ, NODE_RANK_BASE: "1", "MASTER_ADDR": host, "MASTER_PORT": port},
+    )
 
 
 def failure_message(error: Any, plan: Plan) -> str:

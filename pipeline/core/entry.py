@@ -8,6 +8,7 @@ process into the launcher of the stage's workers (pipeline.core.distributed); th
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -35,6 +36,22 @@ def check_git_has_a_commit() -> None:
         )
 
 
+def hand_down_resume_key(stage: str) -> None:
+    """Compute ``stage``'s resume key (pipeline.core.resume) once, in the stage's command,
+    for its worker processes to read. A worker, or a node's launcher that the head node
+    started (distributed.NODE_RANK_BASE), keeps the key it was handed."""
+    from pipeline.core import resume
+    from pipeline.core.distributed import NODE_RANK_BASE, in_worker
+
+    if stage not in resume.RESUMABLE_STAGES or in_worker() or NODE_RANK_BASE in os.environ:
+        return
+    key = resume.stage_key(stage)
+    if key is None:
+        os.environ.pop(resume.KEY_VARIABLE, None)
+    else:
+        os.environ[resume.KEY_VARIABLE] = f"{stage}:{key}"
+
+
 def launched(stage: str) -> bool:
     """Start ``stage``'s processes under torch.distributed.run if params ask for several
     (pipeline.core.distributed), and wait for them; False where one process runs it here."""
@@ -47,7 +64,10 @@ def launched(stage: str) -> bool:
     plan = plan_for(stage, params["distributed"], params["device"])
     if plan.world_size == 1:
         return False
-    print(f"{stage}: {plan.world_size} processes ({plan.nproc_per_node} here, {plan.backend})")
+    here = f"{plan.nproc_per_node} here" + (
+        f" on node {plan.node_rank} of {plan.nnodes}" if plan.nnodes > 1 else ""
+    )
+    print(f"{stage}: {plan.world_size} processes ({here}, {plan.backend})")
     launch(f"pipeline.{stage}", plan)
     return True
 
@@ -71,6 +91,8 @@ def run_stage(main: Callable[[], None], stage: str | None = None) -> None:
     """
     try:
         check_git_has_a_commit()
+        if stage is not None:
+            hand_down_resume_key(stage)
         if stage is None or not launched(stage):
             main()
     except (ParamsError, StageError) as error:

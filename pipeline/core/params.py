@@ -125,12 +125,33 @@ def text(value: Any, key: str) -> str:
     return value
 
 
+def optional_text(value: Any, key: str) -> str:
+    """A string that may be empty ("": leave the choice to the tool that reads it)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ParamsError(f'{key}: expected a string ("" for the default), got {value!r}')
+    return str(value).strip()
+
+
 def did_you_mean(value: Any, choices: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the choice closest to a mistyped ``value`` (difflib's
     ratio, at least 0.6), or an empty string where none is close: the end of a message
     that then lists every choice."""
     close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def text_lines(value: Any, key: str) -> list[str]:
+    """A list of one-line strings (shell lines, sbatch options); a single string is a list of one."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(line, str) for line in value):
+        raise ParamsError(f"{key}: expected a list of strings, one a line, got {value!r}")
+    for line in value:
+        if "\n" in line:
+            raise ParamsError(f"{key}: {line!r} holds a line break; give each line as its own item")
+    return value
 
 
 def boolean(value: Any, key: str) -> bool:
@@ -327,6 +348,19 @@ SCHEMA: dict[str, Any] = {
         "sync_batchnorm": boolean,
         "max_batch_per_process": non_negative_int,
         "timeout_s": positive_int,
+    },
+    "launch": {
+        "git_remote": text,
+        "work_dir": text,
+        "partition": optional_text,
+        "account": optional_text,
+        "time": optional_text,
+        "cpus_per_task": non_negative_int,
+        "gpus_per_node": non_negative_int,
+        "mem": optional_text,
+        "requeue": boolean,
+        "sbatch": text_lines,
+        "setup": text_lines,
     },
 }
 

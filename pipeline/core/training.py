@@ -17,6 +17,7 @@ from pipeline.core.errors import StageError
 from pipeline.core.loaders import batch_sizes, in_dataset_order, make_loader, totals
 from pipeline.core.models import build_head
 from pipeline.core.optim import Penalty, balanced_class_weights
+from pipeline.core.resume import Resume, generator_states, rng_state, set_generator_states, set_rng_state
 from pipeline.core.selection import Selection, epoch_record, lowest_val_loss, start_record
 
 EpochCallback = Callable[[dict[str, float]], None]
@@ -227,6 +228,7 @@ def fit(
     start_is_candidate: bool = False,
     batch_transform: BatchTransform | None = None,
     average: AveragedModel | None = None,
+    resume: Resume | None = None,
 ) -> Fitted:
     """The project's one training loop: a train step and an eval step per epoch, one loss
     scaler, and ``select`` (a rule over the history so far) naming the epoch whose weights
@@ -248,14 +250,33 @@ def fit(
     With ``average`` (optim.moving_average of the model, made before training) the average
     is what each epoch evaluates and what the kept weights are; the train loss and accuracy
     stay those of the model that trains.
+
+    With ``resume`` (resume.Resume), each finished epoch saves everything the next one
+    starts from (the weights, the optimizer, the schedule, the loss scaler, the moving
+    average, the history and the kept weights, the random states and the loaders'
+    generators), and a run that finds such a state goes on from the epoch after it, logging
+    the finished epochs again through ``on_epoch``: on a CPU it ends with the very weights of
+    a run that was never stopped.
     """
     scaler = grad_scaler(device, amp)
     evaluated = unwrap(model) if average is None else average.module
-    weights, kept, history, passed_over = None, None, [], 0
-    if start_is_candidate:
+    loop = TrainingState(model, optimizer, scheduler, scaler, average, train_loader, val_loader)
+    weights, kept, history, passed_over, first = None, None, [], 0, 1
+    saved = resume.load() if resume is not None else None
+    if saved is not None:
+        history, passed_over, weights = saved["history"], saved["passed_over"], saved["weights"]
+        kept, first = history[saved["kept"]], saved["epoch"] + 1
+        loop.restore(saved)
+        print(f"{resume.stage}: resumed from epoch {saved['epoch']} of {epochs} ({resume.path})")
+        for record in history[1 if start_is_candidate else 0 :]:
+            if on_epoch is not None:  # the per-epoch log again: DVC removed it before the rerun
+                on_epoch(record)
+        if patience is not None and passed_over >= patience:
+            first = epochs + 1
+    elif start_is_candidate:
         history.append(start_record(evaluate_epoch(unwrap(model), val_loader, loss_fn, device, amp)))
         weights, kept = weights_on_cpu(unwrap(model)), history[0]
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first, epochs + 1):
         for reshuffled in (train_loader.sampler, train_loader.dataset, batch_transform):
             if hasattr(reshuffled, "set_epoch"):
                 reshuffled.set_epoch(epoch)
@@ -277,15 +298,70 @@ def fit(
         val = evaluate_epoch(evaluated, val_loader, loss_fn, device, amp)
         rates = {name: rate for name, rate in zip(rate_names, train["lr"], strict=True) if name}
         history.append(epoch_record(epoch, train, val, rates))
-        if on_epoch is not None:
-            on_epoch(history[-1])
         if select(history) is history[-1]:
             weights, kept, passed_over = weights_on_cpu(evaluated), history[-1], 0
         else:
             passed_over += 1
-            if patience is not None and passed_over >= patience:
-                break
+        if resume is not None:  # before the epoch is logged: a logged epoch is a saved one
+            kept_at = next(index for index, record in enumerate(history) if record is kept)
+            resume.save(loop.state(epoch, history, kept_at, passed_over, weights))
+        if on_epoch is not None:
+            on_epoch(history[-1])
+        if patience is not None and passed_over >= patience:
+            break
     return Fitted(weights, history, kept)
+
+
+class TrainingState:
+    """What fit() carries from one epoch to the next, saved and restored for resume."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        scaler: torch.amp.GradScaler,
+        average: AveragedModel | None,
+        train_loader: DataLoader,
+        val_loader: DataLoader,
+    ) -> None:
+        self.model, self.optimizer, self.scheduler = unwrap(model), optimizer, scheduler
+        self.scaler, self.average = scaler, average
+        self.generators = (train_loader.generator, val_loader.generator)
+
+    def state(
+        self,
+        epoch: int,
+        history: list[dict[str, float]],
+        kept: int,
+        passed_over: int,
+        weights: dict[str, torch.Tensor],
+    ) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "history": history,
+            "kept": kept,
+            "passed_over": passed_over,
+            "weights": weights,
+            "model": weights_on_cpu(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "average": self.average.state_dict() if self.average is not None else None,
+            "rng": rng_state(),
+            "generators": generator_states(*self.generators),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.average is not None:
+            self.average.load_state_dict(state["average"])
+        set_rng_state(state["rng"])
+        set_generator_states(state["generators"], *self.generators)
 
 
 def weights_on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -37,6 +37,8 @@ RULES = {
     "positive_int": "a whole number, 1 or more",
     "non_negative_int": "a whole number, 0 or more",
     "text": "a non-empty string",
+    "optional_text": 'a string ("" for the default)',
+    "text_lines": "a list of strings, one a line",
     "boolean": "true or false",
     "weights_source": (
         "pretrain, none, a torchvision weights name (IMAGENET1K_V1, DEFAULT) "

@@ -20,7 +20,7 @@ from fontTools.ttLib import TTFont
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from pipeline.core import distributed
+from pipeline.core import distributed, resume
 from pipeline.core.loaders import make_loader, optimizer_steps
 from pipeline.core.models import Classifier
 from pipeline.core.optim import warmup_cosine
@@ -157,6 +157,7 @@ def pretrain_on_glyphs(
         amp=amp,
         on_epoch=report,
         accumulate=accumulate,
+        resume=resume.for_stage("backbone", ranks.main),
     )
     model.load_state_dict(fitted.weights)
     return model.backbone.cpu(), features, fitted.kept["val_accuracy"]
