@@ -29,6 +29,11 @@ from pathlib import Path
 
 from benchmarks import results
 from benchmarks.run_cache import make_repo, sh
+from tests.conftest import (  # the tests' tiny config and Slurm helpers
+    ACTIVE_JOB_STATES,
+    job_state,
+    tiny_params,
+)
 
 ROOT = results.ROOT
 NAME = "slurm"
@@ -37,12 +42,6 @@ NAME = "slurm"
 def listed(repo: Path, name: str) -> bool:
     rows = csv.DictReader(io.StringIO(sh(repo, "dvc", "exp", "show", "--csv")))
     return any(row["Experiment"] == name for row in rows)
-
-
-def job_state(job: str) -> str:
-    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
-    found = re.search(r"JobState=(\S+)", shown)
-    return found.group(1) if found else "GONE"
 
 
 def launch(repo: Path, *sets: str) -> tuple[str, str]:
@@ -67,7 +66,7 @@ def resumed_from(log: Path) -> str:
 
 
 def ended(job: str) -> bool:
-    return job_state(job) not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED")
+    return job_state(job) not in ACTIVE_JOB_STATES
 
 
 def measure(repo: Path) -> list[dict]:
@@ -130,9 +129,6 @@ def start_slurm(state: Path) -> None:
 
 
 def main() -> None:
-    sys.path.insert(0, str(ROOT))
-    from tests.conftest import tiny_params  # the tests' tiny config, the one the docs name
-
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         start_slurm(work / "slurm")

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -487,6 +488,26 @@ def make_tiny_text_run(root: Path) -> Run:
 def tiny_text_run(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Run:
     """The tiny text pipeline, run once for the whole session."""
     return shared_run("tiny-text", make_tiny_text_run, tmp_path_factory, worker_id)
+
+
+# The states of a Slurm job that has not ended yet (a requeued one among them).
+ACTIVE_JOB_STATES = (
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+)
+
+
+def job_state(job: str) -> str:
+    """A Slurm job's state as scontrol shows it (COMPLETED, FAILED, ...), GONE once Slurm
+    has forgotten it."""
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    found = re.search(r"JobState=(\S+)", shown)
+    return found.group(1) if found else "GONE"
 
 
 def slurm_nodes_idle() -> bool:

@@ -15,9 +15,11 @@ import pytest
 from pipeline.core.errors import ParamsError, StageError
 from pipeline.tools import launch
 from tests.conftest import (
+    ACTIVE_JOB_STATES,
     copy_repo,
     default_params,
     experiments,
+    job_state,
     ran_stages,
     read_params,
     restored_stages,
@@ -215,22 +217,14 @@ def submit(repo: Path, *args: str) -> dict[str, str]:
     return {name: job for job, name in re.findall(r"launch: job (\d+): experiment (\S+);", output)}
 
 
-def job_state(job: str) -> str:
-    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
-    return re.search(r"JobState=(\S+)", shown).group(1) if "JobState=" in shown else "GONE"
-
-
 def job_log(repo: Path, name: str, job: str) -> str:
     return (repo / ".dvc/tmp/slurm/logs" / f"{name}-{job}.out").read_text()
-
-
-ACTIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED")
 
 
 def wait_for(repo: Path, jobs: dict[str, str], timeout: float = 600) -> dict[str, str]:
     """Wait until every job has ended; each one's log, by name (all completed)."""
     deadline = time.monotonic() + timeout
-    while set(states := [job_state(job) for job in jobs.values()]) & set(ACTIVE):
+    while set(states := [job_state(job) for job in jobs.values()]) & set(ACTIVE_JOB_STATES):
         assert time.monotonic() < deadline, dict(zip(jobs, states, strict=True))
         time.sleep(0.5)
     logs = {name: job_log(repo, name, job) for name, job in jobs.items()}
