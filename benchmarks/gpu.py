@@ -6,22 +6,25 @@
    loop (training.train_epoch: ``amp: auto``, i.e. bfloat16 autocast, channels-last, the loss
    summed on the GPU), run as the stages run it (``seed_everything``: deterministic kernels)
    and without deterministic kernels (what they cost).
-2. ``loaders``: does the photo augmentation keep the GPU fed? cifar10-dev's photos decoded and
+2. ``loop``: benchmarks/loop_speed.py on the GPU: the fine-tuning loop fed from 640
+   generated 500x375 JPEGs (``data.num_workers: auto``) against the same step on images
+   already on the GPU, at 224 px, for both backbones.
+3. ``loaders``: does the photo augmentation keep the GPU fed? cifar10-dev's photos decoded and
    augmented by finetune's photo policy at 96 px (the own-photos recipe) in N DataLoader
    workers: images a second of the loader alone, and of the whole loop (that loader feeding
    the pipeline's training step of EfficientNet-Lite0 on the GPU), for N = 2 (the committed
    ``data.num_workers``) and more, after a warm-up pass of the loop at that size.
-3. ``cached``: benchmarks/cached_features.py on the GPU: the head trained on cached features
+4. ``cached``: benchmarks/cached_features.py on the GPU: the head trained on cached features
    against the plain loop that runs the frozen backbone every epoch.
-4. ``runs``: ``dvc repro`` in a temporary DVC repository of the committed params.yaml (the
+5. ``runs``: ``dvc repro`` in a temporary DVC repository of the committed params.yaml (the
    digits demo) and of the README's own-photos flags on cifar10-dev (Lite0, IMAGENET1K_V1,
-   96 px), with ``device: auto``, which picks the GPU: the wall time, the fine-tuning stage's
+   96 px), with ``device: auto``, which picks the GPU: the wall time and each stage's, the fine-tuning stage's
    images a second, the test accuracies, and whether ``dvc repro -f -s finetune`` then gives
    the same weights (deterministic kernels on the GPU).
 
 Writes benchmarks/results/gpu.json (after each part, so a part cut short keeps the others).
 Needs a CUDA GPU, the lite extra and cifar10-dev. Run from the repository root:
-``python -m benchmarks.gpu [--photos ../shared/data/cifar10-dev] [--parts steps loaders cached runs]``.
+``python -m benchmarks.gpu [--photos ../shared/data/cifar10-dev] [--parts steps loop loaders cached runs]``.
 """
 
 from __future__ import annotations
@@ -41,10 +44,10 @@ import yaml
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from benchmarks import augment_speed, cached_features, results
+from benchmarks import augment_speed, cached_features, loop_speed, results
 from benchmarks.finetune_recipes import CIFAR10_DEV, SETS, base_params, sync_code
 from benchmarks.run_cache import dvc_env
-from pipeline.core.common import file_sha256, seed_everything
+from pipeline.core.common import STAGES, file_sha256, seed_everything
 from pipeline.core.loaders import make_loader
 from pipeline.core.models import Classifier
 from pipeline.core.training import grad_scaler, train_epoch
@@ -52,7 +55,7 @@ from pipeline.modalities.images.models import build_backbone
 
 NAME = "gpu"
 ROOT = results.ROOT
-PARTS = ("steps", "loaders", "cached", "runs")
+PARTS = ("steps", "loop", "loaders", "cached", "runs")
 RUNS = ("digits", "photos")
 PHOTO_SET = "cifar10-dev"  # benchmarks.finetune_recipes' set: its folder and own-photos flags
 
@@ -235,6 +238,11 @@ def pipeline_run(work: Path, params: dict[str, Any], photos: Path | None) -> dic
     start = time.perf_counter()
     dvc(repo, "repro")
     seconds = time.perf_counter() - start
+    stage_seconds = {
+        stage: json.loads(path.read_text())[stage]["seconds"]
+        for stage in STAGES
+        if (path := repo / "metrics" / "time" / f"{stage}.json").exists()
+    }
     first = file_sha256(repo / "models" / "finetuned.pt")
     dvc(repo, "repro", "-f", "-s", "finetune")
     test = json.loads((repo / "metrics" / "test.json").read_text())
@@ -245,6 +253,7 @@ def pipeline_run(work: Path, params: dict[str, Any], photos: Path | None) -> dic
         "device": summary["device"],
         "seconds": round(seconds, 1),
         "finetune_seconds": speed["seconds"],
+        "stage_seconds": stage_seconds,  # each stage's wall time, start-up included
         "finetune_images_per_second": speed["examples_per_second"],
         "probe": test["linear_probe"]["accuracy"],
         "finetuned": test["finetuned"]["accuracy"],
@@ -267,8 +276,10 @@ def where(record: dict) -> str:
 
 
 def table(record: dict, part: str = "steps") -> str:
-    """One part's table (steps, loaders, cached, runs), from the results file."""
+    """One part's table (steps, loop, loaders, cached, runs), from the results file."""
     r = record["results"]
+    if part == "loop":
+        return loop_speed.table(record)
     if part == "steps":
         lines = [
             f"| fine-tuning step, {where(record)} | plain loop, float32 | pipeline | "
@@ -342,6 +353,8 @@ def main() -> None:
     for part in args.parts:
         if part == "steps":
             measured["steps"] = step_speeds(device, args.steps)
+        elif part == "loop":
+            measured["loop"] = loop_speed.loop_rows(device, photos=640, epochs=2)
         elif part == "loaders":
             measured["loaders"] = loader_speeds(device, args.photos, args.workers, args.epochs)
         elif part == "cached":

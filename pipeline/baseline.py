@@ -82,4 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main, stage="baseline")
+    run_stage(main, "baseline", distributed=True)

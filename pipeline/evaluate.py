@@ -148,4 +148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main, stage="evaluate")
+    run_stage(main, "evaluate", distributed=True)

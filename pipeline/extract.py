@@ -12,6 +12,7 @@ Run: ``python -m pipeline.extract``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -51,28 +52,30 @@ def main() -> None:
     checkpoint = read_backbone()
     backbone = load_backbone(checkpoint)
     classes = load_classes(PREPARED_DIR)
-    features = {
-        split: split_features(
-            split,
-            backbone,
-            checkpoint,
-            params["extract"]["batch_size"],
-            params["data"]["num_workers"],
-            ranks,
-            device,
-            params["amp"],
-        )
-        for split in SPLITS
-    }
-    if not ranks.main:
-        return
-    with atomic_path(FEATURES_DIR) as tmp:
-        tmp.mkdir()
-        for split, (values, labels, _) in features.items():
-            torch.save({"features": values, "labels": labels, "classes": classes}, tmp / f"{split}.pt")
-            print(f"extract: {split}: {tuple(values.shape)} features")
-        write_json(tmp / FEATURES_SUMMARY.name, {split: summary for split, (*_, summary) in features.items()})
+    summary = {}
+    # Each split is written as soon as it is done and then let go, so memory holds one
+    # split's features at a time; rank 0 alone writes, into a folder swapped in at the end.
+    with atomic_path(FEATURES_DIR) if ranks.main else contextlib.nullcontext() as tmp:
+        if ranks.main:
+            tmp.mkdir()
+        for split in SPLITS:
+            values, labels, summary[split] = split_features(
+                split,
+                backbone,
+                checkpoint,
+                params["extract"]["batch_size"],
+                params["data"]["num_workers"],
+                ranks,
+                device,
+                params["amp"],
+            )
+            if ranks.main:
+                torch.save({"features": values, "labels": labels, "classes": classes}, tmp / f"{split}.pt")
+                print(f"extract: {split}: {tuple(values.shape)} features")
+            del values, labels
+        if ranks.main:
+            write_json(tmp / FEATURES_SUMMARY.name, summary)
 
 
 if __name__ == "__main__":
-    run_stage(main, stage="extract")
+    run_stage(main, "extract", distributed=True)

@@ -505,4 +505,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main, stage="finetune")
+    run_stage(main, "finetune", distributed=True)

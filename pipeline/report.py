@@ -33,6 +33,8 @@ from pipeline.core.common import (
     PREDICTIONS_FILE,
     PREPARED_DIR,
     REPORT_FILE,
+    STAGE_TIMES_DIR,
+    STAGES,
     atomic_path,
     file_sha256,
     read_json,
@@ -228,6 +230,25 @@ def per_class_table(details: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def stage_times_table() -> str:
+    """Each stage's wall time (metrics/time/), start-up apart, and its share of the run."""
+    times = {
+        stage: read_json(path)[stage]
+        for stage in STAGES
+        if stage != "report" and (path := STAGE_TIMES_DIR / f"{stage}.json").exists()
+    }
+    if not times:
+        return f"No stage recorded its time under `{STAGE_TIMES_DIR}/`."
+    total = sum(timing["seconds"] for timing in times.values())
+    rows = ["| stage | seconds | of which start-up | share of the run |", "|---|---:|---:|---:|"]
+    for stage, timing in times.items():
+        seconds, startup = timing["seconds"], timing["startup_seconds"]
+        rows.append(f"| {stage} | {seconds:.1f} | {startup:.1f} | {seconds / total:.0%} |")
+    startup = sum(timing["startup_seconds"] for timing in times.values())
+    rows.append(f"| all but the report | {total:.1f} | {startup:.1f} | 100% |")
+    return "\n".join(rows)
+
+
 def recipe_note(finetune: dict[str, Any]) -> str:
     """The recipe finetune used, ``auto`` resolved (its metrics record it)."""
     if "augment" not in finetune:
@@ -358,6 +379,13 @@ calibrated: among predictions made with 80% confidence, 80% are right).
 
 {export_note(read_json(METRICS_DIR / "export.json"), modality.ITEMS)}
 
+## Where the time went
+
+Each stage's wall time as it ran (a stage DVC restored from its run-cache shows the run that
+computed it); start-up is the imports before the stage's work.
+
+{stage_times_table()}
+
 ## Reproducibility
 
 Backbone file `{BACKBONE_FILE}` sha256 `{backbone_hash}`.
@@ -377,4 +405,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, "report")

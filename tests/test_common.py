@@ -56,17 +56,17 @@ def test_a_stage_in_a_git_repository_with_no_commit_fails_at_once_and_says_what_
 
     ran = []
     monkeypatch.chdir(tmp_path)
-    run_stage(lambda: ran.append("outside git"))  # no repository: nothing to check
+    run_stage(lambda: ran.append("outside git"), "prepare")  # no repository: nothing to check
     subprocess.run(["git", "init", "-q"], check=True)
     with pytest.raises(SystemExit) as exit_info:
-        run_stage(lambda: ran.append("no commit"))
+        run_stage(lambda: ran.append("no commit"), "prepare")
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith("error: this git repository has no commit yet")
     assert "git add -A && git commit -m 'Start', then dvc repro" in error
     identity = ["-c", "user.name=t", "-c", "user.email=t@example.com"]
     subprocess.run(["git", *identity, "commit", "-q", "--allow-empty", "-m", "start"], check=True)
-    run_stage(lambda: ran.append("committed"))
+    run_stage(lambda: ran.append("committed"), "prepare")
     assert ran == ["outside git", "committed"]
 
 

@@ -115,3 +115,44 @@ def test_val_holds_at_least_min_val_examples_up_to_a_quarter_of_train():
     assert sizes[0] == {"train": 425, "val": 75, "test": 20}  # the fraction alone
     assert sizes[100] == {"train": 400, "val": 100, "test": 20}
     assert sizes[1000] == {"train": 375, "val": 125, "test": 20}  # a quarter of train at most
+
+
+def test_workers_kept_across_epochs_augment_each_epoch_as_fresh_ones_do():
+    """Persistent DataLoader workers see each set_epoch (through shared memory): two epochs
+    give what a loader without workers gives, and differ from each other."""
+    from pipeline.core.loaders import make_loader
+
+    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16), dtype=np.uint8)
+
+    def epochs(workers: int) -> list[torch.Tensor]:
+        dataset = SeededAugmentation(
+            ImageArrayDataset(images, np.arange(6), image_transform(16, [0.5], [0.5], "jitter")), 7
+        )
+        loader = make_loader(dataset, 3, torch.device("cpu"), num_workers=workers)
+        seen = []
+        for epoch in (1, 2):
+            dataset.set_epoch(epoch)
+            seen.append(torch.cat([batch for batch, _ in loader]))
+        return seen
+
+    kept, fresh = epochs(2), epochs(0)
+    assert all(torch.equal(a, b) for a, b in zip(kept, fresh, strict=True))
+    assert not torch.equal(kept[0], kept[1])
+
+
+def test_auto_workers_are_the_cores_this_process_may_use_split_over_the_machines_processes(monkeypatch):
+    import os
+
+    from pipeline.core.loaders import loader_workers, worker_count
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert worker_count("auto") == 8 and worker_count(3) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert worker_count("auto") == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert worker_count("auto") == 1
+    in_memory = ImageArrayDataset(
+        np.zeros((2, 4, 4), dtype=np.uint8), np.arange(2), image_transform(4, [0.5], [0.5])
+    )
+    assert loader_workers(in_memory, "auto") == 0  # items already in memory need no workers

@@ -369,8 +369,46 @@ def test_two_processes_train_and_extract_as_one_does_and_only_rank_0_writes(tmp_
         for mine, alone in zip(result["history"], alone_history, strict=True):
             assert mine["val_accuracy"] == alone["val_accuracy"]
             assert mine["train_loss"] == pytest.approx(alone["train_loss"], abs=1e-5)
-        assert torch.allclose(result["features"], alone_features, atol=1e-6)
-        assert torch.equal(result["labels"], alone_labels)
+    # rank 0 gathers the whole split in order; rank 1 keeps its own share (every 2nd item from 1)
+    assert torch.allclose(results[0]["features"], alone_features, atol=1e-6)
+    assert torch.equal(results[0]["labels"], alone_labels)
+    assert torch.allclose(results[1]["features"], alone_features[1::2], atol=1e-6)
+    assert torch.equal(results[1]["labels"], alone_labels[1::2])
+
+
+def gather_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from pipeline.core import distributed
+
+    distributed.MESSAGE_BYTES = 40  # several messages a share: 3-float rows, 3 rows each
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=3)
+    positions = torch.arange(rank, 11, 3)  # shares of 4, 4 and 3 rows
+    rows = torch.stack([torch.full((3,), float(p)) for p in positions])
+    if rank == 0:
+        features, labels = torch.full((11, 3), -1.0), torch.full((11,), -1, dtype=torch.long)
+        features[positions], labels[positions] = rows, positions
+        outputs = (features, labels)
+    else:
+        outputs = (rows, positions.clone())
+    distributed.gather_rows_on_main(outputs, positions)
+    torch.save(outputs, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_rank_0_gathers_every_share_in_dataset_order_in_bounded_messages(tmp_path, monkeypatch):
+    import torch.multiprocessing as mp
+
+    from pipeline.core import distributed
+
+    mp.spawn(gather_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=3, join=True)
+    features, labels = torch.load(tmp_path / "rank0.pt")
+    assert torch.equal(labels, torch.arange(11))
+    assert torch.equal(features, torch.arange(11.0)[:, None].expand(11, 3))
+    rows, positions = torch.load(tmp_path / "rank2.pt")
+    assert torch.equal(positions, torch.tensor([2, 5, 8]))  # the others keep their share
+    monkeypatch.setattr(distributed, "MESSAGE_BYTES", 40)
+    assert distributed.row_slices(11, rows) == [slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 11)]
 
 
 @pytest.mark.parametrize("size", [40, 44, 42])

@@ -32,6 +32,13 @@ def test_lr_as_dvc_writes_it_is_read_as_a_number(tmp_path):
     ("section", "key", "value", "message"),
     [
         (None, "lr", "fast", "lr: expected a number, got 'fast'"),
+        ("data", "num_workers", -1, "data.num_workers: expected 'auto' or a number of worker processes"),
+        (
+            "data",
+            "num_workers",
+            100000,
+            "data.num_workers: 100000 worker processes, over the most allowed, 64",
+        ),
         (None, "lr", -0.1, "lr: must be greater than 0"),
         (None, "lr", 0, "lr: must be greater than 0"),
         (None, "lr", True, "lr: expected a number"),

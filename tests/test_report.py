@@ -78,3 +78,30 @@ def test_the_recipe_note_says_what_finetune_used_and_the_blend_only_when_on():
     )
     assert recipe_note({**used, "ema_epochs": 0.0}).endswith("mixing none, no weight average")
     assert recipe_note({"strategy": "full"}) == ""  # a run from before the recipe was recorded
+
+
+def test_the_time_table_lists_the_stages_in_run_order_with_their_share(tmp_path, monkeypatch):
+    import json
+
+    from pipeline.report import stage_times_table
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics/time").mkdir(parents=True)
+    for stage, seconds in (("finetune", 30.0), ("prepare", 10.0), ("report", 99.0)):
+        timing = {stage: {"seconds": seconds, "startup_seconds": 2.0}}
+        (tmp_path / f"metrics/time/{stage}.json").write_text(json.dumps(timing))
+    rows = stage_times_table().splitlines()
+    assert rows[2:] == [
+        "| prepare | 10.0 | 2.0 | 25% |",
+        "| finetune | 30.0 | 2.0 | 75% |",
+        "| all but the report | 40.0 | 4.0 | 100% |",
+    ]
+
+
+def test_the_run_order_of_the_stages_is_dvc_yamls():
+    import yaml
+
+    from pipeline.core.common import STAGES
+    from tests.conftest import ROOT
+
+    assert tuple(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]) == STAGES

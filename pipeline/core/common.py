@@ -34,6 +34,19 @@ HEAD_FILE = Path("models/head.pt")
 FINETUNED_FILE = Path("models/finetuned.pt")
 ONNX_FILE = Path("models/model.onnx")  # with models/model.json beside it
 METRICS_DIR = Path("metrics")
+STAGE_TIMES_DIR = METRICS_DIR / "time"  # <stage>.json: each stage's wall time (core/entry.py)
+# dvc.yaml's stages in the order a run goes through them
+STAGES = (
+    "prepare",
+    "backbone",
+    "extract",
+    "train_head",
+    "finetune",
+    "baseline",
+    "evaluate",
+    "export",
+    "report",
+)
 PREDICTIONS_FILE = METRICS_DIR / "test_predictions.csv"  # the fine-tuned model on each test image
 PLOTS_DIR = Path("reports/plots")
 LIVE_DIR = Path("reports/live")  # dvclive's per-epoch logs, one folder per training stage

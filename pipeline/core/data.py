@@ -168,21 +168,26 @@ class SeededAugmentation(Dataset):
 
     An item gets the same augmentation whichever process or DataLoader worker loads it, so
     fine-tuning gives the same result with 1 or N processes and any ``data.num_workers``.
-    ``set_epoch`` must come before each epoch's iterator is made (workers copy the dataset
-    then; the loaders here do not keep workers between epochs). The wrapped dataset's
+    The epoch lives in shared memory, so DataLoader workers that persist across epochs
+    see each ``set_epoch``; it must come before the epoch's iterator is made. The wrapped dataset's
     ``labels``, and its ``lengths``, ``collate`` and ``reads_files`` where it has them,
     show through.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.dataset, self.seed = dataset, seed
+        self.shared_epoch = torch.zeros((), dtype=torch.long).share_memory_()
         self.labels = dataset.labels
         for shown in ("lengths", "collate", "reads_files"):
             if hasattr(dataset, shown):
                 setattr(self, shown, getattr(dataset, shown))
 
+    @property
+    def epoch(self) -> int:
+        return int(self.shared_epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.shared_epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -345,18 +345,48 @@ def sum_over_ranks(*values: float) -> list[float]:
     return totals.tolist()
 
 
-def gather_in_order(indices: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Every process's rows of ``tensors`` (at dataset positions ``indices``), put back in
-    dataset order, on every process."""
+MESSAGE_BYTES = 64 * 2**20  # the largest piece of a result one process sends another
+
+
+def row_slices(rows: int, like: torch.Tensor) -> list[slice]:
+    """``rows`` rows of tensors shaped like ``like`` cut into messages of MESSAGE_BYTES at most."""
+    row_bytes = max(1, like[0].numel() * like.element_size()) if len(like) else 1
+    step = max(1, MESSAGE_BYTES // row_bytes)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def gather_rows_on_main(outputs: tuple[torch.Tensor, ...], positions: torch.Tensor) -> None:
+    """Rank 0's ``outputs`` (one tensor a result, a row for every item of the dataset, its
+    own rows already in place) receive every other process's rows at their dataset
+    positions; on the other ranks, ``outputs`` are this process's rows, for dataset
+    positions ``positions``, which they send. Point to point, one process after another, in
+    messages of MESSAGE_BYTES at most: rank 0 holds the results and one message, the others
+    their own share (an all-gather would copy every share to every process)."""
     import torch
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return tensors
-    shards: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(shards, (indices.cpu(), *(t.cpu() for t in tensors)))
-    order = torch.cat([shard[0] for shard in shards]).argsort()
-    return tuple(torch.cat([shard[i] for shard in shards])[order] for i in range(1, len(tensors) + 1))
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    count = torch.zeros(1, dtype=torch.long, device=device)
+    if dist.get_rank() != 0:
+        count.fill_(len(positions))
+        dist.send(count, 0)
+        dist.send(positions.to(device), 0)
+        for output in outputs:
+            for rows in row_slices(len(positions), output):
+                dist.send(output[rows].contiguous().to(device), 0)
+        return
+    for source in range(1, dist.get_world_size()):
+        dist.recv(count, source)
+        where = torch.empty(int(count), dtype=torch.long, device=device)
+        dist.recv(where, source)
+        where = where.cpu()
+        for output in outputs:
+            for rows in row_slices(len(where), output):
+                message = torch.empty(
+                    (rows.stop - rows.start, *output.shape[1:]), dtype=output.dtype, device=device
+                )
+                dist.recv(message, source)
+                output[where[rows]] = message.cpu()
 
 
 def start(stage: str, distributed: dict[str, Any], device_name: str) -> tuple[Plan, Ranks, torch.device]:
@@ -500,7 +530,7 @@ def length_bucketed(
 
 class ShardSampler:
     """This process's share of a dataset for inference: every ``world_size``-th item from
-    its rank, no padding (each item is computed once); gather_in_order puts them back.
+    its rank, no padding (each item is computed once); rank 0 gathers them (gather_rows_on_main).
     Given the items' ``lengths`` (tokens of each text), the share goes longest first, so a
     batch holds texts of about one length and pads little (the longest batch, first, shows
     at once whether memory suffices). A split with fewer items than processes is an error

@@ -1,6 +1,6 @@
 """How a stage or a tool starts: the git check, the relaunch in many processes, one-line errors.
 
-Every stage ends with ``run_stage(main, ...)`` and every command-line tool with
+Every stage ends with ``run_stage(main, stage)`` and every command-line tool with
 ``run_tool(main)``. Where params ask for more than one process, ``run_stage`` turns this
 process into the launcher of the stage's workers (pipeline.core.distributed); the workers run
 ``main`` themselves.
@@ -11,9 +11,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from pipeline.core.errors import ParamsError, StageError
+
+IMPORTED_AT = time.monotonic()  # where the OS does not say when a process started
 
 
 def check_git_has_a_commit() -> None:
@@ -82,19 +86,50 @@ def run_tool(main: Callable[[], int | None]) -> None:
         sys.exit(2)
 
 
-def run_stage(main: Callable[[], None], stage: str | None = None) -> None:
-    """Run a stage's ``main``; print a bad-params or missing-input error as one line, exit 2.
+def seconds_since_start() -> float:
+    """How long this process has run: from its start where the OS says (Linux's
+    /proc/self/stat), else from the import of this module, which every stage imports."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: clock ticks after boot
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, AttributeError, ValueError, IndexError):
+        return time.monotonic() - IMPORTED_AT
 
-    ``stage`` names a stage that can run in several processes: where params ask for more
-    than one, this process checks params, then launches them instead (so a bad params.yaml
-    fails once, before any process starts).
+
+def record_stage_time(stage: str, startup_seconds: float, work_seconds: float) -> None:
+    """Write metrics/time/<stage>.json: the stage's wall time in seconds, from its process's
+    start to the end of its work, and of it the start-up (Python, imports, the git check).
+    Several processes' work is the launcher's wall time; the processes it starts, and the
+    other nodes' launchers, write nothing."""
+    from pipeline.core.common import STAGE_TIMES_DIR, write_json
+    from pipeline.core.distributed import NODE_RANK_BASE, in_worker
+
+    if in_worker() or NODE_RANK_BASE in os.environ:
+        return
+    timing = {
+        "seconds": round(startup_seconds + work_seconds, 3),
+        "startup_seconds": round(startup_seconds, 3),
+    }
+    write_json(STAGE_TIMES_DIR / f"{stage}.json", {stage: timing})
+
+
+def run_stage(main: Callable[[], None], stage: str, distributed: bool = False) -> None:
+    """Run ``stage``'s ``main`` and record its wall time (``record_stage_time``); print a
+    bad-params or missing-input error as one line, exit 2.
+
+    ``distributed``: the stage can run in several processes. Where params ask for more than
+    one, this process checks params, then launches them instead (so a bad params.yaml fails
+    once, before any process starts).
     """
     try:
         check_git_has_a_commit()
-        if stage is not None:
+        if distributed:
             hand_down_resume_key(stage)
-        if stage is None or not launched(stage):
+        startup, work_started = seconds_since_start(), time.monotonic()
+        if not (distributed and launched(stage)):
             main()
+        record_stage_time(stage, startup, time.monotonic() - work_started)
     except (ParamsError, StageError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

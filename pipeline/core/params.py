@@ -217,6 +217,28 @@ def process_count(value: Any, key: str) -> str | int:
         ) from None
 
 
+MAX_WORKERS = 64
+
+
+def worker_setting(value: Any, key: str) -> str | int:
+    """``auto`` or 0 to MAX_WORKERS DataLoader worker processes."""
+    if value == "auto":
+        return "auto"
+    try:
+        number = non_negative_int(value, key)
+    except ParamsError:
+        raise ParamsError(
+            f"{key}: expected 'auto' or a number of worker processes (0 or more), got {value!r}"
+        ) from None
+    if number > MAX_WORKERS:
+        raise ParamsError(
+            f"{key}: {number} worker processes, over the most allowed, {MAX_WORKERS}: each is a process "
+            "with its own batches in flight, and more than the cores only compete for them; use auto "
+            "(the cores this process may use)"
+        )
+    return number
+
+
 def rank_spec(value: Any, key: str) -> str | int:
     """``auto`` or a machine's rank."""
     if value == "auto":
@@ -280,7 +302,7 @@ SCHEMA: dict[str, Any] = {
         "skip_bad_images": boolean,
         "max_image_pixels": positive_int,
         "skip_bad_texts": boolean,
-        "num_workers": non_negative_int,
+        "num_workers": worker_setting,
         "val_fraction": fraction,
         "min_val_examples": non_negative_int,
         "test_fraction": fraction,

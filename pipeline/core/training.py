@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -76,12 +76,14 @@ def extract_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass of the frozen backbone: pooled float32 features and labels, on the CPU."""
     backbone.eval().to(device, memory_format=torch.channels_last)
-    features, labels = [], []
-    for images, targets in progress(loader, desc):
-        with autocast(device, amp):
-            features.append(backbone(to_device(images, device)).float().cpu())
-        labels.append(targets)
-    return in_dataset_order(loader, torch.cat(features), torch.cat(labels))
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, targets in progress(loader, desc):
+            with autocast(device, amp):
+                features = backbone(to_device(images, device)).float().cpu()
+            yield features, targets
+
+    return in_dataset_order(loader, batches())
 
 
 @torch.inference_mode()
@@ -90,12 +92,14 @@ def predict_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 logits and true labels over a loader, on the CPU, in dataset order."""
     model.eval().to(device, memory_format=torch.channels_last)
-    logits, actual = [], []
-    for images, targets in progress(loader, "predict"):
-        with autocast(device, amp):
-            logits.append(model(to_device(images, device)).float().cpu())
-        actual.append(targets)
-    return in_dataset_order(loader, torch.cat(logits), torch.cat(actual))
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, targets in progress(loader, "predict"):
+            with autocast(device, amp):
+                logits = model(to_device(images, device)).float().cpu()
+            yield logits, targets
+
+    return in_dataset_order(loader, batches())
 
 
 def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:

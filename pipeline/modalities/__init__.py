@@ -120,7 +120,7 @@ def inference_loader(
     ranks: Ranks | None = None,
 ) -> DataLoader:
     """A loader over this process's share of a prepared split (all of it for one process),
-    its items in an order that batches well (training.in_dataset_order puts the results
+    its items in an order that batches well (loaders.in_dataset_order puts the results
     back in dataset order), files decoded in ``num_workers`` processes: what extraction,
     the baseline, evaluation and the export's parity check run on."""
     from pipeline.core.distributed import Ranks, ShardSampler

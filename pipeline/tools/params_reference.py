@@ -46,6 +46,7 @@ RULES = {
     ),
     "amp_mode": "auto, bfloat16, float16 or off (true, false: auto, off)",
     "process_count": "auto, or a number of processes, 1 or more",
+    "worker_setting": "auto, or a number of worker processes, 0 to 64",
     "rank_spec": "auto, or a rank, 0 or more",
     "endpoint": "auto, or host:port",
     "unfreeze_spec": "all, or a number of last blocks, 1 or more",

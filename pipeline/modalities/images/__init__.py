@@ -118,12 +118,13 @@ def imagefolder_files(data: dict[str, Any]) -> tuple[dict, list[str], list[str]]
     """A class-per-folder tree's files by split ('all' where it has no split folders), its
     classes and the unreadable files skipped; unreadable files are an error listing them
     all, unless ``data.skip_bad_images``."""
+    from pipeline.core.loaders import worker_count
     from pipeline.modalities.images.data import scan_tree, unreadable_files
 
     tree = scan_tree(Path(data["path"]))
     problems = unreadable_files(
         [path for files in tree.files.values() for path, _ in files],
-        data["num_workers"],
+        worker_count(data["num_workers"]),
         data["max_image_pixels"],
         " (data.max_image_pixels)",
     )
