@@ -239,7 +239,7 @@ def pipeline_run(work: Path, params: dict[str, Any], photos: Path | None) -> dic
     dvc(repo, "repro")
     seconds = time.perf_counter() - start
     stage_seconds = {
-        stage: json.loads(path.read_text())[stage]["seconds"]
+        stage: json.loads(path.read_text())["time"][stage]["seconds"]
         for stage in STAGES
         if (path := repo / "metrics" / "time" / f"{stage}.json").exists()
     }

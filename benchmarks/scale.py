@@ -75,7 +75,7 @@ def measure(images: int, side: int, arch: str) -> dict:
         stages = {}
         for stage in STAGES:
             peak = run_measured(stage, work)
-            seconds = json.loads((work / f"metrics/time/{stage}.json").read_text())[stage]["seconds"]
+            seconds = json.loads((work / f"metrics/time/{stage}.json").read_text())["time"][stage]["seconds"]
             stages[stage] = {"seconds": seconds, "peak_mib": round(peak, 1)}
             print(f"scale: {images} images: {stage} {seconds:.1f} s, {peak:.0f} MiB", flush=True)
         splits = [torch.load(work / f"data/features/{split}.pt") for split in ("train", "val", "test")]

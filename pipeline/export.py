@@ -68,6 +68,22 @@ def export_onnx(model: torch.nn.Module, checkpoint: dict[str, Any], path: Path) 
     return inputs
 
 
+ONNX_MAX_BYTES = 2**31 - 1  # protobuf's limit on one message, so on a single-file ONNX model
+
+
+def check_fits_one_onnx_file(model: torch.nn.Module, source: Path | str) -> None:
+    """A model whose weights pass protobuf's 2 GB limit cannot be one ONNX file (onnx.save
+    fails after the export): refused before any export work, with its size."""
+    size = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    if size > ONNX_MAX_BYTES:
+        raise StageError(
+            f"export: {source} holds {size:,} bytes of weights, over the {ONNX_MAX_BYTES:,} a single "
+            "ONNX file can hold (protobuf's limit, 2 GiB); this stage writes one file, so ship "
+            "the PyTorch checkpoint (python -m pipeline predict reads it), or choose a smaller "
+            "backbone.arch, and run the stages before export: dvc repro evaluate"
+        )
+
+
 def drop_debug_metadata(path: Path) -> None:
     """Remove what the exporter notes on each node for debugging (Python stack traces with
     this machine's file paths, FX node names): the file then holds only the graph and the
@@ -127,6 +143,7 @@ def main() -> None:
     tolerance = params["export"]["tolerance"]
     require_onnxruntime()
     model, checkpoint = load_classifier(FINETUNED_FILE)
+    check_fits_one_onnx_file(model, FINETUNED_FILE)
     loader = inference_loader(
         "test",
         checkpoint,

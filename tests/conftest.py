@@ -41,17 +41,6 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "head": {"max_epochs": 15, "patience": 5},
     "finetune": {"epochs": 2, "batch_size": 32, "bn": "frozen"},
 }
-STAGES = [
-    "prepare",
-    "backbone",
-    "extract",
-    "train_head",
-    "finetune",
-    "baseline",
-    "evaluate",
-    "export",
-    "report",
-]
 # The README's sweep syntax, with two of its three rates (each rate that runs costs the suite
 # half a minute): 1e-3 is the committed rate, restored whole; 1e-5 reruns finetune onward.
 SWEEP = "lr=1e-3,1e-5"

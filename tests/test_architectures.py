@@ -20,7 +20,7 @@ def run_stages(tmp_path, monkeypatch, **backbone_params) -> dict:
     params["data"]["max_train_per_class"] = 5
     params["backbone"].update({"image_size": 32, "weights": "none", **backbone_params})
     params["head"].update(max_epochs=3)
-    params["finetune"].update(epochs=1, warmup_epochs=0, batch_size=16, unfreeze=1)
+    params["finetune"].update(epochs=1, warmup_epochs=0, ema_epochs=1, batch_size=16, unfreeze=1)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     for stage in STAGES:

@@ -25,6 +25,51 @@ def test_directory_outputs_are_replaced_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["features"]
 
 
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    return int(done.stdout)
+
+
+def test_a_folder_swap_killed_between_its_renames_gets_the_old_folder_back(tmp_path):
+    """Killed after the old folder went aside and before the new one came in: the next
+    write to that output (any run's first step) puts the old one back, then writes."""
+    target = tmp_path / "features"
+    aside = tmp_path / f".features.tmp-{dead_pid()}-abc" / "features.old"
+    aside.mkdir(parents=True)
+    (aside / "train.pt").write_text("old")
+    (aside.parent / "features").mkdir()  # the new one, complete or not: dropped
+    with pytest.raises(RuntimeError), atomic_path(target):
+        raise RuntimeError("this run fails too")
+    assert (target / "train.pt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["features"]
+
+
+def test_a_folder_swap_whose_second_rename_fails_puts_the_old_folder_back(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    target = tmp_path / "features"
+    target.mkdir()
+    (target / "train.pt").write_text("old")
+    rename = Path.rename
+
+    def failing(self, to):
+        if to == target and self.name == "features":  # the new folder, not the old one back
+            raise OSError("the disk said no")
+        return rename(self, to)
+
+    with pytest.raises(OSError), atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "train.pt").write_text("new")
+        monkeypatch.setattr(Path, "rename", failing)
+    monkeypatch.undo()
+    assert (target / "train.pt").read_text() == "old"
+
+
 def test_leftovers_of_a_killed_writer_are_removed_and_a_live_ones_kept(tmp_path):
     import os
     import subprocess

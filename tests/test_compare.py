@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -329,8 +330,14 @@ def test_a_pull_request_gets_read_only_credentials_in_the_step_that_pulls_and_ma
     assert all(value.startswith("${{ secrets.DVC_READ_") for value in diff[next(iter(diff))])
     publish = load_workflow("publish.yml")["jobs"]["publish"]
     assert publish["environment"] == "dvc-remote"  # protected: its secrets reach main's jobs only
-    assert list(secret_steps(publish)) == ["Reproduce and push outputs and run-cache"]
-    assert not any("DVC_READ_" in value for values in secret_steps(publish).values() for value in values)
+    steps = secret_steps(publish)
+    assert list(steps) == ["Reproduce", "Push outputs and run-cache"]
+    assert all(value.startswith("${{ secrets.DVC_READ_") for value in steps["Reproduce"])
+    assert not any("DVC_READ_" in value for value in steps["Push outputs and run-cache"])
+    runs = {step.get("name"): step.get("run", "") for step in publish["steps"]}
+    assert ".ci/publish reproduce" in runs["Reproduce"]
+    pushing = [line.strip() for line in runs["Push outputs and run-cache"].splitlines()]
+    assert pushing == [". .venv/bin/activate", '.ci/publish push | tee -a "$GITHUB_STEP_SUMMARY"']
 
 
 def test_the_comment_links_its_figures_to_the_artifact_instead_of_embedding_them(tmp_path):
@@ -349,6 +356,56 @@ def test_the_comment_links_its_figures_to_the_artifact_instead_of_embedding_them
     assert body.startswith("<!-- marker -->\n")
 
 
+@pytest.mark.parametrize(
+    ("comments", "expected"),
+    [
+        (
+            [
+                ("github-actions[bot]", "<!-- marker -->\nold diff", 11),
+                ("mallory", "<!-- marker -->\nfake", 12),
+            ],
+            "PATCH 11",
+        ),
+        ([("mallory", "<!-- marker -->\nfake", 12), ("github-actions[bot]", "other words", 13)], "NEW"),
+    ],
+    ids=["its-own-comment-updated", "another-users-comment-left-alone"],
+)
+def test_the_bot_updates_its_own_comment_and_nobody_elses(tmp_path, comments, expected):
+    """.ci/pr-comment post finds the comment to update by the bot's login and the marker:
+    a comment by anyone else that starts with the marker is never edited (a stand-in for
+    gh answers from a list of comments, through jq, as gh does)."""
+    import os
+    import stat
+
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / ".ci", repo / ".ci")
+    run(repo, "git", "init", "-q")
+    listed = [{"id": id_, "user": {"login": login}, "body": body} for login, body, id_ in comments]
+    (tmp_path / "comments.json").write_text(json.dumps(listed))
+    gh = tmp_path / "bin" / "gh"
+    gh.parent.mkdir()
+    gh.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [ "$1 $2" = "api --method" ]; then echo "PATCH ${4##*/}" >> "$RECORD"; exit 0; fi\n'
+        'if [ "$1 $2" = "pr comment" ]; then echo NEW >> "$RECORD"; exit 0; fi\n'
+        'jq -r "${@: -1}" "$COMMENTS"\n'
+    )
+    gh.chmod(gh.stat().st_mode | stat.S_IEXEC)
+    (repo / "comment.md").write_text("<!-- marker -->\nnew diff\n")
+    env = {
+        **os.environ,
+        "PATH": f"{gh.parent}:{os.environ['PATH']}",
+        "RECORD": str(tmp_path / "record"),
+        "COMMENTS": str(tmp_path / "comments.json"),
+        "GITHUB_REPOSITORY": "o/r",
+    }
+    done = subprocess.run(
+        [".ci/pr-comment", "post", "7", "comment.md"], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "record").read_text().split("\n")[0] == expected
+
+
 def test_main_workflow_reproduces_and_pushes_outputs_and_run_cache():
     workflow = load_workflow("publish.yml")
     assert workflow[True] == {"push": {"branches": ["main"]}}
@@ -356,7 +413,7 @@ def test_main_workflow_reproduces_and_pushes_outputs_and_run_cache():
     commands = "\n".join(step.get("run", "") for step in workflow["jobs"]["publish"]["steps"])
     assert ".ci/publish" in commands
     script = (ROOT / ".ci" / "publish").read_text()
-    assert "dvc repro" in script and "\npython -m pipeline push-runs" in script
+    assert "dvc repro" in script and "\n  python -m pipeline push-runs" in script
 
 
 def stub(folder: Path, name: str, script: str) -> None:

@@ -222,6 +222,29 @@ def test_a_failed_rank_is_named_with_its_cause():
     assert "rank 0 of 2 (pid 124) exited with status 2" in distributed.failure_message(error, plan)
 
 
+def test_a_port_taken_between_the_probe_and_the_bind_is_retried_on_another(monkeypatch, tmp_path):
+    """Two stages on one machine (queue workers) may probe the same free port: the one that
+    binds second gets EADDRINUSE, and launches again on another port instead of failing."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("localhost", 0))
+    taken.listen(1)
+    ports = iter([taken.getsockname()[1]])
+    real = distributed.free_port
+    monkeypatch.setattr(distributed, "free_port", lambda: next(ports, None) or real())
+    plan = plan_for("extract", settings(nproc_per_node=1), "cpu")
+    assert plan.rdzv_endpoint == f"localhost:{taken.getsockname()[1]}"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    (tmp_path / "ran.py").write_text("import pathlib; pathlib.Path('ran').write_text('yes')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    distributed.launch("ran", plan)
+    assert (tmp_path / "ran").read_text() == "yes"
+    taken.close()
+
+
 def data(n: int = 40, seed: int = 0) -> TensorDataset:
     generator = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 3, (n,), generator=generator)
@@ -321,7 +344,7 @@ def prepare_workspace(path: Path) -> Path:
     params["data"]["max_train_per_class"] = 4
     params["backbone"].update(weights="none")
     params["head"].update(max_epochs=2)
-    params["finetune"].update(epochs=1, warmup_epochs=0, batch_size=8)
+    params["finetune"].update(epochs=1, warmup_epochs=0, ema_epochs=1, batch_size=8)
     params["distributed"]["nproc_per_node"] = 2
     path.mkdir()
     (path / "params.yaml").write_text(yaml.safe_dump(params))

@@ -174,3 +174,27 @@ def test_shell_blocks_are_found_with_their_heading_and_reason(tmp_path):
     blocks = shell_blocks(page)
     assert blocks == [("Run", "echo hi"), ("Run", "# not tested: needs a GPU\nnvidia-smi")]
     assert [not_tested_reason(code) for _, code in blocks] == [None, "needs a GPU"]
+
+
+def test_the_docs_build_of_ci_leaves_no_site_behind(tmp_path):
+    """.ci/docs builds the site into a temporary folder and removes it, built or failed
+    (mkdocs replaced by a stand-in that writes a page there, then succeeds or fails)."""
+    import os
+    import stat
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    mkdocs = bin_dir / "mkdocs"
+    mkdocs.write_text(
+        '#!/usr/bin/env bash\nsite="${@: -1}"\necho "$site" >> "$RECORD"\n'
+        'echo page > "$site/index.html"\nexit "${MKDOCS_STATUS:-0}"\n'
+    )
+    mkdocs.chmod(mkdocs.stat().st_mode | stat.S_IEXEC)
+    record = tmp_path / "sites.txt"
+    for status in (0, 1):
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record)}
+        env["MKDOCS_STATUS"] = str(status)
+        done = subprocess.run(["bash", str(ROOT / ".ci" / "docs")], env=env, capture_output=True, text=True)
+        assert done.returncode == status, done.stderr
+    sites = record.read_text().split()
+    assert len(sites) == 2 and not any(Path(site).exists() for site in sites)

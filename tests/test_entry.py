@@ -19,7 +19,7 @@ def committed(tmp_path, monkeypatch):
 
 def test_a_stage_records_its_wall_time_and_its_start_up_apart_from_its_work(committed):
     run_stage(lambda: time.sleep(0.3), "train_head")
-    timing = json.loads((committed / "metrics/time/train_head.json").read_text())["train_head"]
+    timing = json.loads((committed / "metrics/time/train_head.json").read_text())["time"]["train_head"]
     assert timing["startup_seconds"] >= 0
     assert timing["seconds"] - timing["startup_seconds"] >= 0.29  # rounded to milliseconds
     assert timing["seconds"] < timing["startup_seconds"] + 5

@@ -37,6 +37,23 @@ def test_parity_beyond_tolerance_or_on_another_top1_fails(result, message):
         check_parity(result, 1e-4)
 
 
+def test_a_model_past_onnxs_2_gb_file_limit_is_refused_before_export(monkeypatch):
+    """vit_h_14's 2.5 GB would pass the export and fail in onnx.save: here a 4 MB model
+    against a limit of 1 MB, and the real limit, which it is far under."""
+    import torch
+
+    from pipeline import export
+
+    model = torch.nn.Linear(1000, 1000)
+    export.check_fits_one_onnx_file(model, "models/finetuned.pt")
+    monkeypatch.setattr(export, "ONNX_MAX_BYTES", 2**20)
+    with pytest.raises(
+        StageError,
+        match=r"export: models/finetuned.pt holds 4,004,000 bytes of weights, over the 1,048,576 a single",
+    ):
+        export.check_fits_one_onnx_file(model, "models/finetuned.pt")
+
+
 def test_a_sidecar_not_written_by_the_export_stage_is_refused(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"onnx")
     with pytest.raises(StageError, match=r"model\.json: not found beside"):

@@ -140,7 +140,7 @@ def test_each_strategy_runs_end_to_end_on_the_tiny_config(name, tiny_workspace, 
 
     workspace = Path(shutil.copytree(tiny_workspace, tmp_path / "workspace"))
     params = yaml.safe_load((workspace / "params.yaml").read_text())
-    params["finetune"].update({"epochs": 1, "warmup_epochs": 0, **STRATEGIES[name]})
+    params["finetune"].update({"epochs": 1, "warmup_epochs": 0, "ema_epochs": 1, **STRATEGIES[name]})
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(workspace)
     stage.main()
@@ -186,7 +186,7 @@ def test_a_fine_tune_that_only_hurts_val_ships_the_probe_bit_for_bit(
     workspace = Path(shutil.copytree(tiny_workspace, tmp_path / "workspace"))
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["lr"] = 50.0
-    params["finetune"].update(epochs=1, warmup_epochs=0, optimizer="sgd", backbone_lr_ratio=1.0)
+    params["finetune"].update(epochs=1, warmup_epochs=0, ema_epochs=1, optimizer="sgd", backbone_lr_ratio=1.0)
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(workspace)
     stage.main()

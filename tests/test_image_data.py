@@ -146,7 +146,7 @@ def imagefolder_params(skip: bool) -> dict:
     params["data"].update(val_fraction=0.25, test_fraction=0.25, max_train_per_class=0)
     params["backbone"].update(weights="none", image_size=32)
     params["head"].update(max_epochs=3)
-    params["finetune"].update(epochs=1, warmup_epochs=0, batch_size=8)
+    params["finetune"].update(epochs=1, warmup_epochs=0, ema_epochs=1, batch_size=8)
     params["class_weighted_loss"] = True
     return params
 
@@ -246,6 +246,52 @@ def test_pillows_own_limit_is_an_error_not_a_warning(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30_000)  # 40,000 pixels: Pillow would only warn
     with pytest.raises(TooManyPixels, match="200 x 200 = 40,000 pixels, over the limit of 30,000"):
         read_rgb(tmp_path / "big.png")
+
+
+def test_every_stage_reading_the_files_holds_them_to_prepares_pixel_limit(tmp_path, monkeypatch):
+    """prepare records data.max_image_pixels with each split; the datasets extract,
+    finetune, evaluate and export read refuse a larger file by that key, where Pillow's own
+    limit (89 MP) would have decided."""
+    from pipeline.core.common import PREPARED_DIR
+    from pipeline.modalities import images
+    from pipeline.modalities.images.data import TooManyPixels
+
+    root = setup_run(tmp_path, monkeypatch, skip=True)
+    params = imagefolder_params(skip=True)
+    params["data"]["max_image_pixels"] = 1_000
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    Image.new("RGB", (40, 40)).save(root / "cat" / "wide.png")
+    prepare.main()
+    checkpoint = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+    train = images.dataset(PREPARED_DIR, "train", checkpoint)
+    assert train.max_pixels == 1_000
+    with pytest.raises(
+        TooManyPixels,
+        match=r"40 x 40 = 1,600 pixels, over the limit of 1,000 pixels \(data.max_image_pixels\)",
+    ):
+        train.paths[0] = str(root / "cat" / "wide.png")  # a file grown since prepare checked it
+        train[0]
+
+
+def test_a_pixel_limit_above_pillows_own_is_honoured(tmp_path, monkeypatch):
+    """Pillow refuses twice its own limit whatever data.max_image_pixels says: the reader
+    sets Pillow's to the key's, so an image under the key is read, and Pillow's is put back."""
+    Image.new("RGB", (50, 50)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # 2,500 pixels: over 2x Pillow's
+    assert read_rgb(tmp_path / "big.png", max_pixels=10_000).shape == (50, 50, 3)
+    assert Image.MAX_IMAGE_PIXELS == 1_000
+
+
+def test_a_pixel_limit_past_a_gigapixel_is_refused(tmp_path):
+    from pipeline.core.params import ParamsError, validate
+    from tests.conftest import default_params
+
+    params = default_params()
+    params["data"]["max_image_pixels"] = 10**12
+    with pytest.raises(
+        ParamsError, match=r"data.max_image_pixels: 1,000,000,000,000 pixels, over the most allowed"
+    ):
+        validate(params)
 
 
 def test_images_are_resized_in_uint8_and_made_float_at_the_models_size():

@@ -37,7 +37,7 @@ def test_lr_as_dvc_writes_it_is_read_as_a_number(tmp_path):
             "data",
             "num_workers",
             100000,
-            "data.num_workers: 100000 worker processes, over the most allowed, 64",
+            "data.num_workers: 100,000 worker processes, over the most allowed, 64",
         ),
         (None, "lr", -0.1, "lr: must be greater than 0"),
         (None, "lr", 0, "lr: must be greater than 0"),
@@ -328,4 +328,66 @@ def test_paths_that_climb_out_of_data_raw_or_data_weights_are_refused(tmp_path, 
     with pytest.raises(
         ParamsError, match=r"backbone.weights: 'data/weights/../../pyproject.toml' must be a file under"
     ):
+        load_params(write(tmp_path, params))
+
+
+def test_unknown_keys_of_mixed_types_are_named_not_a_crash(tmp_path):
+    text = (ROOT / "params.yaml").read_text() + "1: one\nzzz: two\n"
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(
+        ParamsError, match=r"params.yaml: 1: unknown key; allowed keys in the top level: seed"
+    ):
+        load_params(path)
+
+
+def test_a_timeout_beyond_a_week_is_refused_before_timedelta_overflows(tmp_path):
+    params = default_params()
+    params["distributed"]["timeout_s"] = 10**14
+    with pytest.raises(
+        ParamsError,
+        match=r"distributed.timeout_s: 100,000,000,000,000 seconds, over the most allowed, 604,800",
+    ):
+        load_params(write(tmp_path, params))
+
+
+@pytest.mark.parametrize("ema", [2, 1e308])
+def test_a_weight_average_longer_than_the_training_is_refused(tmp_path, ema):
+    params = default_params()
+    params["finetune"].update(epochs=1, warmup_epochs=0, ema_epochs=ema)
+    with pytest.raises(ParamsError, match=r"finetune.ema_epochs: .* use at most 1 \(0: no average\)"):
+        load_params(write(tmp_path, params))
+    params["finetune"]["ema_epochs"] = 1
+    assert load_params(write(tmp_path, params))["finetune"]["ema_epochs"] == 1
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"finetune": {"batch_size": 1, "bn": "train"}}, "finetune.batch_size"),
+        (
+            {
+                "finetune": {"batch_size": 2},
+                "backbone": {"weights": "none"},
+                "distributed": {"max_batch_per_process": 1},
+            },
+            "finetune.batch_size",
+        ),
+        ({"backbone": {"pretrain_batch_size": 1}}, "backbone.pretrain_batch_size"),
+    ],
+)
+def test_steps_of_one_image_where_batchnorm_trains_on_1x1_maps_are_refused(tmp_path, changes, key):
+    """resnet18 at 32 px: its last block's maps are 1x1, so BatchNorm in training mode needs
+    2 images a step; 64 px (2x2 maps), or BatchNorm frozen, takes 1."""
+    params = default_params()
+    params["backbone"].update(arch="resnet18", image_size=32)
+    for section, values in changes.items():
+        params[section].update(values)
+    with pytest.raises(ParamsError, match=rf"{key}: .* make steps of 1 image, and BatchNorm trains"):
+        load_params(write(tmp_path, params))
+    params["backbone"]["image_size"] = 64
+    load_params(write(tmp_path, params))
+    if key.startswith("finetune"):
+        params["backbone"]["image_size"] = 32
+        params["finetune"]["bn"] = "frozen"
         load_params(write(tmp_path, params))

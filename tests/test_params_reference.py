@@ -23,7 +23,10 @@ def test_the_committed_params_reference_is_the_one_the_code_writes():
 def test_every_key_is_documented_with_its_rule_and_its_stages():
     text = page()
     assert "| `finetune.bn` | `auto` | one of: `auto`, `train`, `frozen` | finetune, report |" in text
-    assert "| `data.max_image_pixels` | `64000000` | a whole number, 1 or more | prepare, report |" in text
+    assert (
+        "| `data.max_image_pixels` | `64000000` | a whole number of pixels, 1 to 1,000,000,000 "
+        "| prepare, report |" in text
+    )
     assert "| `backbone.revision` | `main` | a non-empty string | backbone, baseline, report |" in text
 
 

@@ -88,13 +88,13 @@ def test_the_time_table_lists_the_stages_in_run_order_with_their_share(tmp_path,
     monkeypatch.chdir(tmp_path)
     (tmp_path / "metrics/time").mkdir(parents=True)
     for stage, seconds in (("finetune", 30.0), ("prepare", 10.0), ("report", 99.0)):
-        timing = {stage: {"seconds": seconds, "startup_seconds": 2.0}}
+        timing = {"time": {stage: {"seconds": seconds, "startup_seconds": 2.0}}}
         (tmp_path / f"metrics/time/{stage}.json").write_text(json.dumps(timing))
     rows = stage_times_table().splitlines()
     assert rows[2:] == [
         "| prepare | 10.0 | 2.0 | 25% |",
         "| finetune | 30.0 | 2.0 | 75% |",
-        "| all but the report | 40.0 | 4.0 | 100% |",
+        "| the run, all but the report | 40.0 | 4.0 | 100% |",
     ]
 
 

@@ -116,7 +116,7 @@ def test_every_stage_reads_only_declared_params_and_every_declared_param_somewhe
     config = tiny_params()
     config["data"]["max_train_per_class"] = 5
     config["backbone"].update(pretrain_images=200)
-    config["finetune"].update(epochs=1, warmup_epochs=0)
+    config["finetune"].update(epochs=1, warmup_epochs=0, ema_epochs=1)
     monkeypatch.chdir(tmp_path)
     reads = run_recording(list(MODULES), config, monkeypatch)
     assert json.loads(Path("metrics/test.json").read_text())  # the stages did run
@@ -136,7 +136,7 @@ def test_every_stage_reads_only_declared_params_and_every_declared_param_somewhe
     monkeypatch.chdir(texts)
     make_text_data(texts)
     config = tiny_text_params()
-    config["finetune"].update(epochs=1, warmup_epochs=0, strategy="adapters")
+    config["finetune"].update(epochs=1, warmup_epochs=0, ema_epochs=1, strategy="adapters")
     config["data"]["skip_bad_texts"] = True
     for name, keys in run_recording(list(MODULES), config, monkeypatch).items():
         reads[name] |= keys

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from pipeline.core.checkpoints import read_sidecar
+from pipeline.core.common import STAGES
 from tests.conftest import (
-    STAGES,
     Run,
     copy_repo,
     csv_rows,

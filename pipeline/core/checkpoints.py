@@ -144,6 +144,11 @@ ONNX_FORMAT_VERSION = 3  # 2: the sidecar pins model.onnx's own sha256; 3: input
 ONNX_OUTPUT = "logits"
 
 
+# The type each of these keys holds, where a file has it: a file that holds another is refused
+# when read, not when the value is first used, mid-stage.
+KEY_TYPES = {"classes": list, "state_dict": dict, "head": dict, "feature_dim": int, "in_features": int}
+
+
 def _require_keys(loaded: Any, schema: type, path: Path, stage: str) -> None:
     missing = sorted(schema.__required_keys__ - set(loaded)) if isinstance(loaded, dict) else ["(all)"]
     if missing:
@@ -151,6 +156,34 @@ def _require_keys(loaded: Any, schema: type, path: Path, stage: str) -> None:
             f"{path}: not a {schema.__name__} this pipeline wrote (missing {', '.join(missing)}); "
             f"rerun the stage that writes it: dvc repro {stage}"
         )
+    wrong = [
+        f"{key} holds {type(loaded[key]).__name__}, not {kind.__name__}"
+        for key, kind in KEY_TYPES.items()
+        if key in schema.__required_keys__ and not isinstance(loaded[key], kind)
+    ]
+    if "classes" in loaded and isinstance(loaded["classes"], list):
+        wrong += [
+            f"classes holds {name!r}, not a name" for name in loaded["classes"] if not isinstance(name, str)
+        ][:1]
+    if wrong:
+        raise StageError(
+            f"{path}: not a {schema.__name__} this pipeline wrote ({'; '.join(wrong)}); "
+            f"rerun the stage that writes it: dvc repro {stage}"
+        )
+
+
+def load_weights(model: torch.nn.Module, state_dict: StateDict, source: Path | str, stage: str) -> None:
+    """``model`` given a checkpoint's weights; weights that do not fit the model the checkpoint
+    describes (a name or a shape) are a one-line error naming the file, not torch's list."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        first = lines[0] if lines else str(error).strip()
+        raise StageError(
+            f"{source}: its weights do not fit the model it describes ({first}); rerun the stage "
+            f"that writes it: dvc repro {stage}"
+        ) from None
 
 
 def backbone_checkpoint(

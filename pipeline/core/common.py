@@ -66,10 +66,15 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_temporaries(target: Path) -> None:
     """Delete what a killed run (kill -9, out of memory) left beside ``target``: temporaries
-    of processes that no longer exist. A live process's temporaries are left alone."""
+    of processes that no longer exist. A live process's temporaries are left alone. A run
+    killed between the two renames of a folder swap (``atomic_path``) left the previous
+    folder aside in its temporary and none in place: that one is put back first."""
     for leftover in target.parent.glob(f".{target.name}.tmp-*"):
         pid = leftover.name.removeprefix(f".{target.name}.tmp-").split("-", 1)[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
+            aside = leftover / f"{target.name}.old"
+            if aside.is_dir() and not target.exists():
+                aside.rename(target)
             shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -88,10 +93,14 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     staged = tmp / target.name
     try:
         yield staged
-        if staged.is_dir() and target.is_dir():
-            old = tmp / (target.name + ".old")
+        if staged.is_dir() and target.is_dir():  # two renames: the old one aside, the new in
+            old = tmp / f"{target.name}.old"
             target.rename(old)
-            staged.rename(target)
+            try:
+                staged.rename(target)
+            except BaseException:
+                old.rename(target)
+                raise
         else:
             os.replace(staged, target)
     finally:

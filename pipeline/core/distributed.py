@@ -161,6 +161,15 @@ def plan_for(stage: str, distributed: dict[str, Any], device: str) -> Plan:
     return Plan(nproc, nnodes, node_rank, endpoint, backend, distributed["timeout_s"], head)
 
 
+PORT_TRIES = 5  # a machine alone meets itself on a free port: so many tries where one is taken
+
+
+def port_taken(error: BaseException) -> bool:
+    """Whether a rendezvous failed because its port was taken (between free_port's probe
+    and the launcher's bind, another stage on this machine bound it)."""
+    return "EADDRINUSE" in str(error) or "address already in use" in str(error).lower()
+
+
 def free_port() -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as probe:
         probe.bind(("localhost", 0))
@@ -194,23 +203,25 @@ def launch(module: str, plan: Plan) -> None:
         shutdown_timeout=10,
     )
     others = start_other_nodes(module, plan) if plan.starts_other_nodes else None
-    try:
-        elastic_launch(config, sys.executable)("-m", module)
-    except ChildFailedError as error:
-        stop(others)
-        raise StageError(failure_message(error, plan)) from None
-    except (
-        RuntimeError,
-        TimeoutError,
-    ) as error:  # the rendezvous itself: a node never came
-        stop(others)
-        raise StageError(
-            f"distributed: node {plan.node_rank} of {plan.nnodes} could not meet the others at "
-            f"{plan.rdzv_endpoint} within {plan.timeout_s} s ({type(error).__name__}: {error})"
-        ) from None
-    except BaseException:
-        stop(others)
-        raise
+    for attempt in range(1, PORT_TRIES + 1):
+        try:
+            elastic_launch(config, sys.executable)("-m", module)
+            break
+        except ChildFailedError as error:
+            stop(others)
+            raise StageError(failure_message(error, plan)) from None
+        except (RuntimeError, TimeoutError) as error:  # the rendezvous itself: a node never came
+            if port_taken(error) and plan.nnodes == 1 and attempt < PORT_TRIES:
+                config.rdzv_endpoint = f"localhost:{free_port()}"  # another stage took it first
+                continue
+            stop(others)
+            raise StageError(
+                f"distributed: node {plan.node_rank} of {plan.nnodes} could not meet the others at "
+                f"{config.rdzv_endpoint} within {plan.timeout_s} s ({type(error).__name__}: {error})"
+            ) from None
+        except BaseException:
+            stop(others)
+            raise
     if others is not None and others.wait() != 0:
         raise StageError(
             f"distributed: the launchers of nodes 1 to {plan.nnodes - 1} (srun) exited with status "

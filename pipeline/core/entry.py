@@ -98,7 +98,8 @@ def seconds_since_start() -> float:
 
 
 def record_stage_time(stage: str, startup_seconds: float, work_seconds: float) -> None:
-    """Write metrics/time/<stage>.json: the stage's wall time in seconds, from its process's
+    """Write metrics/time/<stage>.json, ``{"time": {stage: ...}}`` (``dvc exp show`` names its
+    columns time.<stage>.seconds): the stage's wall time in seconds, from its process's
     start to the end of its work, and of it the start-up (Python, imports, the git check).
     Several processes' work is the launcher's wall time; the processes it starts, and the
     other nodes' launchers, write nothing."""
@@ -111,12 +112,12 @@ def record_stage_time(stage: str, startup_seconds: float, work_seconds: float) -
         "seconds": round(startup_seconds + work_seconds, 3),
         "startup_seconds": round(startup_seconds, 3),
     }
-    write_json(STAGE_TIMES_DIR / f"{stage}.json", {stage: timing})
+    write_json(STAGE_TIMES_DIR / f"{stage}.json", {"time": {stage: timing}})
 
 
-def run_stage(main: Callable[[], None], stage: str, distributed: bool = False) -> None:
-    """Run ``stage``'s ``main`` and record its wall time (``record_stage_time``); print a
-    bad-params or missing-input error as one line, exit 2.
+def run_stage(main: Callable[[], None], stage: str, distributed: bool = False, timed: bool = True) -> None:
+    """Run ``stage``'s ``main`` and, if ``timed``, record its wall time
+    (``record_stage_time``); print a bad-params or missing-input error as one line, exit 2.
 
     ``distributed``: the stage can run in several processes. Where params ask for more than
     one, this process checks params, then launches them instead (so a bad params.yaml fails
@@ -129,7 +130,8 @@ def run_stage(main: Callable[[], None], stage: str, distributed: bool = False) -
         startup, work_started = seconds_since_start(), time.monotonic()
         if not (distributed and launched(stage)):
             main()
-        record_stage_time(stage, startup, time.monotonic() - work_started)
+        if timed:
+            record_stage_time(stage, startup, time.monotonic() - work_started)
     except (ParamsError, StageError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

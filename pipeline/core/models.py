@@ -4,10 +4,13 @@ head, and which of its parameters train. Building a backbone is the modality's
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from pipeline.core.common import HEAD_FILE
 
 
 def build_head(kind: str, in_features: int, num_classes: int, hidden_units: int, dropout: float) -> nn.Module:
@@ -41,9 +44,12 @@ def head_from_config(config: dict[str, Any], num_classes: int) -> nn.Module:
     )
 
 
-def load_head(checkpoint: dict[str, Any]) -> nn.Module:
+def load_head(checkpoint: dict[str, Any], source: Path | str = HEAD_FILE) -> nn.Module:
+    """The head a head checkpoint (read from ``source``) describes, with its weights."""
+    from pipeline.core.checkpoints import load_weights
+
     head = head_from_config(checkpoint, len(checkpoint["classes"]))
-    head.load_state_dict(checkpoint["state_dict"])
+    load_weights(head, checkpoint["state_dict"], source, "train_head")
     return head
 
 

@@ -218,6 +218,31 @@ def process_count(value: Any, key: str) -> str | int:
 
 
 MAX_WORKERS = 64
+MAX_PIXEL_LIMIT = 1_000_000_000
+
+
+def at_most(number: int, most: int, key: str, unit: str, why: str) -> int:
+    """``number`` where it is at most ``most``; else an error saying ``why`` not more."""
+    if number > most:
+        raise ParamsError(f"{key}: {number:,} {unit}, over the most allowed, {most:,}: {why}")
+    return number
+
+
+def pixel_limit(value: Any, key: str) -> int:
+    """The most pixels an image may have: 1 to MAX_PIXEL_LIMIT (a gigapixel)."""
+    why = (
+        "one image of that many decodes to 3 GB of memory in each DataLoader worker; shrink such images first"
+    )
+    return at_most(positive_int(value, key), MAX_PIXEL_LIMIT, key, "pixels", why)
+
+
+MAX_TIMEOUT_S = 7 * 24 * 3600
+
+
+def timeout_seconds(value: Any, key: str) -> int:
+    """Seconds a process waits for the others: 1 to MAX_TIMEOUT_S (a week)."""
+    why = "a week; a process waiting longer for the others is a hung job"
+    return at_most(positive_int(value, key), MAX_TIMEOUT_S, key, "seconds", why)
 
 
 def worker_setting(value: Any, key: str) -> str | int:
@@ -230,13 +255,11 @@ def worker_setting(value: Any, key: str) -> str | int:
         raise ParamsError(
             f"{key}: expected 'auto' or a number of worker processes (0 or more), got {value!r}"
         ) from None
-    if number > MAX_WORKERS:
-        raise ParamsError(
-            f"{key}: {number} worker processes, over the most allowed, {MAX_WORKERS}: each is a process "
-            "with its own batches in flight, and more than the cores only compete for them; use auto "
-            "(the cores this process may use)"
-        )
-    return number
+    why = (
+        "each is a process with its own batches in flight, and more than the cores only compete "
+        "for them; use auto (the cores this process may use)"
+    )
+    return at_most(number, MAX_WORKERS, key, "worker processes", why)
 
 
 def rank_spec(value: Any, key: str) -> str | int:
@@ -300,7 +323,7 @@ SCHEMA: dict[str, Any] = {
         "text_column": text,
         "label_column": text,
         "skip_bad_images": boolean,
-        "max_image_pixels": positive_int,
+        "max_image_pixels": pixel_limit,
         "skip_bad_texts": boolean,
         "num_workers": worker_setting,
         "val_fraction": fraction,
@@ -369,7 +392,7 @@ SCHEMA: dict[str, Any] = {
         "backend": one_of(*BACKENDS),
         "sync_batchnorm": boolean,
         "max_batch_per_process": non_negative_int,
-        "timeout_s": positive_int,
+        "timeout_s": timeout_seconds,
     },
     "launch": {
         "git_remote": text,
@@ -392,7 +415,7 @@ def validate(raw: Any, schema: dict[str, Any] = SCHEMA, prefix: str = "") -> dic
     where = prefix.rstrip(".") or "the top level"
     if not isinstance(raw, dict):
         raise ParamsError(f"{where}: expected a mapping of keys to values, got {raw!r}")
-    unknown = sorted(set(raw) - set(schema))
+    unknown = sorted(set(raw) - set(schema), key=str)  # YAML keys may be numbers: 1: beside zzz:
     if unknown:
         raise ParamsError(
             f"{prefix}{unknown[0]}: unknown key{did_you_mean(unknown[0], schema)}; "
@@ -447,6 +470,12 @@ def cross_check(params: dict[str, Any]) -> None:
         raise ParamsError(
             f"finetune.warmup_epochs: {finetune['warmup_epochs']} leaves no epoch for the cosine decay "
             f"of finetune.epochs: {finetune['epochs']}; use fewer warmup epochs (0 for none)"
+        )
+    if finetune["ema_epochs"] > finetune["epochs"]:
+        raise ParamsError(
+            f"finetune.ema_epochs: {finetune['ema_epochs']:g} averages the weights over more epochs "
+            f"than finetune.epochs: {finetune['epochs']} trains, so the average would keep much of "
+            f"the starting weights; use at most {finetune['epochs']} (0: no average)"
         )
     if finetune["interpolate"] < 1 and finetune["head_init"] != "probe":
         raise ParamsError(

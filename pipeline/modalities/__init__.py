@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core import params as core_params
-from pipeline.core.common import PREPARED_DIR
+from pipeline.core.common import BACKBONE_FILE, FINETUNED_FILE, PREPARED_DIR
 from pipeline.core.errors import ParamsError, StageError
 
 if TYPE_CHECKING:
@@ -134,20 +134,25 @@ def inference_loader(
     return make_loader(dataset, batch_size, device, num_workers=workers, sampler=sampler)
 
 
-def load_backbone(checkpoint: dict[str, Any]) -> nn.Module:
-    """The backbone a backbone checkpoint describes, with its weights."""
+def load_backbone(checkpoint: dict[str, Any], source: Path | str = BACKBONE_FILE) -> nn.Module:
+    """The backbone a backbone checkpoint (read from ``source``) describes, with its weights."""
+    from pipeline.core.checkpoints import load_weights
+
     model = for_checkpoint(checkpoint).build_backbone(checkpoint)
-    model.load_state_dict(checkpoint["state_dict"])
+    load_weights(model, checkpoint["state_dict"], source, "backbone")
     return model
 
 
-def classifier_from_checkpoint(checkpoint: ClassifierCheckpoint) -> Classifier:
-    """The fine-tuned classifier a checkpoint describes, with its weights."""
+def classifier_from_checkpoint(
+    checkpoint: ClassifierCheckpoint, source: Path | str = FINETUNED_FILE
+) -> Classifier:
+    """The fine-tuned classifier a checkpoint (read from ``source``) describes, with its weights."""
+    from pipeline.core.checkpoints import load_weights
     from pipeline.core.models import Classifier, head_from_config
 
     backbone = for_checkpoint(checkpoint).build_backbone(checkpoint)
     model = Classifier(backbone, head_from_config(checkpoint["head"], len(checkpoint["classes"])))
-    model.load_state_dict(checkpoint["state_dict"])
+    load_weights(model, checkpoint["state_dict"], source, "finetune")
     return model
 
 
@@ -156,4 +161,4 @@ def load_classifier(path: Path | str) -> tuple[Classifier, ClassifierCheckpoint]
     from pipeline.core.checkpoints import read_classifier
 
     checkpoint = read_classifier(path)
-    return classifier_from_checkpoint(checkpoint), checkpoint
+    return classifier_from_checkpoint(checkpoint, path), checkpoint

@@ -58,6 +58,37 @@ def check_params(params: dict[str, Any], check_models: bool = True) -> None:
         )
     if check_models:
         check_backbone(params["backbone"])
+        check_batchnorm_steps(params)
+
+
+def check_batchnorm_steps(params: dict[str, Any]) -> None:
+    """BatchNorm that trains on one image a step fails where a layer of it sees one value per
+    channel (a 1x1 map: resnet18's last block at 32 px), and only after the earlier stages
+    ran: refused when params load. Each training that trains BatchNorm (the glyph
+    pretraining; fine-tuning with ``finetune.bn`` train) is checked at its per-process step."""
+    from pipeline.core import distributed
+    from pipeline.core.recipe import resolved_bn
+    from pipeline.modalities.images import models as image_models
+
+    backbone, finetune, spread = params["backbone"], params["finetune"], params["distributed"]
+    world = distributed.local_processes(spread["nproc_per_node"]) * spread["nnodes"]
+    trainings = []
+    if backbone["weights"] == "pretrain":
+        trainings.append(("backbone.pretrain_batch_size", "the glyph pretraining trains it"))
+    if resolved_bn(finetune["bn"], backbone["weights"]) == "train":
+        trainings.append(("finetune.batch_size", "finetune.bn resolves to train"))
+    for key, why in trainings:
+        section, name = key.split(".")
+        batch = params[section][name]
+        step, _ = distributed.split_batch(batch, world, spread["max_batch_per_process"], key)
+        if step == 1 and image_models.single_image_step_fails(backbone["arch"], backbone["image_size"]):
+            raise ParamsError(
+                f"{key}: {batch} image(s) over {world} process(es) (distributed.max_batch_per_process: "
+                f"{spread['max_batch_per_process']}) make steps of 1 image, and BatchNorm trains "
+                f"({why}): {backbone['arch']} at {backbone['image_size']} px has a BatchNorm layer "
+                "that then sees one value per channel, which torch refuses; give each process at "
+                "least 2 images a step, or set finetune.bn: frozen"
+            )
 
 
 def auto_augment(dataset: str) -> str:
@@ -106,7 +137,10 @@ def prepare_splits(data: dict[str, Any], seed: int) -> tuple[Splits, list[str], 
     fractions = (data["val_fraction"], data["test_fraction"], data["max_train_per_class"], seed)
     if data["dataset"] == "imagefolder":
         given, classes, skipped = imagefolder_files(data)
-        return split_given(given, *fractions, min_val=data["min_val_examples"]), classes, skipped
+        splits = split_given(given, *fractions, min_val=data["min_val_examples"])
+        for files, _ in splits.values():  # every later reader holds the files to prepare's limit
+            files["max_image_pixels"] = data["max_image_pixels"]
+        return splits, classes, skipped
     if data["dataset"] in ("cifar10", "cifar100"):
         given, classes = image_data.load_cifar(data["dataset"], Path(data["path"]))
         return split_given(given, *fractions, min_val=data["min_val_examples"]), classes, []
@@ -241,7 +275,7 @@ def dataset(prepared_dir: Path, split: str, preprocessing: dict[str, Any], augme
     images, labels = load_split(prepared_dir, split)
     transform = checkpoint_transform(preprocessing, augment)
     if isinstance(images, dict):
-        return ImageFileDataset(images["paths"], labels, transform)
+        return ImageFileDataset(images["paths"], labels, transform, images.get("max_image_pixels"))
     return ImageArrayDataset(images, labels, transform)
 
 

@@ -5,7 +5,6 @@ the transforms and the datasets over both."""
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,15 +35,15 @@ def open_image(path: Path | str, max_pixels: int | None = None, limit_name: str 
     """``path`` opened by Pillow (header only) in one of FORMATS, refused where its pixels
     exceed ``max_pixels`` (None: Pillow's own limit) before it is decoded: a small file can
     hold a huge image, which decoded would take the memory of every worker."""
-    limit = max_pixels or Image.MAX_IMAGE_PIXELS
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # up to 2x its limit Pillow warns
-        try:
-            image = Image.open(path, formats=FORMATS)
-        except Image.DecompressionBombError as error:  # the size, in Pillow's words
-            raise TooManyPixels(f"{error}; shrink the image") from None
+    pillows = Image.MAX_IMAGE_PIXELS
+    limit = max_pixels or pillows
+    try:
+        Image.MAX_IMAGE_PIXELS = None  # the check below is the one limit: Pillow's would refuse 2x its own
+        image = Image.open(path, formats=FORMATS)
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillows
     pixels = image.width * image.height
-    if pixels > limit:
+    if limit is not None and pixels > limit:
         image.close()
         raise TooManyPixels(
             f"{image.width} x {image.height} = {pixels:,} pixels, over the limit of {limit:,} "
@@ -183,20 +182,26 @@ def unreadable_files(
 
 
 class ImageFileDataset(Dataset):
-    """Images read from disk on access, so memory stays bounded whatever the dataset's size."""
+    """Images read from disk on access, so memory stays bounded whatever the dataset's size;
+    each held to ``max_pixels`` (data.max_image_pixels, which prepare checked them against;
+    None: Pillow's own limit)."""
 
     reads_files = True  # DataLoader workers decode them (training.loader_workers)
 
-    def __init__(self, paths: list[str], labels: list[int], transform: v2.Compose) -> None:
+    def __init__(
+        self, paths: list[str], labels: list[int], transform: v2.Compose, max_pixels: int | None = None
+    ) -> None:
         self.paths = paths
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.transform = transform
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(read_rgb(self.paths[index])), self.labels[index]
+        image = read_rgb(self.paths[index], self.max_pixels, " (data.max_image_pixels)")
+        return self.transform(image), self.labels[index]
 
 
 def load_digits_dataset() -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -109,6 +109,21 @@ def image_size_problem(arch: str, image_size: int) -> str | None:
     return None
 
 
+def single_image_step_fails(arch: str, image_size: int) -> bool:
+    """Whether training ``arch`` on one ``image_size``-pixel image a step fails: BatchNorm in
+    training mode refuses a layer with one value per channel. A training-mode forward pass
+    on torch's meta device, as ``image_size_problem``'s."""
+    try:
+        with torch.device("meta"):
+            model, _ = build_backbone(arch, image_size=image_size)
+            model.train()(torch.zeros(1, 3, image_size, image_size))
+    except ValueError as error:
+        return "Expected more than 1 value per channel" in str(error)
+    except (RuntimeError, AssertionError, NotImplementedError, StageError, TypeError):
+        return False
+    return False
+
+
 def next_image_size(arch: str, above: int, scan: int = 64, largest: int = 1024) -> int | None:
     """The next size above ``above`` that ``arch`` takes: the first of the next ``scan``
     sizes, else (sizes it takes starting at some minimum) the one bisection finds below
