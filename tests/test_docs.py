@@ -19,18 +19,23 @@ from benchmarks import results
 from tests.conftest import ROOT, copy_repo, generated_texts, make_tree, run, subprocess_env, write_texts_csv
 
 DOCUMENTS = results.documents()
-FENCE = re.compile(r"^(?P<indent> *)```bash\n(?P<code>.*?)^(?P=indent)```", re.S | re.M)
+# A ```bash block, and the HTML comment above it that says why no test runs it, if any:
+# the reason is for maintainers, and no page shows it above the command a user copies.
+FENCE = re.compile(
+    r"^(?: *<!-- not tested: (?P<reason>.*?) -->\n)?(?P<indent> *)```bash\n(?P<code>.*?)^(?P=indent)```",
+    re.S | re.M,
+)
 
 
-def shell_blocks(document: Path) -> list[tuple[str, str]]:
-    """Each ```bash block of ``document``: the heading it sits under, and its code
-    (dedented as a list item's block is)."""
+def shell_blocks(document: Path) -> list[tuple[str, str, str | None]]:
+    """Each ```bash block of ``document``: the heading it sits under, its code (dedented
+    as a list item's block is), and why no test runs it (None: a test does)."""
     text, blocks = document.read_text(), []
     for match in FENCE.finditer(text):
         heading = ([line for line in prose(text[: match.start()]) if line.startswith("#")] or [""])[-1]
         indent = len(match["indent"])
         code = "\n".join(line[indent:] for line in match["code"].splitlines())
-        blocks.append((heading.lstrip("# ").strip(), code))
+        blocks.append((heading.lstrip("# ").strip(), code, match["reason"]))
     return blocks
 
 
@@ -43,11 +48,6 @@ def prose(text: str) -> list[str]:
         elif not fenced:
             lines.append(line)
     return lines
-
-
-def not_tested_reason(code: str) -> str | None:
-    first = code.splitlines()[0]
-    return first.split(":", 1)[1].strip() if first.startswith("# not tested:") else None
 
 
 # The blocks this file runs, by document and heading (each heading holds one).
@@ -91,8 +91,8 @@ def test_every_shell_block_is_run_here_or_says_why_not():
     untested = []
     for document in DOCUMENTS:
         name = str(document.relative_to(ROOT))
-        for heading, code in shell_blocks(document):
-            if not_tested_reason(code) is None and (name, heading) not in RUN_HERE:
+        for heading, code, reason in shell_blocks(document):
+            if reason is None and (name, heading) not in RUN_HERE:
                 untested.append(f"{name}, under '{heading}': {code.splitlines()[0]}")
     assert not untested, "shell blocks neither run by tests/test_docs.py nor saying why not:\n" + "\n".join(
         untested
@@ -100,7 +100,7 @@ def test_every_shell_block_is_run_here_or_says_why_not():
 
 
 def block(document: str, heading: str) -> str:
-    found = [code for under, code in shell_blocks(ROOT / document) if under == heading]
+    found = [code for under, code, _ in shell_blocks(ROOT / document) if under == heading]
     assert len(found) == 1, (document, heading, len(found))
     return found[0]
 
@@ -158,7 +158,7 @@ def test_the_predict_and_export_commands_of_the_model_guide_run_as_written(tiny_
         (repo / path).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(repo / path)
     for code in (
-        code for heading, code in shell_blocks(ROOT / "docs/guides/model.md") if not not_tested_reason(code)
+        code for heading, code, reason in shell_blocks(ROOT / "docs/guides/model.md") if reason is None
     ):
         run_block(repo, code)
     assert (repo / "predictions.csv").read_text().count("\n") == 4
@@ -169,11 +169,17 @@ def test_shell_blocks_are_found_with_their_heading_and_reason(tmp_path):
     page = tmp_path / "page.md"
     page.write_text(
         "# Top\n\n## Run\n\n```bash\necho hi\n```\n\n1. item\n\n"
-        "   ```bash\n   # not tested: needs a GPU\n   nvidia-smi\n   ```\n"
+        "   <!-- not tested: needs a GPU -->\n   ```bash\n   nvidia-smi  # the GPUs\n   ```\n"
     )
-    blocks = shell_blocks(page)
-    assert blocks == [("Run", "echo hi"), ("Run", "# not tested: needs a GPU\nnvidia-smi")]
-    assert [not_tested_reason(code) for _, code in blocks] == [None, "needs a GPU"]
+    assert shell_blocks(page) == [("Run", "echo hi", None), ("Run", "nvidia-smi  # the GPUs", "needs a GPU")]
+
+
+def test_no_page_shows_a_maintainers_not_tested_note_to_users():
+    for document in DOCUMENTS:
+        for heading, code, _ in shell_blocks(document):
+            assert "not tested" not in code, (
+                f"{document.name}, under '{heading}': the note goes in an HTML comment"
+            )
 
 
 def test_the_docs_build_of_ci_leaves_no_site_behind(tmp_path):

@@ -15,8 +15,11 @@ from pipeline.export import check_parity
 from tests.conftest import Run, copy_repo, csv_rows, run
 
 
-def test_parity_within_tolerance_and_on_every_top1_passes():
-    check_parity({"examples": 10, "max_abs_logit_difference": 9e-5, "top1_disagreements": 0}, 1e-4)
+def test_parity_up_to_the_tolerance_itself_passes_and_just_past_it_fails():
+    at_tolerance = {"examples": 10, "max_abs_logit_difference": 1e-4, "top1_disagreements": 0}
+    check_parity(at_tolerance, 1e-4)
+    with pytest.raises(StageError, match=r"export\.tolerance"):
+        check_parity({**at_tolerance, "max_abs_logit_difference": 1.001e-4}, 1e-4)
 
 
 @pytest.mark.parametrize(

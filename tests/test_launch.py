@@ -250,19 +250,15 @@ def exp_file(repo: Path, name: str, path: str) -> str:
 
 
 @pytest.mark.slow
-def test_a_grid_of_three_runs_as_slurm_jobs_and_comes_back_as_dvc_exp_run_makes_it(cluster_clone, tmp_path):
-    """Three jobs, each in its own clone; `dvc exp pull origin` brings all three back, each
-    with the metrics `dvc exp run` of its params gives here. The committed rate's job and a
-    job resubmitted after its params ran run no stage: they restore from the cache."""
+def test_a_sweep_runs_as_slurm_jobs_and_comes_back_as_dvc_exp_run_makes_it(cluster_clone, tmp_path):
+    """Two jobs, each in its own clone; `dvc exp pull origin` brings both back, each with
+    the metrics `dvc exp run` of its params gives here. The committed rate's job and a job
+    resubmitted after its params ran run no stage: they restore from the cache."""
     repo = cluster_clone
-    jobs = submit(repo, "-S", "lr=0.001,0.0003,0.0005")
-    assert len(jobs) == 3
+    jobs = submit(repo, "-S", "lr=0.001,0.0003")
+    assert len(jobs) == 2
     here = start_in(
-        repo,
-        "bash",
-        "-c",
-        "dvc exp run --temp --name here-0.0003 -S lr=0.0003 && "
-        "dvc exp run --temp --name here-0.0005 -S lr=0.0005",
+        repo, "dvc", "exp", "run", "--temp", "--name", "here-0.0003", "-S", "lr=0.0003"
     )  # beside the jobs
     logs = wait_for(repo, jobs)
     rate = {name: name.split("-")[1] for name in jobs}
