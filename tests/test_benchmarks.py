@@ -266,3 +266,20 @@ def test_the_interpolation_table_says_how_many_seeds_end_under_the_probe_and_the
     assert under_note(both, 1.0) == "; 2 under the probe, p ≥ 0.5"
     assert under_note([run(1, 0.88, 1.0), run(2, 0.89, 1.0)], 1.0) == "; 2 under the probe, p = 1 each"
     assert under_note([run(1, 0.89, None)], 1.0) == "; 1 under the probe"  # measured before the counts
+
+
+def test_the_loop_benchmark_feeds_finetunes_loop_from_photo_files_and_times_the_step_alone():
+    """benchmarks.loop_speed (the GPU benchmark's loop part) on this CPU: four 500x375 JPEGs,
+    Lite0 at 224 px, one timed epoch of each loader; its table gives the ratio."""
+    import torch
+
+    from benchmarks import loop_speed
+    from pipeline.core.loaders import worker_count
+
+    rows = loop_speed.loop_rows(torch.device("cpu"), photos=4, epochs=1, archs=("efficientnet_lite0",))
+    (row,) = rows
+    assert (row["arch"], row["size"], row["workers"]) == ("efficientnet_lite0", 224, worker_count("auto"))
+    assert row["images_per_second"] > 0 and row["step_images_per_second"] > 0
+    record = {"machine": {"gpu": None}, "results": {"loop": rows}}
+    ratio = row["images_per_second"] / row["step_images_per_second"]
+    assert loop_speed.table(record).splitlines()[2].endswith(f"| {ratio:.2f} |")
