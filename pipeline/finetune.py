@@ -72,7 +72,7 @@ from pipeline.core.optim import (
     warmup_cosine,
 )
 from pipeline.core.recipe import resolved
-from pipeline.core.selection import SELECTIONS, Selection, start_record
+from pipeline.core.selection import SELECTIONS, Selection, kept_note, selection_summary, start_record
 from pipeline.core.training import (
     BatchTransform,
     EpochCallback,
@@ -280,68 +280,6 @@ def starting_classifier(
     return classifier
 
 
-def decided_by(start: dict[str, float], best: dict[str, float], select: str) -> str:
-    """The val score that decided between the starting model and the kept epoch: the rule's,
-    or, when ``accuracy`` found them equal, the val loss that broke the tie."""
-    if select == "accuracy" and best["epoch"] != 0 and best["val_accuracy"] == start["val_accuracy"]:
-        return "loss, at equal accuracy"
-    return select
-
-
-def blend_lost(
-    history: list[dict[str, float]], best: dict[str, float], select: str, interpolate: float
-) -> bool:
-    """Whether finetune kept the starting model although an epoch beat it on val, because
-    that epoch's blend with the start (``finetune.interpolate`` below 1) did not."""
-    return interpolate < 1 and best["epoch"] == 0 and SELECTIONS[select](history)["epoch"] != 0
-
-
-def selection_summary(
-    history: list[dict[str, float]], best: dict[str, float], select: str, interpolate: float = 1.0
-) -> dict[str, float | str | bool]:
-    """What the finetune metrics say of the choice: the starting model's val scores (epoch 0),
-    whether it or a fine-tuned epoch was kept, and on which val score; with
-    ``finetune.interpolate`` below 1, whether the blend lost to the start on val."""
-    start = history[0]
-    summary = {
-        "selected": "start" if best["epoch"] == 0 else "fine-tuned",
-        "decided_by": decided_by(start, best, select),
-        "start_val_loss": start["val_loss"],
-        "start_val_accuracy": start["val_accuracy"],
-    }
-    if interpolate < 1:
-        summary["blend_lost_on_val"] = blend_lost(history, best, select, interpolate)
-    return summary
-
-
-def selection_message(
-    history: list[dict[str, float]], best: dict[str, float], select: str, interpolate: float = 1.0
-) -> str:
-    """One line on which model finetune kept and by how much it won on val."""
-    start = history[0]
-    scores = (
-        f"val loss {best['val_loss']:.4f} vs {start['val_loss']:.4f}, "
-        f"accuracy {best['val_accuracy']:.4f} vs {start['val_accuracy']:.4f}"
-    )
-    its_scores = f"(its val loss {start['val_loss']:.4f}, accuracy {start['val_accuracy']:.4f})"
-    if blend_lost(history, best, select, interpolate):
-        winner = SELECTIONS[select](history)["epoch"]
-        return (
-            f"finetune: kept the starting model: epoch {winner} beat it on val {select}, but its blend "
-            f"{interpolate:g} of the way from the starting model (finetune.interpolate) did not {its_scores}"
-        )
-    if best["epoch"] == 0:
-        return (
-            f"finetune: kept the starting model: no epoch of {len(history) - 1} beat it on val {select} "
-            f"{its_scores}"
-        )
-    won_on = decided_by(start, best, select)
-    kept = f"kept epoch {best['epoch']}"
-    if "interpolate" in best:
-        kept += f", {best['interpolate']:g} of the way from the starting model (WiSE-FT)"
-    return f"finetune: {kept}, better than the starting model on val {won_on} ({scores})"
-
-
 def few_val_examples_warning(val_examples: int) -> str | None:
     """A warning when the val split is too small for the choice of epoch to mean much."""
     if val_examples >= FEW_VAL_EXAMPLES:
@@ -478,6 +416,7 @@ def main() -> None:
             backend=plan.backend,
         ),
     )
+    chosen = selection_summary(history, best, config["select"], config["interpolate"])
     log.live.summary.setdefault("finetune", {}).update(
         world_size=ranks.world_size,
         backend=plan.backend,
@@ -488,7 +427,7 @@ def main() -> None:
         ema_epochs=config["ema_epochs"],
         interpolate=config["interpolate"],
         trainable_params=trainable,
-        **selection_summary(history, best, config["select"], config["interpolate"]),
+        **chosen,
     )
     log.close(best)
     write_json(
@@ -497,9 +436,11 @@ def main() -> None:
     print(
         f"finetune: {config['strategy']} trained {trainable:,} of {total:,} parameters in {seconds:.1f} s "
         f"(augment {used['augment']}, bn {used['bn']}, mix {used['mix']}, "
-        f"ema_epochs {config['ema_epochs']:g})"
+        f"ema_epochs {config['ema_epochs']:g}, interpolate {config['interpolate']:g})"
     )
-    print(selection_message(history, best, config["select"], config["interpolate"]))
+    best_scores = {f"best_{name}": best[name] for name in ("val_loss", "val_accuracy")}
+    kept = {**chosen, **best_scores, "best_epoch": best["epoch"], "interpolate": config["interpolate"]}
+    print(f"finetune: {kept_note(kept)}")
     if saved is not None:
         saved.clear()
 

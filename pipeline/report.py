@@ -44,6 +44,7 @@ from pipeline.core.entry import run_stage
 from pipeline.core.epoch_log import read_epoch_log
 from pipeline.core.errors import StageError
 from pipeline.core.metrics import highest_losses, most_confused_pairs, probe_comparison_note
+from pipeline.core.selection import kept_note
 from pipeline.modalities import load_params
 
 if TYPE_CHECKING:
@@ -183,28 +184,6 @@ def export_note(result: dict[str, Any], items: str) -> str:
         f"all {result['examples']} test {items}: largest |logit difference| "
         f"{result['max_abs_logit_difference']:.3g}, {result['top1_disagreements']} different top-1 "
         "classes. `python -m pipeline predict --onnx models/model.onnx PATH...` runs it."
-    )
-
-
-def kept_note(finetune: dict[str, Any]) -> str:
-    """Which model finetune kept, the starting one or an epoch, on which val score, and their
-    val scores."""
-    start = f"val loss {finetune['start_val_loss']:.4f}, accuracy {finetune['start_val_accuracy']:.2%}"
-    if finetune.get("blend_lost_on_val"):
-        return (
-            "an epoch beat the starting model on val, but its blend with it "
-            f"(finetune.interpolate {finetune['interpolate']:g}) did not, so the fine-tuned model is the "
-            f"starting one, unchanged ({start})"
-        )
-    if finetune["selected"] == "start":
-        return (
-            f"no epoch beat the starting model on val {finetune['decided_by']}, so the fine-tuned "
-            f"model is the starting one, unchanged ({start})"
-        )
-    return (
-        f"it kept epoch {finetune['best_epoch']} (val loss {finetune['best_val_loss']:.4f}, accuracy "
-        f"{finetune['best_val_accuracy']:.2%}), better than the starting model on val "
-        f"{finetune['decided_by']} ({start})"
     )
 
 

@@ -585,7 +585,7 @@ def test_two_launchers_of_one_process_each_meet_through_the_rendezvous(tiny_repo
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert "finetune: 2 processes (1 here on node 0 of 2, gloo)" in outputs[0]
     assert "finetune: 2 processes (1 here on node 1 of 2, gloo)" in outputs[1]
-    assert "finetune: kept " in outputs[0] and "finetune: kept " not in outputs[1]
+    assert "the starting model on val" in outputs[0] and "the starting model on val" not in outputs[1]
     summary = json.loads((tiny_repo / "reports/live/finetune/metrics.json").read_text())["finetune"]
     assert summary["world_size"] == 2
 

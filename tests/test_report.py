@@ -35,29 +35,6 @@ def test_confused_pairs_are_named_with_both_directions():
     assert confused_pairs_table(perfect) == "The fine-tuned model confused no two classes on the test split."
 
 
-def test_the_report_says_whether_finetune_kept_the_starting_model_or_an_epoch():
-    from pipeline.report import kept_note
-
-    finetune = {"start_val_loss": 0.39, "start_val_accuracy": 0.88, "best_val_loss": 0.35}
-    finetune.update(best_val_accuracy=0.9, best_epoch=3)
-    kept_start = kept_note({**finetune, "selected": "start", "decided_by": "loss"})
-    assert "no epoch beat the starting model on val loss" in kept_start
-    assert "val loss 0.3900, accuracy 88.00%" in kept_start
-    kept_epoch = kept_note({**finetune, "selected": "fine-tuned", "decided_by": "accuracy"})
-    assert kept_epoch.startswith(
-        "it kept epoch 3 (val loss 0.3500, accuracy 90.00%), better than the starting model on val accuracy"
-    )
-    tie = kept_note({**finetune, "selected": "fine-tuned", "decided_by": "loss, at equal accuracy"})
-    assert "better than the starting model on val loss, at equal accuracy (val loss 0.3900" in tie
-    lost = kept_note({**finetune, "selected": "start", "decided_by": "accuracy", "interpolate": 0.8})
-    assert lost == kept_start.replace("on val loss", "on val accuracy")  # no blend_lost_on_val: as before
-    lost = kept_note({**finetune, "selected": "start", "interpolate": 0.8, "blend_lost_on_val": True})
-    assert lost.startswith(
-        "an epoch beat the starting model on val, but its blend with it (finetune.interpolate 0.8) did not, "
-        "so the fine-tuned model is the starting one, unchanged (val loss 0.3900"
-    )
-
-
 def test_the_report_says_whether_a_gpu_rerun_gives_the_same_bits():
     from pipeline.report import determinism_note
 

@@ -58,3 +58,60 @@ def last_epoch(history: list[dict[str, float]]) -> dict[str, float]:
 
 
 SELECTIONS: dict[str, Selection] = {"loss": lowest_val_loss, "accuracy": best_val_accuracy}
+
+
+def decided_by(start: dict[str, float], best: dict[str, float], select: str) -> str:
+    """The val score that decided between the starting model and the kept epoch: the rule's,
+    or, when ``accuracy`` found them equal, the val loss that broke the tie."""
+    if select == "accuracy" and best["epoch"] != 0 and best["val_accuracy"] == start["val_accuracy"]:
+        return "loss, at equal accuracy"
+    return select
+
+
+def blend_lost(
+    history: list[dict[str, float]], best: dict[str, float], select: str, interpolate: float
+) -> bool:
+    """Whether finetune kept the starting model although an epoch beat it on val, because
+    that epoch's blend with the start (``finetune.interpolate`` below 1) did not."""
+    return interpolate < 1 and best["epoch"] == 0 and SELECTIONS[select](history)["epoch"] != 0
+
+
+def selection_summary(
+    history: list[dict[str, float]], best: dict[str, float], select: str, interpolate: float = 1.0
+) -> dict[str, float | str | bool]:
+    """What the finetune metrics say of the choice: the starting model's val scores (epoch 0),
+    whether it or a fine-tuned epoch was kept, and on which val score; with
+    ``finetune.interpolate`` below 1, whether the blend lost to the start on val."""
+    start = history[0]
+    summary = {
+        "selected": "start" if best["epoch"] == 0 else "fine-tuned",
+        "decided_by": decided_by(start, best, select),
+        "start_val_loss": start["val_loss"],
+        "start_val_accuracy": start["val_accuracy"],
+    }
+    if interpolate < 1:
+        summary["blend_lost_on_val"] = blend_lost(history, best, select, interpolate)
+    return summary
+
+
+def kept_note(finetune: dict) -> str:
+    """Which model finetune kept, the starting one or an epoch, on which val score, and their
+    val scores, from finetune's metrics (``selection_summary``, the best epoch's scores and
+    ``interpolate``): what finetune's last line and the report both say."""
+    start = f"val loss {finetune['start_val_loss']:.4f}, accuracy {finetune['start_val_accuracy']:.2%}"
+    if finetune.get("blend_lost_on_val"):
+        return (
+            "an epoch beat the starting model on val, but its blend with it "
+            f"(finetune.interpolate {finetune['interpolate']:g}) did not, so the fine-tuned model is the "
+            f"starting one, unchanged ({start})"
+        )
+    if finetune["selected"] == "start":
+        return (
+            f"no epoch beat the starting model on val {finetune['decided_by']}, so the fine-tuned "
+            f"model is the starting one, unchanged ({start})"
+        )
+    return (
+        f"it kept epoch {finetune['best_epoch']} (val loss {finetune['best_val_loss']:.4f}, accuracy "
+        f"{finetune['best_val_accuracy']:.2%}), better than the starting model on val "
+        f"{finetune['decided_by']} ({start})"
+    )
