@@ -46,10 +46,11 @@ from torch.utils.data import TensorDataset
 
 from benchmarks import augment_speed, cached_features, loop_speed, results
 from benchmarks.finetune_recipes import CIFAR10_DEV, SETS, base_params, sync_code
+from benchmarks.loop_speed import fresh_classifier, wait_for
 from benchmarks.run_cache import dvc_env
-from pipeline.core.common import STAGES, file_sha256, seed_everything
+from pipeline.core.common import file_sha256, seed_everything
+from pipeline.core.entry import recorded_stage_times
 from pipeline.core.loaders import make_loader
-from pipeline.core.models import Classifier
 from pipeline.core.training import grad_scaler, train_epoch
 from pipeline.modalities.images.models import build_backbone
 
@@ -58,12 +59,6 @@ ROOT = results.ROOT
 PARTS = ("steps", "loop", "loaders", "cached", "runs")
 RUNS = ("digits", "photos")
 PHOTO_SET = "cifar10-dev"  # benchmarks.finetune_recipes' set: its folder and own-photos flags
-
-
-def wait_for(device: torch.device) -> None:
-    """Let the GPU finish what is queued: a clock read before that times the queueing."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def plain_loop_speed(model: nn.Module, batches: list, device: torch.device) -> float:
@@ -99,12 +94,6 @@ def pipeline_loop_speed(model: nn.Module, data: TensorDataset, batch: int, devic
     train_epoch(model, loader, loss, device, optimizer, scaler, amp="auto")
     wait_for(device)
     return len(timed) / (time.perf_counter() - start)
-
-
-def fresh_classifier(arch: str, size: int) -> nn.Module:
-    torch.manual_seed(0)
-    backbone, features = build_backbone(arch, image_size=size)
-    return Classifier(backbone, nn.Linear(features, 10))
 
 
 def step_speeds(
@@ -238,11 +227,7 @@ def pipeline_run(work: Path, params: dict[str, Any], photos: Path | None) -> dic
     start = time.perf_counter()
     dvc(repo, "repro")
     seconds = time.perf_counter() - start
-    stage_seconds = {
-        stage: json.loads(path.read_text())["time"][stage]["seconds"]
-        for stage in STAGES
-        if (path := repo / "metrics" / "time" / f"{stage}.json").exists()
-    }
+    stage_seconds = {stage: timing["seconds"] for stage, timing in recorded_stage_times(repo).items()}
     first = file_sha256(repo / "models" / "finetuned.pt")
     dvc(repo, "repro", "-f", "-s", "finetune")
     test = json.loads((repo / "metrics" / "test.json").read_text())

@@ -42,14 +42,21 @@ SIZE, RESIZE, BATCH, CLASSES = 224, 256, 64, 10
 PHOTO = (500, 375)  # width, height
 
 
+def smooth_photo(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A generated photo: random colours on a grid 4 wide (as many high as the aspect
+    gives), blown up to ``width`` x ``height``; a JPEG of it costs what a real photo of that
+    size costs to decode."""
+    coarse = rng.integers(0, 256, (max(1, round(4 * height / width)), 4, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((width, height), Image.BILINEAR)
+
+
 def write_photos(folder: Path, count: int) -> list[tuple[str, int]]:
-    """``count`` JPEGs of PHOTO's size (4x3 random colours blown up), with their labels."""
+    """``count`` JPEGs of PHOTO's size, with their labels."""
     rng = np.random.default_rng(0)
     files = []
     for index in range(count):
         path = folder / f"{index}.jpg"
-        coarse = Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8))
-        coarse.resize(PHOTO, Image.BILINEAR).save(path, quality=90)
+        smooth_photo(rng, *PHOTO).save(path, quality=90)
         files.append((str(path), index % CLASSES))
     return files
 
@@ -60,10 +67,15 @@ def wait_for(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fresh_model(arch: str, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+def fresh_classifier(arch: str, size: int) -> nn.Module:
+    """``arch`` at random init (seeded) with a CLASSES-way linear head, for ``size`` px."""
     torch.manual_seed(0)
-    backbone, features = build_backbone(arch, image_size=SIZE)
-    model = Classifier(backbone, nn.Linear(features, CLASSES)).to(device, memory_format=torch.channels_last)
+    backbone, features = build_backbone(arch, image_size=size)
+    return Classifier(backbone, nn.Linear(features, CLASSES))
+
+
+def fresh_model(arch: str, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = fresh_classifier(arch, SIZE).to(device, memory_format=torch.channels_last)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 

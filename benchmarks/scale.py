@@ -13,7 +13,6 @@ Fine-tuning runs one epoch. Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -24,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from PIL import Image
 
 from benchmarks import results
+from benchmarks.loop_speed import smooth_photo
 from pipeline.core.common import STAGES as PIPELINE_STAGES
+from pipeline.core.entry import recorded_stage_times
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "scale"
@@ -36,13 +36,12 @@ CLASSES = 10
 
 
 def write_photos(root: Path, images: int, side: int) -> None:
-    """``images`` JPEGs in CLASSES class folders: 4x4 random colours blown up to ``side``."""
+    """``images`` square JPEGs of ``side`` px (loop_speed.smooth_photo) in CLASSES class folders."""
     rng = np.random.default_rng(0)
     for index in range(images):
         folder = root / f"class_{index % CLASSES}"
         folder.mkdir(parents=True, exist_ok=True)
-        coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
-        coarse.resize((side, side), Image.BILINEAR).save(folder / f"{index}.jpg", quality=90)
+        smooth_photo(rng, side, side).save(folder / f"{index}.jpg", quality=90)
 
 
 def stage_params(side: int, arch: str) -> dict:
@@ -75,7 +74,7 @@ def measure(images: int, side: int, arch: str) -> dict:
         stages = {}
         for stage in STAGES:
             peak = run_measured(stage, work)
-            seconds = json.loads((work / f"metrics/time/{stage}.json").read_text())["time"][stage]["seconds"]
+            seconds = recorded_stage_times(work)[stage]["seconds"]
             stages[stage] = {"seconds": seconds, "peak_mib": round(peak, 1)}
             print(f"scale: {images} images: {stage} {seconds:.1f} s, {peak:.0f} MiB", flush=True)
         splits = [torch.load(work / f"data/features/{split}.pt") for split in ("train", "val", "test")]

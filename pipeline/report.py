@@ -34,13 +34,12 @@ from pipeline.core.common import (
     PREPARED_DIR,
     REPORT_FILE,
     STAGE_TIMES_DIR,
-    STAGES,
     atomic_path,
     file_sha256,
     read_json,
     write_text,
 )
-from pipeline.core.entry import run_stage
+from pipeline.core.entry import recorded_stage_times, run_stage
 from pipeline.core.epoch_log import read_epoch_log
 from pipeline.core.errors import StageError
 from pipeline.core.metrics import highest_losses, most_confused_pairs, probe_comparison_note
@@ -211,11 +210,7 @@ def per_class_table(details: dict[str, Any]) -> str:
 
 def stage_times_table() -> str:
     """Each stage's wall time (metrics/time/), start-up apart, and its share of the run."""
-    times = {
-        stage: read_json(path)["time"][stage]
-        for stage in STAGES
-        if stage != "report" and (path := STAGE_TIMES_DIR / f"{stage}.json").exists()
-    }
+    times = recorded_stage_times()
     if not times:
         return f"No stage recorded its time under `{STAGE_TIMES_DIR}/`."
     total = sum(timing["seconds"] for timing in times.values())

@@ -203,25 +203,24 @@ def launch(module: str, plan: Plan) -> None:
         shutdown_timeout=10,
     )
     others = start_other_nodes(module, plan) if plan.starts_other_nodes else None
-    for attempt in range(1, PORT_TRIES + 1):
-        try:
-            elastic_launch(config, sys.executable)("-m", module)
-            break
-        except ChildFailedError as error:
-            stop(others)
-            raise StageError(failure_message(error, plan)) from None
-        except (RuntimeError, TimeoutError) as error:  # the rendezvous itself: a node never came
-            if port_taken(error) and plan.nnodes == 1 and attempt < PORT_TRIES:
-                config.rdzv_endpoint = f"localhost:{free_port()}"  # another stage took it first
-                continue
-            stop(others)
-            raise StageError(
-                f"distributed: node {plan.node_rank} of {plan.nnodes} could not meet the others at "
-                f"{config.rdzv_endpoint} within {plan.timeout_s} s ({type(error).__name__}: {error})"
-            ) from None
-        except BaseException:
-            stop(others)
-            raise
+    try:
+        for attempt in range(1, PORT_TRIES + 1):
+            try:
+                elastic_launch(config, sys.executable)("-m", module)
+                break
+            except ChildFailedError as error:
+                raise StageError(failure_message(error, plan)) from None
+            except (RuntimeError, TimeoutError) as error:  # the rendezvous itself: a node never came
+                if port_taken(error) and plan.nnodes == 1 and attempt < PORT_TRIES:
+                    config.rdzv_endpoint = f"localhost:{free_port()}"  # another stage took it first
+                    continue
+                raise StageError(
+                    f"distributed: node {plan.node_rank} of {plan.nnodes} could not meet the others at "
+                    f"{config.rdzv_endpoint} within {plan.timeout_s} s ({type(error).__name__}: {error})"
+                ) from None
+    except BaseException:
+        stop(others)
+        raise
     if others is not None and others.wait() != 0:
         raise StageError(
             f"distributed: the launchers of nodes 1 to {plan.nnodes - 1} (srun) exited with status "

@@ -97,6 +97,19 @@ def seconds_since_start() -> float:
         return time.monotonic() - IMPORTED_AT
 
 
+def recorded_stage_times(root: Path | str = ".") -> dict[str, dict[str, float]]:
+    """The wall times the stages of the run in ``root`` recorded (``record_stage_time``), in
+    run order: ``{stage: {"seconds": ..., "startup_seconds": ...}}``. The report, untimed, and
+    stages that have not run are absent."""
+    from pipeline.core.common import STAGE_TIMES_DIR, STAGES, read_json
+
+    return {
+        stage: read_json(path)["time"][stage]
+        for stage in STAGES
+        if stage != "report" and (path := Path(root) / STAGE_TIMES_DIR / f"{stage}.json").exists()
+    }
+
+
 def record_stage_time(stage: str, startup_seconds: float, work_seconds: float) -> None:
     """Write metrics/time/<stage>.json, ``{"time": {stage: ...}}`` (``dvc exp show`` names its
     columns time.<stage>.seconds): the stage's wall time in seconds, from its process's

@@ -93,35 +93,34 @@ def build_backbone(arch: str, weights: Any = None, image_size: int | None = None
     return model, strip_classifier(model)
 
 
-def image_size_problem(arch: str, image_size: int) -> str | None:
-    """Why ``arch`` cannot take ``image_size``-pixel images, or None where it can: a forward
-    pass on torch's meta device, which builds the model and propagates shapes only (no
-    weights, no compute), so every family's own limits show (a ViT's patch size, the
-    minimum that inception_v3's or AlexNet's pooling needs) in a fraction of a second."""
+def meta_forward_error(arch: str, image_size: int, training: bool = False) -> Exception | None:
+    """What a forward pass of one ``image_size``-pixel image through ``arch`` (in training
+    mode or not) raises on torch's meta device, which builds the model and propagates
+    shapes only (no weights, no compute), in a fraction of a second; None where it runs."""
     try:
         with torch.device("meta"):
             model, _ = build_backbone(arch, image_size=image_size)
-            model.eval()(torch.zeros(1, 3, image_size, image_size))
+            model.train(training)(torch.zeros(1, 3, image_size, image_size))
     except (RuntimeError, AssertionError, ValueError) as error:
-        return str(error).strip().splitlines()[0] or type(error).__name__
+        return error
     except (NotImplementedError, StageError, TypeError):  # a family meta tensors cannot run
         return None
     return None
 
 
+def image_size_problem(arch: str, image_size: int) -> str | None:
+    """Why ``arch`` cannot take ``image_size``-pixel images, or None where it can: every
+    family's own limits show on the meta device (a ViT's patch size, the minimum that
+    inception_v3's or AlexNet's pooling needs)."""
+    error = meta_forward_error(arch, image_size)
+    return None if error is None else (str(error).strip().splitlines()[0] or type(error).__name__)
+
+
 def single_image_step_fails(arch: str, image_size: int) -> bool:
     """Whether training ``arch`` on one ``image_size``-pixel image a step fails: BatchNorm in
-    training mode refuses a layer with one value per channel. A training-mode forward pass
-    on torch's meta device, as ``image_size_problem``'s."""
-    try:
-        with torch.device("meta"):
-            model, _ = build_backbone(arch, image_size=image_size)
-            model.train()(torch.zeros(1, 3, image_size, image_size))
-    except ValueError as error:
-        return "Expected more than 1 value per channel" in str(error)
-    except (RuntimeError, AssertionError, NotImplementedError, StageError, TypeError):
-        return False
-    return False
+    training mode refuses a layer with one value per channel."""
+    error = meta_forward_error(arch, image_size, training=True)
+    return isinstance(error, ValueError) and "Expected more than 1 value per channel" in str(error)
 
 
 def next_image_size(arch: str, above: int, scan: int = 64, largest: int = 1024) -> int | None:
