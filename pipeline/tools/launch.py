@@ -251,6 +251,9 @@ step clone
 if [ -d "$workspace/.git" ]; then  # a requeued job: its clone, with the stages' cache
     echo "launch: restart ${{SLURM_RESTART_COUNT:-0}}: going on in $workspace"
     git -C "$workspace" checkout --quiet --force {repository.commit}
+    # the clone is this job's alone, and Slurm ended its last run: a stage lock that run left
+    # (emptied if it was killed while writing it) holds nothing but would stop DVC
+    rm -f "$workspace/.dvc/tmp/rwlock"
 else
     git clone --quiet --no-checkout {shlex.quote(repository.url)} "$workspace"
     git -C "$workspace" checkout --quiet {repository.commit}
