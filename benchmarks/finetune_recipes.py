@@ -27,8 +27,11 @@ texts, MiniLM, the README's text config).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -40,6 +43,7 @@ from typing import Any
 import yaml
 
 from benchmarks import results
+from pipeline.core.metrics import exact_mcnemar
 
 ROOT = results.ROOT
 NAME = "finetune_recipes"
@@ -68,6 +72,10 @@ SETS: dict[str, dict[str, Any]] = {
         },
     },
 }
+
+
+# What finetune's metrics record of the recipe it used, auto resolved.
+USED = ("augment", "bn", "mix", "epochs", "batch_size", "steps")
 
 
 def write_images(folder: str, raw: Path) -> None:
@@ -156,6 +164,8 @@ def read_run(repo: Path) -> dict[str, Any]:
     first_epoch = float(rows[1].split("\t")[1])
     sizes = json.loads((repo / "data/features/summary.json").read_text())
     seconds = json.loads((repo / "metrics/finetune_time.json").read_text())["finetune"]["seconds"]
+    with (repo / "metrics/test_predictions.csv").open() as rows:
+        right = {int(row["index"]): row["actual"] == row["predicted"] for row in csv.DictReader(rows)}
     return {
         "probe": test["linear_probe"]["accuracy"],
         "finetuned": test["finetuned"]["accuracy"],
@@ -163,11 +173,12 @@ def read_run(repo: Path) -> dict[str, Any]:
         "best_epoch": finetune["best_epoch"],
         "probe_val": finetune["start_val_accuracy"],
         "epoch1_val": first_epoch,
-        "used": {key: finetune[key] for key in ("augment", "bn", "mix") if key in finetune},
+        "used": {key: finetune[key] for key in USED if key in finetune},
         "sizes": {split: counts["examples"] for split, counts in sizes.items()},
         "finetune_seconds": seconds,
         "trainable_params": finetune["trainable_params"],
         **({"paired": test["finetuned_vs_probe"]} if "finetuned_vs_probe" in test else {}),
+        "correct": "".join("1" if right[index] else "0" for index in sorted(right)),  # each test example
     }
 
 
@@ -185,13 +196,28 @@ def run(args: argparse.Namespace) -> None:
             )
             started = time.perf_counter()
             done = subprocess.run(
-                [sys.executable, "-m", "dvc", "repro", "evaluate"], cwd=repo, capture_output=True, text=True
+                [
+                    sys.executable,
+                    "-m",
+                    "dvc",
+                    "repro",
+                    *(["--no-run-cache"] if args.no_run_cache else []),
+                    "evaluate",
+                ],
+                cwd=repo,
+                capture_output=True,
+                text=True,
             )
             if done.returncode != 0:
                 raise SystemExit(f"{args.set} {recipe!r} seed {seed} failed:\n{done.stdout}\n{done.stderr}")
             record = {"set": args.set, "recipe": recipe, "seed": seed, **read_run(repo)}
             record["wall_seconds"] = round(time.perf_counter() - started, 1)
             record["code"] = commit  # the pipeline/ that sync_code copied
+            (earlier,) = [
+                r for r in runs if (r["set"], r["recipe"], r["seed"]) == (args.set, recipe, seed)
+            ] or [{}]
+            if "Running stage 'finetune'" not in done.stdout and earlier.get("code") == commit:
+                record = {**earlier, "correct": record["correct"]}  # restored: the run's own figures stay
             runs = [r for r in runs if (r["set"], r["recipe"], r["seed"]) != (args.set, recipe, seed)] + [
                 record
             ]
@@ -221,8 +247,17 @@ STRATEGIES = (
     "finetune.optimizer=sgd,finetune.momentum=0.9,lr=0.001,finetune.backbone_lr_ratio=1,"
     "finetune.warmup_epochs=0,finetune.head_init=fresh,finetune.bn=train,finetune.ema_epochs=0",
 )
+
+
+def schedule_of(recipe: str) -> tuple[int, int] | None:
+    """The (epochs, batch) a schedule run names (``finetune.epochs=20,finetune.batch_size=16``);
+    None for any other recipe."""
+    found = re.fullmatch(r"finetune\.epochs=(\d+),finetune\.batch_size=(\d+)", recipe)
+    return (int(found[1]), int(found[2])) if found else None
+
+
 PARTS = {
-    "images": lambda run: run["set"] != "agnews-dev",
+    "images": lambda run: run["set"] != "agnews-dev" and schedule_of(run["recipe"]) is None,
     "texts": lambda run: run["set"] == "agnews-dev",
     "strategies": lambda run: (
         run["set"] == "agnews-dev" or (run["set"] == "cifar10-dev" and run["recipe"] in STRATEGIES)
@@ -236,22 +271,41 @@ DESCRIBED = {
     "cifar10-dev-10": "the same, 10 photos a class",
     "faces": "faces vs non-faces (LFW crops), Lite0",
     "patches": "which of 10 photos a patch is from, Lite0",
-    "patches-b": "the same, 9 other photos (the check set)",
+    "patches-b": "which of 9 photos a patch is from (the check set), Lite0",
     "digits": "digits, the offline demo (glyph-pretrained ResNet-18)",
     "agnews-dev": "agnews-dev: news topics, 2,000 texts, MiniLM",
 }
 
 
+def committed_runs(record: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """The runs of what the committed params train on set ``name``. On a photo set, the
+    schedule runs of the epochs and batch that ``finetune.epochs`` and ``batch_size: auto``
+    resolve to for its training set (none if it has none: its defaults runs predate the rule);
+    on texts, the defaults runs (the set's params name the 3 epochs at 32 that auto gives)."""
+    from pipeline.core.recipe import resolved_schedule
+    from pipeline.modalities import get
+
+    runs = [r for r in record["results"] if r["set"] == name]
+    if SETS[name]["params"].get("data", {}).get("modality") == "text":
+        return [r for r in runs if r["recipe"] == ""]
+    scheduled = [r for r in runs if schedule_of(r["recipe"])]
+    if not scheduled:
+        return []
+    auto = resolved_schedule("auto", "auto", get("images").AUTO_SCHEDULE, scheduled[0]["sizes"]["train"])
+    return [r for r in scheduled if schedule_of(r["recipe"]) == (auto.epochs, auto.batch_size)]
+
+
 def headline(record: dict[str, Any], sets: list[str]) -> str:
-    """The committed params on each of ``sets``: its seeds, probe and fine-tuned test
-    accuracy (mean of the seeds), the gain, and the worst seed's gain."""
+    """The committed params on each of ``sets`` that has runs of them (committed_runs): its
+    seeds, probe and fine-tuned test accuracy (mean of the seeds), the gain, and the worst
+    seed's gain."""
     lines = [
         "| data | seeds | linear probe | fine-tuned | gain | worst seed |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name in sets:
         description = DESCRIBED[name]
-        runs = [r for r in record["results"] if r["set"] == name and r["recipe"] == ""]
+        runs = committed_runs(record, name)
         if runs:
             probe = statistics.mean(100 * r["probe"] for r in runs)
             tuned = statistics.mean(100 * r["finetuned"] for r in runs)
@@ -263,6 +317,77 @@ def headline(record: dict[str, Any], sets: list[str]) -> str:
     return "\n".join(lines)
 
 
+# The schedule the committed params trained with before finetune.epochs and batch_size
+# were auto: what the schedule table holds the others to.
+BEFORE = (8, 64)
+
+
+def pooled_mcnemar(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> float:
+    """The exact McNemar p-value of two recipes' fine-tuned models, pooled over the seeds
+    both ran (the same seed: the same split and test examples)."""
+    by_seed = {run["seed"]: run["correct"] for run in second if "correct" in run}
+    only_first = only_second = 0
+    for run in first:
+        other = by_seed.get(run["seed"])
+        if other is None or "correct" not in run:
+            continue
+        only_first += sum(a == "1" and b == "0" for a, b in zip(run["correct"], other, strict=True))
+        only_second += sum(a == "0" and b == "1" for a, b in zip(run["correct"], other, strict=True))
+    return exact_mcnemar(only_first, only_second)
+
+
+def schedule_table(record: dict[str, Any]) -> str:
+    """For each set, the schedules run (epochs x batch): the steps they train, the mean gain
+    over the probe, the change against the schedule before the rule (mean, and the pooled
+    McNemar p-value), and the mean fine-tuning seconds; the row ``auto`` resolves to marked."""
+    from pipeline.core.recipe import resolved_schedule
+    from pipeline.modalities import get
+
+    rule = get("images").AUTO_SCHEDULE
+    lines = [
+        "| set | train | epochs × batch (steps) | seeds | FT − probe | vs 8 × 64 | p "
+        "| fine-tune (s) | time × |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    groups: dict[str, dict[tuple[int, int], list[dict[str, Any]]]] = {}
+    for run in record["results"]:
+        if (schedule := schedule_of(run["recipe"])) is not None:
+            groups.setdefault(run["set"], {}).setdefault(schedule, []).append(run)
+    for name in [name for name in SETS if name in groups]:
+        runs = groups[name]
+        before = runs.get(BEFORE, [])
+        train = runs[next(iter(runs))][0]["sizes"]["train"]
+        auto = resolved_schedule("auto", "auto", rule, train)
+        base_gain = statistics.mean(100 * (r["finetuned"] - r["probe"]) for r in before) if before else None
+        base_time = statistics.mean(r["finetune_seconds"] for r in before) if before else None
+        for (epochs, batch), records in sorted(
+            runs.items(), key=lambda item: item[0][0] * math.ceil(train / item[0][1])
+        ):
+            gain = statistics.mean(100 * (r["finetuned"] - r["probe"]) for r in records)
+            seconds = statistics.mean(r["finetune_seconds"] for r in records)
+            steps = epochs * math.ceil(train / batch)
+            label = f"{epochs} × {batch} ({steps})" + (
+                " **auto**" if (epochs, batch) == (auto.epochs, auto.batch_size) else ""
+            )
+            versus = p_value = times = "–"
+            if before and (epochs, batch) != BEFORE:
+                versus = f"{gain - base_gain:+.2f}"
+                p_value = f"{pooled_mcnemar(records, before):.3f}"
+                times = f"{seconds / base_time:.1f}"
+            lines.append(
+                f"| {name} | {train} | {label} | {len(records)} | {gain:+.2f} | {versus} | {p_value} "
+                f"| {seconds:.0f} | {times} |"
+            )
+    return "\n".join(lines)
+
+
+def defaults_label(records: list[dict[str, Any]]) -> str:
+    """What the committed params were when these runs of them ran."""
+    if any("steps" in r.get("used", {}) for r in records):
+        return "defaults"
+    return "defaults before auto (8 epochs × 64)"
+
+
 def table(record: dict[str, Any], part: str | None = None) -> str:
     """One row per set and recipe (``part``: those PARTS names): seeds, probe and fine-tuned
     test accuracy, their gap (mean, and the worst seed's), the worst first epoch against the
@@ -272,6 +397,8 @@ def table(record: dict[str, Any], part: str | None = None) -> str:
         return headline(record, [name for name in DESCRIBED if name != "agnews-dev"])
     if part == "headline_texts":
         return headline(record, ["agnews-dev"])
+    if part == "schedule":
+        return schedule_table(record)
     runs = [run for run in record["results"] if part is None or PARTS[part](run)]
     costs = part == "strategies"
     lines = [
@@ -291,7 +418,7 @@ def table(record: dict[str, Any], part: str | None = None) -> str:
         probe = mean_std([100 * r["probe"] for r in records])
         tuned = mean_std([100 * r["finetuned"] for r in records])
         row = (
-            f"| {name} | {recipe or 'defaults'} | {len(records)} | {probe} | {tuned} | "
+            f"| {name} | {recipe or defaults_label(records)} | {len(records)} | {probe} | {tuned} | "
             f"{statistics.mean(gaps):+.2f} | {min(gaps):+.2f} | {first:+.2f} |"
         )
         if costs:
@@ -310,6 +437,9 @@ def main() -> None:
     runner.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     runner.add_argument("--recipe", action="append", default=None, help="comma-separated key=value overrides")
     runner.add_argument("--work", type=Path, default=Path("/tmp/finetune-recipes"))
+    runner.add_argument(
+        "--no-run-cache", action="store_true", help="run the stages again, not restored (to time them anew)"
+    )
     commands.add_parser("table", help="print the results as a markdown table")
     args = parser.parse_args()
     if args.command == "run":

@@ -20,6 +20,9 @@ depends on it).
 
 With ``distributed.nproc_per_node`` (or ``nnodes``) above 1 it runs in that many processes
 under DistributedDataParallel; ``finetune.batch_size`` stays the global batch.
+``finetune.epochs`` and ``batch_size: auto`` resolve from the training set's size once it is
+read (pipeline.core.recipe.resolved_schedule, the modality's rule); the metrics record the
+values and the reason (``epochs``, ``batch_size``, ``steps``, ``schedule``).
 Run: ``python -m pipeline.finetune``.
 """
 
@@ -71,7 +74,7 @@ from pipeline.core.optim import (
     moving_average,
     warmup_cosine,
 )
-from pipeline.core.recipe import resolved
+from pipeline.core.recipe import resolved, resolved_schedule
 from pipeline.core.selection import SELECTIONS, Selection, kept_note, selection_summary, start_record
 from pipeline.core.training import (
     BatchTransform,
@@ -116,10 +119,10 @@ class FinetuneRecipe:
     interpolate: float = 1.0
 
 
-def finetune_recipe(params: dict[str, Any], used: dict[str, str]) -> FinetuneRecipe:
+def finetune_recipe(params: dict[str, Any], used: dict[str, Any]) -> FinetuneRecipe:
     """The recipe of a run: params' ``lr``, ``amp`` and ``finetune`` section, with the
-    resolved ``bn`` of ``used`` (resolved()) in place of ``auto``."""
-    given = {**params["finetune"], "lr": params["lr"], "amp": params["amp"], "bn": used["bn"]}
+    resolved values of ``used`` (resolved(), resolved_schedule()) in place of ``auto``."""
+    given = {**params["finetune"], **used, "lr": params["lr"], "amp": params["amp"]}
     return FinetuneRecipe(**{field.name: given[field.name] for field in fields(FinetuneRecipe)})
 
 
@@ -308,37 +311,33 @@ def finetune_time(seconds: float, epochs: int, train_examples: int, world_size: 
     }
 
 
+def training_splits(
+    backbone_checkpoint: BackboneCheckpoint, augment: str, seed: int
+) -> tuple[SeededAugmentation, torch.utils.data.Dataset]:
+    """The training split, augmented by ``augment`` and seeded per example, and the val split."""
+    train = SeededAugmentation(modalities.split_dataset("train", backbone_checkpoint, augment), seed)
+    return train, modalities.split_dataset("val", backbone_checkpoint)
+
+
 def training_loaders(
-    backbone_checkpoint: BackboneCheckpoint,
-    augment: str,
+    train: SeededAugmentation,
+    val: torch.utils.data.Dataset,
     params: dict[str, Any],
     ranks: distributed.Ranks,
+    batch_size: int,
     per_process: int,
     device: torch.device,
-) -> tuple[SeededAugmentation, torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
-    """The training split, augmented by ``augment`` and seeded per example, and the train
-    and val loaders: this process's share of each global batch of ``finetune.batch_size``,
-    and of the val split."""
-    seed = params["seed"]
-    items = modalities.split_dataset("train", backbone_checkpoint, augment)
-    workers = loader_workers(items, params["data"]["num_workers"])
-    train = SeededAugmentation(items, seed)
-    val = modalities.split_dataset("val", backbone_checkpoint)
-    train_sampler = distributed.GlobalBatchSampler(
-        len(train),
-        params["finetune"]["batch_size"],
-        ranks,
-        seed,
-        getattr(train, "lengths", None),
-        step=per_process,
+) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """The train and val loaders: this process's share (``per_process``) of each global
+    batch of ``batch_size``, and of the val split."""
+    workers = loader_workers(train.dataset, params["data"]["num_workers"])
+    lengths = getattr(train, "lengths", None)
+    sampler = distributed.GlobalBatchSampler(
+        len(train), batch_size, ranks, params["seed"], lengths, step=per_process
     )
-    train_loader = make_loader(train, per_process, device, num_workers=workers, sampler=train_sampler)
+    train_loader = make_loader(train, per_process, device, num_workers=workers, sampler=sampler)
     val_sampler = distributed.ShardSampler(len(val), ranks, getattr(val, "lengths", None), "the val split")
-    return (
-        train,
-        train_loader,
-        make_loader(val, per_process, device, num_workers=workers, sampler=val_sampler),
-    )
+    return train_loader, make_loader(val, per_process, device, num_workers=workers, sampler=val_sampler)
 
 
 def epoch_printer(log: EpochLog | None) -> EpochCallback:
@@ -360,9 +359,6 @@ def main() -> None:
     params = load_params()
     config, lr, seed, settings = params["finetune"], params["lr"], params["seed"], params["distributed"]
     plan, ranks, device = distributed.start("finetune", settings, params["device"])
-    per_process, accumulate = distributed.split_batch(
-        config["batch_size"], ranks.world_size, settings["max_batch_per_process"], "finetune.batch_size"
-    )
     seed_everything(seed, params["deterministic"])
     backbone_checkpoint, head_checkpoint = read_backbone(), read_head()
     modality = modalities.for_checkpoint(backbone_checkpoint)
@@ -372,8 +368,16 @@ def main() -> None:
     model = distributed.parallel(classifier, ranks, device, settings["sync_batchnorm"])
 
     used = resolved(config, modality.auto_augment(params["data"]["dataset"]), backbone_checkpoint["weights"])
-    train, train_loader, val_loader = training_loaders(
-        backbone_checkpoint, used["augment"], params, ranks, per_process, device
+    train, val = training_splits(backbone_checkpoint, used["augment"], seed)
+    schedule = resolved_schedule(
+        config["epochs"], config["batch_size"], modality.AUTO_SCHEDULE, len(train), ranks.world_size
+    )
+    used.update(schedule.as_metrics())
+    per_process, accumulate = distributed.split_batch(
+        schedule.batch_size, ranks.world_size, settings["max_batch_per_process"], "finetune.batch_size"
+    )
+    train_loader, val_loader = training_loaders(
+        train, val, params, ranks, schedule.batch_size, per_process, device
     )
     mixing = modality.batch_mixing(used["mix"], config["mix_alpha"], len(head_checkpoint["classes"]))
     class_weight = None
@@ -381,8 +385,10 @@ def main() -> None:
         class_weight = balanced_class_weights(train.labels, len(head_checkpoint["classes"]))
     log = EpochLog(LIVE_DIR / "finetune", "finetune") if ranks.main else None
     warning = few_val_examples_warning(len(val_loader.dataset))
-    if warning and ranks.main:
-        print(warning)
+    if ranks.main:
+        print(f"finetune: {schedule.steps} optimizer steps ({schedule.reason})")
+        if warning:
+            print(warning)
 
     saved = resume.for_stage("finetune", ranks.main)
     started = time.perf_counter()
@@ -424,15 +430,14 @@ def main() -> None:
         deterministic=params["deterministic"],
         strategy=config["strategy"],
         **used,
+        schedule=schedule.reason,
         ema_epochs=config["ema_epochs"],
         interpolate=config["interpolate"],
         trainable_params=trainable,
         **chosen,
     )
     log.close(best)
-    write_json(
-        TIME_FILE, {"finetune": finetune_time(seconds, config["epochs"], len(train), ranks.world_size)}
-    )
+    write_json(TIME_FILE, {"finetune": finetune_time(seconds, schedule.epochs, len(train), ranks.world_size)})
     print(
         f"finetune: {config['strategy']} trained {trainable:,} of {total:,} parameters in {seconds:.1f} s "
         f"(augment {used['augment']}, bn {used['bn']}, mix {used['mix']}, "

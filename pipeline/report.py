@@ -228,6 +228,8 @@ def recipe_note(finetune: dict[str, Any]) -> str:
     if "augment" not in finetune:
         return ""
     note = f", augmentation {finetune['augment']}, BatchNorm {finetune['bn']}, mixing {finetune['mix']}"
+    if "steps" in finetune:
+        note += f", {finetune['steps']} optimizer steps ({finetune['schedule']})"
     if finetune.get("ema_epochs"):
         note += f", weights averaged over {finetune['ema_epochs']:g} epochs (EMA)"
     elif "ema_epochs" in finetune:

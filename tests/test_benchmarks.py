@@ -134,10 +134,44 @@ def test_the_recipe_table_follows_its_results(tmp_path):
     run.update(epoch1_val=0.8, probe_val=0.85)
     record = {"results": [run, {**run, "seed": 2, "finetuned": 0.9, "epoch1_val": 0.9}]}
     row = table(record).splitlines()[2]
-    assert row == "| faces | defaults | 2 | 90.00 ± 0.00 | 92.50 ± 3.54 | +2.50 | +0.00 | -5.00 |"
+    assert row == (
+        "| faces | defaults before auto (8 epochs × 64) | 2 | 90.00 ± 0.00 | 92.50 ± 3.54 "
+        "| +2.50 | +0.00 | -5.00 |"
+    )
+
+
+def test_the_headline_shows_the_runs_of_the_schedule_auto_picks_and_the_schedule_table_compares(tmp_path):
+    """113 training photos: auto is 32 epochs at 16 (250 steps); the headline takes those
+    runs, not those of 8 x 64; the schedule table holds each schedule to 8 x 64 on the same
+    seeds, with McNemar's test on the test examples only one of the two gets right."""
+    from benchmarks.finetune_recipes import table
+
+    def run(recipe, seed, finetuned, correct):
+        return {
+            "set": "faces",
+            "recipe": recipe,
+            "seed": seed,
+            "probe": 0.9,
+            "finetuned": finetuned,
+            "sizes": {"train": 113},
+            "finetune_seconds": 10.0 if "=8," in recipe else 30.0,
+            "correct": correct,
+        }
+
+    before, auto = "finetune.epochs=8,finetune.batch_size=64", "finetune.epochs=32,finetune.batch_size=16"
+    record = {
+        "results": [
+            run(before, 1, 0.9, "1" * 9 + "0"),
+            run(before, 2, 0.9, "1" * 9 + "0"),
+            run(auto, 1, 1.0, "1" * 10),
+            run(auto, 2, 0.9, "1" * 10),
+        ]
+    }
     headline = table(record, "headline").splitlines()
-    assert headline[0] == "| data | seeds | linear probe | fine-tuned | gain | worst seed |"
-    assert headline[2] == "| faces vs non-faces (LFW crops), Lite0 | 2 | 90.00% | 92.50% | +2.50 | +0.00 |"
+    assert headline[2] == "| faces vs non-faces (LFW crops), Lite0 | 2 | 90.00% | 95.00% | +5.00 | +0.00 |"
+    rows = table(record, "schedule").splitlines()
+    assert rows[2] == "| faces | 113 | 8 × 64 (16) | 2 | +0.00 | – | – | 10 | – |"
+    assert rows[3] == "| faces | 113 | 32 × 16 (256) **auto** | 2 | +5.00 | +5.00 | 0.500 | 30 | 3.0 |"
 
 
 def test_the_gpu_benchmark_refuses_a_machine_without_cuda(monkeypatch):

@@ -10,7 +10,7 @@ from torch import nn
 from pipeline import finetune as stage
 from pipeline.core.data import load_split
 from pipeline.core.models import Classifier
-from pipeline.core.recipe import resolved
+from pipeline.core.recipe import resolved, resolved_schedule
 from tests.conftest import Run, default_params, fine_tune_briefly
 
 
@@ -175,6 +175,31 @@ def test_a_fine_tune_that_only_hurts_val_ships_the_probe_bit_for_bit(
         }
         assert kept.keys() == given.keys()
         assert all(torch.equal(kept[key], given[key]) for key in given), name
+
+
+@pytest.mark.slow
+def test_an_auto_batch_is_resolved_from_the_training_set_trained_with_and_recorded(
+    tiny_workspace, tmp_path, monkeypatch, capsys
+):
+    workspace = Path(shutil.copytree(tiny_workspace, tmp_path / "workspace"))
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["finetune"].update(epochs=1, batch_size="auto", warmup_epochs=0, ema_epochs=1)
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(workspace)
+    stage.main()
+    train_images = len(load_split(workspace / "data/prepared", "train")[1])
+    rule = stage.modalities.get("images").AUTO_SCHEDULE
+    expected = resolved_schedule(1, "auto", rule, train_images)
+    summary = json.loads((workspace / "reports/live/finetune/metrics.json").read_text())["finetune"]
+    assert (summary["epochs"], summary["batch_size"], summary["steps"]) == (
+        1,
+        expected.batch_size,
+        expected.steps,
+    )
+    assert summary["schedule"] == expected.reason and expected.batch_size < rule.batch_size
+    assert f"finetune: {expected.steps} optimizer steps ({expected.reason})" in capsys.readouterr().out
+    checkpoint = torch.load(workspace / "models/finetuned.pt", weights_only=True)
+    assert checkpoint["params"]["batch_size"] == expected.batch_size
 
 
 @pytest.mark.parametrize("mix", ["mixup", "cutmix"])

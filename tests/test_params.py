@@ -374,6 +374,14 @@ def test_a_weight_average_longer_than_the_training_is_refused(tmp_path, ema):
             "finetune.batch_size",
         ),
         ({"backbone": {"pretrain_batch_size": 1}}, "backbone.pretrain_batch_size"),
+        (  # auto: held to the smallest batch the rule can pick
+            {
+                "finetune": {"batch_size": "auto"},
+                "backbone": {"weights": "none"},
+                "distributed": {"max_batch_per_process": 1},
+            },
+            "finetune.batch_size",
+        ),
     ],
 )
 def test_steps_of_one_image_where_batchnorm_trains_on_1x1_maps_are_refused(tmp_path, changes, key):

@@ -107,8 +107,11 @@ def test_full_run_writes_every_declared_output_and_fills_the_run_cache(tiny_run)
     assert (finetune["augment"], finetune["bn"], finetune["mix"]) == ("jitter", "frozen", "none")
     report = (repo / "reports/report.md").read_text()
     assert "Fine-tuned in 1 process (gloo) on cpu, pretrained in 1 process (gloo) on cpu" in report
-    recipe = "augmentation jitter, BatchNorm frozen, mixing none, weights averaged over 2 epochs (EMA)"
-    assert f"(strategy full, {recipe})" in report
+    assert (finetune["epochs"], finetune["batch_size"]) == (2, 32)  # the tiny config's, as set
+    schedule = f"{finetune['steps']} optimizer steps ({finetune['schedule']})"
+    assert finetune["schedule"].endswith("; 2 epochs as set") and "batch 32 as set" in finetune["schedule"]
+    recipe = f"augmentation jitter, BatchNorm frozen, mixing none, {schedule}, weights averaged over 2 epochs"
+    assert f"(strategy full, {recipe} (EMA))" in report
     print(f"tiny pipeline, every stage: {tiny_run.seconds:.0f} s")
 
 

@@ -55,6 +55,16 @@ def test_the_recipe_note_says_what_finetune_used_and_the_blend_only_when_on():
     )
     assert recipe_note({**used, "ema_epochs": 0.0}).endswith("mixing none, no weight average")
     assert recipe_note({"strategy": "full"}) == ""  # a run from before the recipe was recorded
+    schedule = {
+        "epochs": 20,
+        "batch_size": 16,
+        "steps": 500,
+        "schedule": "batch 16 (auto): ...; 20 epochs (auto)",
+    }
+    assert recipe_note({**used, **schedule}) == (
+        ", augmentation photo, BatchNorm frozen, mixing none, 500 optimizer steps "
+        "(batch 16 (auto): ...; 20 epochs (auto)), weights averaged over 2 epochs (EMA)"
+    )
 
 
 def test_the_time_table_lists_the_stages_in_run_order_with_their_share(tmp_path, monkeypatch):

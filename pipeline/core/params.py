@@ -245,6 +245,27 @@ def timeout_seconds(value: Any, key: str) -> int:
     return at_most(positive_int(value, key), MAX_TIMEOUT_S, key, "seconds", why)
 
 
+def auto_or_positive_int(value: Any, key: str, what: str) -> str | int:
+    """``auto`` (the rule of pipeline.core.recipe, sized to the data) or a whole number of
+    ``what`` above 0."""
+    if value == "auto":
+        return "auto"
+    try:
+        return positive_int(value, key)
+    except ParamsError:
+        raise ParamsError(
+            f"{key}: expected 'auto' or a number of {what} (1 or more), got {value!r}"
+        ) from None
+
+
+def epoch_setting(value: Any, key: str) -> str | int:
+    return auto_or_positive_int(value, key, "passes over the training set")
+
+
+def batch_setting(value: Any, key: str) -> str | int:
+    return auto_or_positive_int(value, key, "examples a step")
+
+
 def worker_setting(value: Any, key: str) -> str | int:
     """``auto`` or 0 to MAX_WORKERS DataLoader worker processes."""
     if value == "auto":
@@ -360,9 +381,9 @@ SCHEMA: dict[str, Any] = {
     },
     "finetune": {
         "strategy": one_of(*STRATEGIES),
-        "epochs": positive_int,
+        "epochs": epoch_setting,
         "select": one_of(*SELECTIONS),
-        "batch_size": positive_int,
+        "batch_size": batch_setting,
         "unfreeze": unfreeze_spec,
         "head_init": one_of(*HEAD_INITS),
         "optimizer": one_of(*OPTIMIZERS),
@@ -466,17 +487,8 @@ def cross_check(params: dict[str, Any]) -> None:
             f"({distributed['nnodes']}); ranks run from 0 (the head node) to nnodes - 1"
         )
     finetune = params["finetune"]
-    if finetune["warmup_epochs"] >= finetune["epochs"]:
-        raise ParamsError(
-            f"finetune.warmup_epochs: {finetune['warmup_epochs']} leaves no epoch for the cosine decay "
-            f"of finetune.epochs: {finetune['epochs']}; use fewer warmup epochs (0 for none)"
-        )
-    if finetune["ema_epochs"] > finetune["epochs"]:
-        raise ParamsError(
-            f"finetune.ema_epochs: {finetune['ema_epochs']:g} averages the weights over more epochs "
-            f"than finetune.epochs: {finetune['epochs']} trains, so the average would keep much of "
-            f"the starting weights; use at most {finetune['epochs']} (0: no average)"
-        )
+    if finetune["epochs"] != "auto":
+        check_epoch_counts(finetune, finetune["epochs"], f"finetune.epochs: {finetune['epochs']}")
     if finetune["interpolate"] < 1 and finetune["head_init"] != "probe":
         raise ParamsError(
             f"finetune.interpolate: {finetune['interpolate']} blends the fine-tuned weights with the "
@@ -489,6 +501,22 @@ def cross_check(params: dict[str, Any]) -> None:
         raise ParamsError(
             "data.val_fraction + data.test_fraction: must leave at least 10% of the images "
             f"for training, got {data['val_fraction']} + {data['test_fraction']}"
+        )
+
+
+def check_epoch_counts(finetune: dict[str, Any], epochs: int, trains: str) -> None:
+    """The warmup and the weight average fit in ``epochs`` (``trains``: what sets them, for
+    the message)."""
+    if finetune["warmup_epochs"] >= epochs:
+        raise ParamsError(
+            f"finetune.warmup_epochs: {finetune['warmup_epochs']} leaves no epoch for the cosine decay "
+            f"of the {epochs} epochs {trains} trains; use fewer warmup epochs (0 for none)"
+        )
+    if finetune["ema_epochs"] > epochs:
+        raise ParamsError(
+            f"finetune.ema_epochs: {finetune['ema_epochs']:g} averages the weights over more epochs "
+            f"than the {epochs} {trains} trains, so the average would keep much of the starting "
+            f"weights; use at most {epochs} (0: no average)"
         )
 
 

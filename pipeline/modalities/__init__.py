@@ -89,7 +89,11 @@ def load_params(path: Path | str = core_params.PARAMS_FILE, check_models: bool =
     (torchvision's registry), for a stage that builds no model (report)."""
     params = core_params.load_params(path)
     try:
-        for_params(params).check_params(params, check_models)
+        modality = for_params(params)
+        modality.check_params(params, check_models)
+        if params["finetune"]["epochs"] == "auto":  # at the fewest, the rule's epochs
+            epochs = modality.AUTO_SCHEDULE.epochs
+            core_params.check_epoch_counts(params["finetune"], epochs, "finetune.epochs: auto at the fewest")
     except ParamsError as error:
         raise ParamsError(f"{path}: {error}") from None
     return params

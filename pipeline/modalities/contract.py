@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from pipeline.core import distributed
     from pipeline.core.checkpoints import BackboneCheckpoint, Preprocessing
     from pipeline.core.data import PredictInputs, PredictRequest, Splits
+    from pipeline.core.recipe import ScheduleRule
 
 
 class Modality(Protocol):
@@ -30,6 +31,7 @@ class Modality(Protocol):
     DATASETS: tuple[str, ...]  # the data.dataset values it reads
     ITEMS: str  # what messages and the report count ("images", "texts")
     SKIPPED: str  # the report's note on inputs prepare skipped
+    AUTO_SCHEDULE: ScheduleRule  # what finetune.epochs and finetune.batch_size auto pick
 
     # params
     def check_params(self, params: dict[str, Any], check_models: bool = True) -> None:

@@ -48,6 +48,8 @@ RULES = {
     "process_count": "auto, or a number of processes, 1 or more",
     "timeout_seconds": "a whole number of seconds, 1 to 604800 (a week)",
     "worker_setting": "auto, or a number of worker processes, 0 to 64",
+    "epoch_setting": "auto (sized to the training set), or a number of epochs, 1 or more",
+    "batch_setting": "auto (sized to the training set), or a number of examples, 1 or more",
     "pixel_limit": "a whole number of pixels, 1 to 1,000,000,000",
     "rank_spec": "auto, or a rank, 0 or more",
     "endpoint": "auto, or host:port",

@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline.core.errors import ParamsError, StageError
 from pipeline.core.params import require_raw_path
+from pipeline.core.recipe import ScheduleRule
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
 NAME = "text"
 DATASETS = ("text",)
 ITEMS = "texts"  # what messages and the report count
+# finetune.epochs and batch_size auto: BERT's fine-tuning recipe (Devlin et al. 2019: 2 to 4
+# epochs at a batch of 16 or 32), whatever the set's size; the step minimum of the photo
+# rule is not measured on texts
+AUTO_SCHEDULE = ScheduleRule(epochs=3, batch_size=32, smallest_batch=32, steps_per_epoch=1, min_steps=0)
 SKIPPED = "empty text(s) skipped (`data.skip_bad_texts: true`)"  # the report's note
 WEIGHTS = ("pretrain", "none")
 SHOWN_CHARACTERS = 300  # of each text in the report's table
