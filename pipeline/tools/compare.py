@@ -336,7 +336,7 @@ Linear probe:
 """
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline compare",
         description="Markdown diff of params, metrics and figures against a git revision.",
@@ -350,7 +350,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--repro-log", type=Path, help="the output of this side's `dvc repro`, to list the stages that reran"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     check_revision(args.base)
     log = args.repro_log.read_text() if args.repro_log else None
     with atomic_path(COMPARE_DIR) as tmp:

@@ -168,12 +168,16 @@ def reference(params_text: str, dvc_text: str) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline params-reference", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 where the page is stale")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     schema.validate(yaml.safe_load(schema.PARAMS_FILE.read_text()))  # every schema key is in params.yaml
     page = reference(schema.PARAMS_FILE.read_text(), DVC_FILE.read_text())
     if args.check:

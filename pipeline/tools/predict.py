@@ -99,7 +99,7 @@ def predictions_csv(
     return buffer.getvalue()
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline predict", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "paths",
@@ -122,7 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--device", default="auto", choices=DEVICES, help="auto | cpu | cuda | mps (PyTorch model only)"
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 def check_args(args: argparse.Namespace, classes: list[str]) -> None:
@@ -156,7 +156,7 @@ def read_all(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parser().parse_args(argv)
     meta = read_sidecar(args.onnx) if args.onnx else read_classifier(args.model)
     check_args(args, meta["classes"])
     request = PredictRequest(args.paths, args.text, args.text_column)

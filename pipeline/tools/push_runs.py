@@ -54,13 +54,17 @@ def push_recorded_outputs(remote: str | None = None) -> int:
     return len(result.transferred)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline push-runs",
         description="dvc push --run-cache, plus the metrics and plots each recorded run needs to be restored",
     )
     parser.add_argument("-r", "--remote", help="the DVC remote (default: the default remote)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     remote = ["--remote", args.remote] if args.remote else []
     if subprocess.run(["dvc", "push", "--run-cache", *remote], check=False).returncode != 0:
         raise StageError("push-runs: dvc push --run-cache failed (its error is above)")

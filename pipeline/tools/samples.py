@@ -45,12 +45,16 @@ def write_samples(out: Path, split: str, per_class: int, prepared_dir: Path = PR
     return len(keep)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline samples", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="a new folder to write <class>/<file> into")
     parser.add_argument("--split", default="test", choices=SPLITS, help="which prepared split (default test)")
     parser.add_argument("--per-class", type=int, default=5, help="images per class; 0 for all (default 5)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.per_class < 0:
         raise ParamsError(f"--per-class: must be 0 (all) or more, got {args.per_class}")
     if args.out.exists():

@@ -226,14 +226,18 @@ def exp_show_json() -> list[dict[str, Any]]:
     return json.loads(result.stdout)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline strategies", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--json", type=Path, help="a saved `dvc exp show --json` (default: run it here)")
     parser.add_argument("--out", type=Path, default=STRATEGIES_FILE)
     parser.add_argument("--figure", type=Path, default=STRATEGIES_FIGURE)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     show = json.loads(args.json.read_text()) if args.json else exp_show_json()
     base, runs = experiment_runs(show)
     rows = grouped_rows(base, runs)
