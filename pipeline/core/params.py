@@ -205,16 +205,22 @@ def amp_mode(value: Any, key: str) -> str:
     return one_of(*AMP_MODES)(value, key)
 
 
-def process_count(value: Any, key: str) -> str | int:
-    """``auto`` or a number of processes."""
+def auto_or_positive_int(value: Any, key: str, what: str) -> str | int:
+    """``auto`` (what the code picks: sized to the data, the machine) or a whole number of
+    ``what`` above 0."""
     if value == "auto":
         return "auto"
     try:
         return positive_int(value, key)
     except ParamsError:
         raise ParamsError(
-            f"{key}: expected 'auto' or a number of processes (1 or more), got {value!r}"
+            f"{key}: expected 'auto' or a number of {what} (1 or more), got {value!r}"
         ) from None
+
+
+def process_count(value: Any, key: str) -> str | int:
+    """``auto`` or a number of processes."""
+    return auto_or_positive_int(value, key, "processes")
 
 
 MAX_WORKERS = 64
@@ -243,19 +249,6 @@ def timeout_seconds(value: Any, key: str) -> int:
     """Seconds a process waits for the others: 1 to MAX_TIMEOUT_S (a week)."""
     why = "a week; a process waiting longer for the others is a hung job"
     return at_most(positive_int(value, key), MAX_TIMEOUT_S, key, "seconds", why)
-
-
-def auto_or_positive_int(value: Any, key: str, what: str) -> str | int:
-    """``auto`` (the rule of pipeline.core.recipe, sized to the data) or a whole number of
-    ``what`` above 0."""
-    if value == "auto":
-        return "auto"
-    try:
-        return positive_int(value, key)
-    except ParamsError:
-        raise ParamsError(
-            f"{key}: expected 'auto' or a number of {what} (1 or more), got {value!r}"
-        ) from None
 
 
 def epoch_setting(value: Any, key: str) -> str | int:

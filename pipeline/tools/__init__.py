@@ -1,6 +1,12 @@
 """The commands ``python -m pipeline`` runs (pipeline/__main__.py) and the commands reference
 lists (pipeline.tools.commands_reference): each a module of this package with ``main`` and
-``parser()``."""
+``parser()``; and what the commands that write a generated page share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.core.common import write_text
 
 # name: (module under pipeline.tools, what it does)
 COMMANDS = {
@@ -16,3 +22,15 @@ COMMANDS = {
         "write docs/reference/commands.md from these commands' arguments",
     ),
 }
+
+
+def write_or_check(path: Path, page: str, check: bool, command: str) -> int:
+    """Write the generated ``page`` to ``path``; with ``check``, write nothing and say (exit
+    status 1) whether the committed page is stale, naming ``command``, which rewrites it."""
+    if check:
+        stale = not path.is_file() or path.read_text() != page
+        print(f"{path}: {f'stale; run python -m pipeline {command}' if stale else 'up to date'}")
+        return 1 if stale else 0
+    write_text(path, page)
+    print(f"{command.replace('-', '_')}: {path}")
+    return 0

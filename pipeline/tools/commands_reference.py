@@ -15,9 +15,8 @@ import argparse
 import importlib
 from pathlib import Path
 
-from pipeline.core.common import write_text
 from pipeline.core.entry import run_tool
-from pipeline.tools import COMMANDS
+from pipeline.tools import COMMANDS, write_or_check
 
 REFERENCE_FILE = Path("docs/reference/commands.md")
 
@@ -94,16 +93,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     page = reference()
-    if args.check:
-        stale = not REFERENCE_FILE.is_file() or REFERENCE_FILE.read_text() != page
-        print(
-            f"{REFERENCE_FILE}: "
-            + ("stale; run python -m pipeline commands-reference" if stale else "up to date")
-        )
-        return 1 if stale else 0
-    write_text(REFERENCE_FILE, page)
-    print(f"commands_reference: {REFERENCE_FILE}")
-    return 0
+    return write_or_check(REFERENCE_FILE, page, args.check, "commands-reference")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ import yaml
 
 from pipeline import modalities
 from pipeline.core import params as schema
-from pipeline.core.common import write_text
 from pipeline.core.entry import run_tool
 from pipeline.core.errors import StageError
+from pipeline.tools import write_or_check
 
 REFERENCE_FILE = Path("docs/reference/params.md")
 DVC_FILE = Path("dvc.yaml")
@@ -180,15 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     schema.validate(yaml.safe_load(schema.PARAMS_FILE.read_text()))  # every schema key is in params.yaml
     page = reference(schema.PARAMS_FILE.read_text(), DVC_FILE.read_text())
-    if args.check:
-        stale = not REFERENCE_FILE.is_file() or REFERENCE_FILE.read_text() != page
-        print(
-            f"{REFERENCE_FILE}: {'stale; run python -m pipeline params-reference' if stale else 'up to date'}"
-        )
-        return 1 if stale else 0
-    write_text(REFERENCE_FILE, page)
-    print(f"params_reference: {REFERENCE_FILE}")
-    return 0
+    return write_or_check(REFERENCE_FILE, page, args.check, "params-reference")
 
 
 if __name__ == "__main__":
