@@ -256,8 +256,20 @@ def schedule_of(recipe: str) -> tuple[int, int] | None:
     return (int(found[1]), int(found[2])) if found else None
 
 
+NO_FLOOR = "data.min_val_examples=0,"  # a run without the val floor, on the schedule that follows
+
+
+def without_floor(recipe: str) -> tuple[int, int] | None:
+    """The (epochs, batch) of a run without the val floor; None for any other recipe."""
+    return schedule_of(recipe.removeprefix(NO_FLOOR)) if recipe.startswith(NO_FLOOR) else None
+
+
 PARTS = {
-    "images": lambda run: run["set"] != "agnews-dev" and schedule_of(run["recipe"]) is None,
+    "images": lambda run: (
+        run["set"] != "agnews-dev"
+        and schedule_of(run["recipe"]) is None
+        and without_floor(run["recipe"]) is None
+    ),
     "texts": lambda run: run["set"] == "agnews-dev",
     "strategies": lambda run: (
         run["set"] == "agnews-dev" or (run["set"] == "cifar10-dev" and run["recipe"] in STRATEGIES)
@@ -388,6 +400,38 @@ def defaults_label(records: list[dict[str, Any]]) -> str:
     return "defaults before auto (8 epochs × 64)"
 
 
+def val_floor_table(record: dict[str, Any]) -> str:
+    """For each set run without the val floor (``data.min_val_examples=0``) on the schedule
+    auto picks for its larger training split, beside the committed params' runs: the split
+    sizes, the fine-tuned test accuracy and its gain over the run's own probe (means of the
+    seeds), and the change of the fine-tuned accuracy against the floor with the pooled
+    McNemar p-value (the test split is drawn first, so it is the same either way)."""
+    lines = [
+        "| set | data.min_val_examples | train | val | seeds | fine-tuned (%) | FT − probe "
+        "| vs the floor | p |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())["data"]["min_val_examples"]
+    for name in SETS:
+        floorless = [r for r in record["results"] if r["set"] == name and without_floor(r["recipe"])]
+        floored = committed_runs(record, name)
+        if not floorless or not floored:
+            continue
+        base = statistics.mean(100 * r["finetuned"] for r in floored)
+        for floor, runs in ((committed, floored), (0, floorless)):
+            tuned = statistics.mean(100 * r["finetuned"] for r in runs)
+            gain = statistics.mean(100 * (r["finetuned"] - r["probe"]) for r in runs)
+            versus, p_value = "–", "–"
+            if runs is floorless:
+                versus, p_value = f"{tuned - base:+.2f}", f"{pooled_mcnemar(runs, floored):.3f}"
+            sizes = runs[0]["sizes"]
+            lines.append(
+                f"| {name} | {floor} | {sizes['train']} | {sizes['val']} | {len(runs)} | {tuned:.2f} "
+                f"| {gain:+.2f} | {versus} | {p_value} |"
+            )
+    return "\n".join(lines)
+
+
 def table(record: dict[str, Any], part: str | None = None) -> str:
     """One row per set and recipe (``part``: those PARTS names): seeds, probe and fine-tuned
     test accuracy, their gap (mean, and the worst seed's), the worst first epoch against the
@@ -399,6 +443,8 @@ def table(record: dict[str, Any], part: str | None = None) -> str:
         return headline(record, ["agnews-dev"])
     if part == "schedule":
         return schedule_table(record)
+    if part == "val_floor":
+        return val_floor_table(record)
     runs = [run for run in record["results"] if part is None or PARTS[part](run)]
     costs = part == "strategies"
     lines = [

@@ -317,3 +317,36 @@ def test_the_loop_benchmark_feeds_finetunes_loop_from_photo_files_and_times_the_
     record = {"machine": {"gpu": None}, "results": {"loop": rows}}
     ratio = row["images_per_second"] / row["step_images_per_second"]
     assert loop_speed.table(record).splitlines()[2].endswith(f"| {ratio:.2f} |")
+
+
+def test_the_val_floor_table_holds_the_runs_without_it_to_the_committed_params_runs():
+    from benchmarks.finetune_recipes import table
+
+    def run(recipe, seed, finetuned, correct, train, val):
+        return {
+            "set": "faces",
+            "recipe": recipe,
+            "seed": seed,
+            "probe": 0.9,
+            "finetuned": finetuned,
+            "sizes": {"train": train, "val": val},
+            "correct": correct,
+        }
+
+    auto, floorless = (
+        "finetune.epochs=32,finetune.batch_size=16",
+        "data.min_val_examples=0,finetune.epochs=32,finetune.batch_size=16",
+    )
+    record = {
+        "results": [
+            run(auto, 1, 1.0, "1" * 10, 113, 37),
+            run(floorless, 1, 0.9, "1" * 9 + "0", 120, 30),
+            run("finetune.epochs=8,finetune.batch_size=64", 1, 0.9, "1" * 9 + "0", 113, 37),  # not auto's
+        ]
+    }
+    rows = table(record, "val_floor").splitlines()
+    assert rows[2:] == [
+        "| faces | 100 | 113 | 37 | 1 | 100.00 | +10.00 | – | – |",
+        "| faces | 0 | 120 | 30 | 1 | 90.00 | +0.00 | -10.00 | 1.000 |",
+    ]
+    assert not any("min_val_examples" in line for line in table(record, "images").splitlines()[2:])
