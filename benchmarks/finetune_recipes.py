@@ -289,22 +289,34 @@ DESCRIBED = {
 }
 
 
+def auto_schedule(train_examples: int) -> tuple[int, int]:
+    """The (epochs, batch) ``finetune.epochs`` and ``batch_size: auto`` pick for a photo set
+    of ``train_examples`` training images."""
+    from pipeline.core.recipe import resolved_schedule
+    from pipeline.modalities import get
+
+    schedule = resolved_schedule("auto", "auto", get("images").AUTO_SCHEDULE, train_examples)
+    return schedule.epochs, schedule.batch_size
+
+
+def mean_gain(runs: list[dict[str, Any]]) -> float:
+    """The fine-tuned model's test accuracy over the probe's, in points, mean of ``runs``."""
+    return statistics.mean(100 * (r["finetuned"] - r["probe"]) for r in runs)
+
+
 def committed_runs(record: dict[str, Any], name: str) -> list[dict[str, Any]]:
     """The runs of what the committed params train on set ``name``. On a photo set, the
     schedule runs of the epochs and batch that ``finetune.epochs`` and ``batch_size: auto``
     resolve to for its training set (none if it has none: its defaults runs predate the rule);
     on texts, the defaults runs (the set's params name the 3 epochs at 32 that auto gives)."""
-    from pipeline.core.recipe import resolved_schedule
-    from pipeline.modalities import get
-
     runs = [r for r in record["results"] if r["set"] == name]
     if SETS[name]["params"].get("data", {}).get("modality") == "text":
         return [r for r in runs if r["recipe"] == ""]
     scheduled = [r for r in runs if schedule_of(r["recipe"])]
     if not scheduled:
         return []
-    auto = resolved_schedule("auto", "auto", get("images").AUTO_SCHEDULE, scheduled[0]["sizes"]["train"])
-    return [r for r in scheduled if schedule_of(r["recipe"]) == (auto.epochs, auto.batch_size)]
+    auto = auto_schedule(scheduled[0]["sizes"]["train"])
+    return [r for r in scheduled if schedule_of(r["recipe"]) == auto]
 
 
 def headline(record: dict[str, Any], sets: list[str]) -> str:
@@ -352,10 +364,6 @@ def schedule_table(record: dict[str, Any]) -> str:
     """For each set, the schedules run (epochs x batch): the steps they train, the mean gain
     over the probe, the change against the schedule before the rule (mean, and the pooled
     McNemar p-value), and the mean fine-tuning seconds; the row ``auto`` resolves to marked."""
-    from pipeline.core.recipe import resolved_schedule
-    from pipeline.modalities import get
-
-    rule = get("images").AUTO_SCHEDULE
     lines = [
         "| set | train | epochs × batch (steps) | seeds | FT − probe | vs 8 × 64 | p "
         "| fine-tune (s) | time × |",
@@ -369,18 +377,16 @@ def schedule_table(record: dict[str, Any]) -> str:
         runs = groups[name]
         before = runs.get(BEFORE, [])
         train = runs[next(iter(runs))][0]["sizes"]["train"]
-        auto = resolved_schedule("auto", "auto", rule, train)
-        base_gain = statistics.mean(100 * (r["finetuned"] - r["probe"]) for r in before) if before else None
+        auto = auto_schedule(train)
+        base_gain = mean_gain(before) if before else None
         base_time = statistics.mean(r["finetune_seconds"] for r in before) if before else None
         for (epochs, batch), records in sorted(
             runs.items(), key=lambda item: item[0][0] * math.ceil(train / item[0][1])
         ):
-            gain = statistics.mean(100 * (r["finetuned"] - r["probe"]) for r in records)
+            gain = mean_gain(records)
             seconds = statistics.mean(r["finetune_seconds"] for r in records)
             steps = epochs * math.ceil(train / batch)
-            label = f"{epochs} × {batch} ({steps})" + (
-                " **auto**" if (epochs, batch) == (auto.epochs, auto.batch_size) else ""
-            )
+            label = f"{epochs} × {batch} ({steps})" + (" **auto**" if (epochs, batch) == auto else "")
             versus = p_value = times = "–"
             if before and (epochs, batch) != BEFORE:
                 versus = f"{gain - base_gain:+.2f}"
@@ -420,7 +426,7 @@ def val_floor_table(record: dict[str, Any]) -> str:
         base = statistics.mean(100 * r["finetuned"] for r in floored)
         for floor, runs in ((committed, floored), (0, floorless)):
             tuned = statistics.mean(100 * r["finetuned"] for r in runs)
-            gain = statistics.mean(100 * (r["finetuned"] - r["probe"]) for r in runs)
+            gain = mean_gain(runs)
             versus, p_value = "–", "–"
             if runs is floorless:
                 versus, p_value = f"{tuned - base:+.2f}", f"{pooled_mcnemar(runs, floored):.3f}"

@@ -2,6 +2,7 @@
 instead of loading them), and the faces set is a tree the pipeline reads."""
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -140,25 +141,32 @@ def test_the_recipe_table_follows_its_results(tmp_path):
     )
 
 
+def faces_run(recipe: str, seed: int, finetuned: float, correct: str, **fields: Any) -> dict[str, Any]:
+    """A finetune_recipes record on faces with a probe at 0.9: its fine-tuned accuracy and
+    which test examples it got right, with ``fields`` (sizes, seconds) beside."""
+    return {
+        "set": "faces",
+        "recipe": recipe,
+        "seed": seed,
+        "probe": 0.9,
+        "finetuned": finetuned,
+        "correct": correct,
+        **fields,
+    }
+
+
 def test_the_headline_shows_the_runs_of_the_schedule_auto_picks_and_the_schedule_table_compares(tmp_path):
     """113 training photos: auto is 32 epochs at 16 (250 steps); the headline takes those
     runs, not those of 8 x 64; the schedule table holds each schedule to 8 x 64 on the same
     seeds, with McNemar's test on the test examples only one of the two gets right."""
     from benchmarks.finetune_recipes import table
 
-    def run(recipe, seed, finetuned, correct):
-        return {
-            "set": "faces",
-            "recipe": recipe,
-            "seed": seed,
-            "probe": 0.9,
-            "finetuned": finetuned,
-            "sizes": {"train": 113},
-            "finetune_seconds": 10.0 if "=8," in recipe else 30.0,
-            "correct": correct,
-        }
-
     before, auto = "finetune.epochs=8,finetune.batch_size=64", "finetune.epochs=32,finetune.batch_size=16"
+
+    def run(recipe, seed, finetuned, correct):
+        seconds = 10.0 if recipe == before else 30.0
+        return faces_run(recipe, seed, finetuned, correct, sizes={"train": 113}, finetune_seconds=seconds)
+
     record = {
         "results": [
             run(before, 1, 0.9, "1" * 9 + "0"),
@@ -323,15 +331,7 @@ def test_the_val_floor_table_holds_the_runs_without_it_to_the_committed_params_r
     from benchmarks.finetune_recipes import table
 
     def run(recipe, seed, finetuned, correct, train, val):
-        return {
-            "set": "faces",
-            "recipe": recipe,
-            "seed": seed,
-            "probe": 0.9,
-            "finetuned": finetuned,
-            "sizes": {"train": train, "val": val},
-            "correct": correct,
-        }
+        return faces_run(recipe, seed, finetuned, correct, sizes={"train": train, "val": val})
 
     auto, floorless = (
         "finetune.epochs=32,finetune.batch_size=16",

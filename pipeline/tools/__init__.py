@@ -4,6 +4,7 @@ lists (pipeline.tools.commands_reference): each a module of this package with ``
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from pipeline.core.common import write_text
@@ -22,6 +23,13 @@ COMMANDS = {
         "write docs/reference/commands.md from these commands' arguments",
     ),
 }
+
+
+def page_parser(command: str, description: str) -> argparse.ArgumentParser:
+    """The parser of a command that writes a generated page: its one option, ``--check``."""
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline {command}", description=description)
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 where the page is stale")
+    return parser
 
 
 def write_or_check(path: Path, page: str, check: bool, command: str) -> int:

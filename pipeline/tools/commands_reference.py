@@ -16,7 +16,7 @@ import importlib
 from pathlib import Path
 
 from pipeline.core.entry import run_tool
-from pipeline.tools import COMMANDS, write_or_check
+from pipeline.tools import COMMANDS, page_parser, write_or_check
 
 REFERENCE_FILE = Path("docs/reference/commands.md")
 
@@ -83,11 +83,7 @@ def reference() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline commands-reference", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 where the page is stale")
-    return parser
+    return page_parser("commands-reference", __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from pipeline import modalities
 from pipeline.core import params as schema
 from pipeline.core.entry import run_tool
 from pipeline.core.errors import StageError
-from pipeline.tools import write_or_check
+from pipeline.tools import page_parser, write_or_check
 
 REFERENCE_FILE = Path("docs/reference/params.md")
 DVC_FILE = Path("dvc.yaml")
@@ -169,11 +169,7 @@ def reference(params_text: str, dvc_text: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline params-reference", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 where the page is stale")
-    return parser
+    return page_parser("params-reference", __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> int:
